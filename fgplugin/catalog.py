@@ -1,0 +1,344 @@
+"""Catalog manifests (JSONL or CSV): one row per item with ``id``, ``image``, attribute labels and metadata.
+
+- ``image`` is a path relative to the manifest's folder, an absolute path, or an http(s) URL.
+- A column named after a schema attribute holds that attribute's label (a value, or empty/missing).
+  JSONL rows may instead nest labels under ``"labels": {...}``.
+- Every other column is free metadata (brand, price, in_stock, ...). Its type comes from the schema's
+  ``[metadata]`` table or is inferred from the values; it later becomes a filterable index field.
+
+Loading checks every row and reports every problem (row number, id, cause), not only the first.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from . import images
+from .errors import CatalogError, FgpluginError, ImageError
+from .schema import METADATA_TYPES, AttributeSchema
+
+RESERVED = ("id", "image", "labels")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ][0-9:.]+(Z|[+-]\d{2}:?\d{2})?)?$")
+_TRUE = {"true", "yes", "1"}
+_FALSE = {"false", "no", "0"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    row: int | None  # 1-based data row (JSONL line / CSV record); None for whole-file problems
+    item_id: str | None
+    cause: str
+    kind: str = "invalid"
+
+    def __str__(self) -> str:
+        where = f"row {self.row}" if self.row is not None else "catalog"
+        if self.item_id is not None:
+            where += f" (id {self.item_id!r})"
+        return f"{where}: {self.cause}"
+
+
+@dataclass
+class CatalogItem:
+    id: str
+    image: str
+    labels: dict[str, str | None]
+    metadata: dict[str, Any]
+    row: int = 0
+
+    def to_row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "image": self.image}
+        out.update({k: v for k, v in self.labels.items()})
+        out.update(self.metadata)
+        return out
+
+
+@dataclass
+class Catalog:
+    path: Path
+    schema: AttributeSchema
+    items: list[CatalogItem]
+    metadata_types: dict[str, str]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[CatalogItem]:
+        return iter(self.items)
+
+    @property
+    def ids(self) -> list[str]:
+        return [it.id for it in self.items]
+
+    def by_id(self) -> dict[str, CatalogItem]:
+        return {it.id: it for it in self.items}
+
+    def image_source(self, item: CatalogItem) -> str:
+        return images.resolve(item.image, self.base_dir)
+
+    def label_matrix(self) -> np.ndarray:
+        """int64 [N, A]: class index among each attribute's visible values, -1 if missing/not visible."""
+        out = np.full((len(self.items), len(self.schema)), -1, dtype=np.int64)
+        for i, it in enumerate(self.items):
+            for j, a in enumerate(self.schema):
+                out[i, j] = a.class_index(it.labels.get(a.name))
+        return out
+
+    def subset(self, ids: Iterable[str]) -> "Catalog":
+        lookup = self.by_id()
+        return Catalog(self.path, self.schema, [lookup[i] for i in ids], dict(self.metadata_types))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per attribute value (plus missing / not visible) and problems, for ``data check``."""
+        counts: dict[str, dict[str, int]] = {}
+        for a in self.schema:
+            c = Counter(it.labels.get(a.name) for it in self.items)
+            counts[a.name] = {v: c.get(v, 0) for v in a.values}
+            counts[a.name]["(missing)"] = c.get(None, 0)
+        return {
+            "catalog": str(self.path),
+            "rows": len(self.items),
+            "attributes": counts,
+            "metadata_types": dict(self.metadata_types),
+            "problems": [str(p) for p in self.problems],
+        }
+
+
+# -- reading --------------------------------------------------------------------------------------
+def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            n = 0
+            for line in f:
+                if not line.strip():
+                    continue
+                n += 1
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, Problem(n, None, f"not valid JSON ({e.msg})")
+                    continue
+                if not isinstance(row, dict):
+                    yield n, Problem(n, None, "a JSONL row must be an object")
+                    continue
+                yield n, row
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), start=1):
+                if None in row:
+                    yield n, Problem(n, row.get("id"), "more cells than header columns")
+                    continue
+                yield n, {k: (v if v != "" else None) for k, v in row.items()}
+    else:
+        raise CatalogError([Problem(None, None, f"{path}: unsupported catalog format {suffix!r} (use .jsonl or .csv)")])
+
+
+def _infer_type(values: list[Any]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "keyword"
+
+    def all_(pred) -> bool:
+        return all(pred(v) for v in vals)
+
+    if all_(lambda v: isinstance(v, bool) or (isinstance(v, str) and v.lower() in ("true", "false"))):
+        return "boolean"
+    if all_(lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and _INT_RE.match(v))):
+        return "integer"
+    if all_(lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, str) and _FLOAT_RE.match(v))):
+        return "float"
+    if all_(lambda v: isinstance(v, str) and _DATE_RE.match(v)):
+        return "date"
+    return "keyword"
+
+
+def coerce(value: Any, type_: str) -> Any:
+    """Convert a raw cell to the metadata type; raises ValueError with a readable cause."""
+    if value is None:
+        return None
+    if type_ in ("keyword", "text"):
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a single {type_} value, got {type(value).__name__}")
+        return str(value)
+    if type_ == "boolean":
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise ValueError(f"{value!r} is not a boolean")
+    if type_ == "integer":
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _INT_RE.match(value.strip()):
+            return int(value)
+        raise ValueError(f"{value!r} is not an integer")
+    if type_ == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a number") from None
+    if type_ == "date":
+        s = str(value)
+        try:
+            dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO date") from None
+        return s
+    raise ValueError(f"unknown metadata type {type_!r}")
+
+
+def load_catalog(
+    path: str | Path,
+    schema: AttributeSchema,
+    *,
+    strict: bool = True,
+    check_images: bool = False,
+    limits: images.ImageLimits = images.DEFAULT_LIMITS,
+) -> Catalog:
+    """Load and validate a manifest.
+
+    strict=True raises :class:`CatalogError` listing every problem; strict=False keeps the valid rows
+    and returns the problems on ``catalog.problems`` (what ``data check`` and the index worker use).
+    check_images=True also opens every local image (URLs are only checked for their scheme).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CatalogError([Problem(None, None, f"{p}: catalog file not found", kind="missing")])
+    problems: list[Problem] = []
+    raw: list[tuple[int, dict[str, Any]]] = []
+    for n, row in _read_rows(p):
+        if isinstance(row, Problem):
+            problems.append(row)
+        else:
+            raw.append((n, row))
+
+    attr_names = set(schema.names)
+    meta_values: dict[str, list[Any]] = {}
+    for _, row in raw:
+        for k, v in row.items():
+            if k not in RESERVED and k not in attr_names:
+                meta_values.setdefault(k, []).append(v)
+    meta_types: dict[str, str] = {}
+    for k, vals in meta_values.items():
+        meta_types[k] = schema.metadata.get(k) or _infer_type(vals)
+    for k, t in schema.metadata.items():
+        meta_types.setdefault(k, t)
+
+    items: list[CatalogItem] = []
+    seen: dict[str, int] = {}
+    for n, row in raw:
+        rid = row.get("id")
+        item_id = None if rid is None else str(rid)
+        row_problems: list[Problem] = []
+
+        def bad(cause: str, kind: str = "invalid") -> None:
+            row_problems.append(Problem(n, item_id, cause, kind))
+
+        if item_id is None or item_id.strip() == "":
+            bad("missing id")
+        elif item_id in seen:
+            bad(f"duplicate id (first seen in row {seen[item_id]})", "duplicate")
+        image = row.get("image")
+        if not image:
+            bad("missing image")
+        else:
+            try:
+                images.check_source(str(image))
+            except ImageError as e:
+                bad(e.cause, "bad_url")
+        labels_in = dict(row.get("labels") or {})
+        if row.get("labels") is not None and not isinstance(row.get("labels"), dict):
+            bad("'labels' must be an object")
+            labels_in = {}
+        for k in attr_names:
+            if k in row:
+                labels_in.setdefault(k, row[k])
+        labels: dict[str, str | None] = {}
+        for k, v in labels_in.items():
+            if k not in attr_names:
+                bad(f"unknown attribute {k!r} (schema has: {', '.join(schema.names)})")
+                continue
+            if v is None or v == "":
+                labels[k] = None
+                continue
+            v = str(v)
+            if v not in schema[k].values:
+                bad(f"attribute {k!r} has unknown value {v!r} (allowed: {', '.join(schema[k].values)})")
+                continue
+            labels[k] = v
+        for k in schema.names:
+            labels.setdefault(k, None)
+        metadata: dict[str, Any] = {}
+        for k, t in meta_types.items():
+            if k not in row:
+                continue
+            try:
+                metadata[k] = coerce(row[k], t)
+            except ValueError as e:
+                bad(f"metadata {k!r}: {e} (declared/inferred type {t})")
+        if image and check_images and not row_problems:
+            try:
+                images.load_image(str(image), base_dir=p.parent, limits=limits)
+            except ImageError as e:
+                bad(f"image {image!r}: {e.cause}", e.kind)
+        if row_problems:
+            problems.extend(row_problems)
+            continue
+        assert item_id is not None
+        seen[item_id] = n
+        items.append(CatalogItem(item_id, str(image), labels, metadata, n))
+
+    if strict and problems:
+        raise CatalogError(problems)
+    return Catalog(p, schema, items, meta_types, problems)
+
+
+def write_catalog(path: str | Path, items: Iterable[CatalogItem | dict[str, Any]]) -> Path:
+    """Write a JSONL manifest (labels as top-level columns)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as f:
+        for it in items:
+            row = it.to_row() if isinstance(it, CatalogItem) else it
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return p
+
+
+def find_schema(catalog_path: str | Path) -> Path:
+    """The schema that travels with a catalog: ``schema.toml`` or ``schema.json`` beside it."""
+    base = Path(catalog_path).parent
+    for name in ("schema.toml", "schema.json"):
+        if (base / name).is_file():
+            return base / name
+    raise FgpluginError(f"no schema.toml or schema.json next to {catalog_path}; pass --schema")
+
+
+__all__ = [
+    "Catalog", "CatalogItem", "Problem", "load_catalog", "write_catalog", "find_schema", "coerce",
+    "METADATA_TYPES",
+]

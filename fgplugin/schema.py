@@ -1,0 +1,224 @@
+"""The attribute schema: which attributes exist, their values, and which value means "not visible".
+
+Everything downstream (model heads, index fields, query validation) is driven by a schema; no
+attribute name is hard-coded anywhere else. A schema file is TOML or JSON::
+
+    name = "my-catalog"
+    [attributes.sleeve_length]
+    values = ["sleeveless", "short", "elbow", "long", "invisible"]
+    not_visible = "invisible"
+    description = "Length of the sleeves"
+    region = "arms"            # optional hint, used by the generator and reports
+
+    [metadata]                 # optional declared metadata types (else inferred from the catalog)
+    price = "float"
+    in_stock = "boolean"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import SchemaError, UnknownAttributeError
+
+METADATA_TYPES = ("keyword", "text", "float", "integer", "boolean", "date")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    values: tuple[str, ...]
+    description: str = ""
+    not_visible: str | None = None
+    region: str | None = None
+
+    @property
+    def visible_values(self) -> tuple[str, ...]:
+        return tuple(v for v in self.values if v != self.not_visible)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of visible values: the size of a classification head."""
+        return len(self.visible_values)
+
+    def class_index(self, value: str | None) -> int:
+        """Index among visible values, or -1 for missing / not visible."""
+        if value is None or value == self.not_visible:
+            return -1
+        try:
+            return self.visible_values.index(value)
+        except ValueError:
+            raise SchemaError(
+                f"attribute {self.name!r} has no value {value!r}; values: {', '.join(self.values)}"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"values": list(self.values)}
+        if self.description:
+            d["description"] = self.description
+        if self.not_visible is not None:
+            d["not_visible"] = self.not_visible
+        if self.region:
+            d["region"] = self.region
+        return d
+
+
+@dataclass(frozen=True)
+class AttributeSchema:
+    attributes: tuple[Attribute, ...]
+    name: str = "fgplugin"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.attributes:
+            raise SchemaError("a schema needs at least one attribute")
+        seen: set[str] = set()
+        for a in self.attributes:
+            if not _NAME_RE.match(a.name):
+                raise SchemaError(
+                    f"attribute name {a.name!r} must be lower-case letters, digits and _ "
+                    "(it becomes an index field name)"
+                )
+            if a.name in seen:
+                raise SchemaError(f"attribute {a.name!r} is declared twice")
+            seen.add(a.name)
+            if len(set(a.values)) != len(a.values):
+                raise SchemaError(f"attribute {a.name!r} lists a value twice")
+            if a.not_visible is not None and a.not_visible not in a.values:
+                raise SchemaError(
+                    f"attribute {a.name!r}: not_visible value {a.not_visible!r} is not among its values"
+                )
+            if len(a.visible_values) < 2:
+                raise SchemaError(f"attribute {a.name!r} needs at least two visible values")
+        for k, t in self.metadata.items():
+            if t not in METADATA_TYPES:
+                raise SchemaError(
+                    f"metadata field {k!r} has type {t!r}; use one of {', '.join(METADATA_TYPES)}"
+                )
+            if k in seen:
+                raise SchemaError(f"{k!r} is both an attribute and a metadata field")
+
+    # -- lookup -------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    def __iter__(self):
+        return iter(self.attributes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> Attribute:
+        for a in self.attributes:
+            if a.name == name:
+                return a
+        raise UnknownAttributeError(name, self.names)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise UnknownAttributeError(name, self.names) from None
+
+    def check_names(self, names: Iterable[str]) -> list[str]:
+        """Validate attribute names (raises UnknownAttributeError) and return them as a list."""
+        out = list(names)
+        for n in out:
+            self.index(n)
+        return out
+
+    # -- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "attributes": {a.name: a.to_dict() for a in self}}
+        if self.metadata:
+            d["metadata"] = dict(self.metadata)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "schema") -> "AttributeSchema":
+        if not isinstance(d, dict) or "attributes" not in d:
+            raise SchemaError(f"{source}: missing [attributes] table")
+        raw = d["attributes"]
+        if not isinstance(raw, dict):
+            raise SchemaError(f"{source}: [attributes] must map attribute names to tables")
+        attrs = []
+        for name, spec in raw.items():
+            if isinstance(spec, list):  # short form: name = ["a", "b"]
+                spec = {"values": spec}
+            if not isinstance(spec, dict) or not isinstance(spec.get("values"), list):
+                raise SchemaError(f"{source}: attribute {name!r} needs a list of values")
+            unknown = set(spec) - {"values", "description", "not_visible", "region"}
+            if unknown:
+                raise SchemaError(f"{source}: attribute {name!r} has unknown keys {sorted(unknown)}")
+            attrs.append(
+                Attribute(
+                    name=name,
+                    values=tuple(str(v) for v in spec["values"]),
+                    description=str(spec.get("description", "")),
+                    not_visible=spec.get("not_visible"),
+                    region=spec.get("region"),
+                )
+            )
+        meta = d.get("metadata", {}) or {}
+        if not isinstance(meta, dict):
+            raise SchemaError(f"{source}: [metadata] must map field names to types")
+        return cls(attributes=tuple(attrs), name=str(d.get("name", "fgplugin")), metadata=dict(meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributeSchema":
+        p = Path(path)
+        if not p.is_file():
+            raise SchemaError(f"{p}: schema file not found")
+        text = p.read_text(encoding="utf-8")
+        try:
+            d = json.loads(text) if p.suffix.lower() == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            raise SchemaError(f"{p}: cannot parse: {e}") from None
+        return cls.from_dict(d, source=str(p))
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON (.json) or TOML (any other suffix)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix.lower() == ".json":
+            p.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        else:
+            p.write_text(_to_toml(self.to_dict()), encoding="utf-8")
+        return p
+
+    def fingerprint(self) -> str:
+        """Stable short hash of the schema: exports and indices record it to refuse mismatches."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def _to_toml(d: dict[str, Any]) -> str:
+    lines = [f"name = {_toml_value(d['name'])}", ""]
+    for name, spec in d["attributes"].items():
+        lines.append(f"[attributes.{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in spec.items()]
+        lines.append("")
+    if d.get("metadata"):
+        lines.append("[metadata]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d["metadata"].items()]
+        lines.append("")
+    return "\n".join(lines)
