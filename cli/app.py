@@ -24,15 +24,21 @@ app.add_typer(opensearch.app, name="opensearch", help="Generate and register the
 app.command("demo")(demo.demo)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from fgplugin import __version__
 
         typer.echo(__version__)
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    """Fine-grained, attribute-specific image similarity for fashion catalogs."""
 
 
 def main() -> None:
