@@ -1,0 +1,641 @@
+"""`fgplugin serve`: the encoder as an HTTP service (Starlette + uvicorn), for ML Commons and for people.
+
+Endpoints
+---------
+``POST /encode``
+    One image or many, as JSON or as multipart file uploads; returns every attribute's unit vector
+    (or only the ``attributes`` asked for) and the concatenated ``emb_all``, with the model card's
+    version. Request forms::
+
+        {"url": "https://img.example.com/a.jpg"}                       single
+        {"image": "<base64>"}   or   {"image": {"url": ...} | {"b64": ...}}   single
+        {"images": [{"url": ...}, {"b64": ...}, ...]}                   batch (even of one)
+        multipart: one file under any field name but "images" -> single;
+                   files under the field name "images" -> batch
+        optional everywhere: "attributes": ["sleeve_length", "emb_all"] (or "a,b"; also ?attributes=)
+
+    Response of a single-image call (flat, so ML Commons' ``output_map`` reads one field per
+    attribute by name: ``{"emb_sleeve_length": "sleeve_length"}``)::
+
+        {"model_version": "<card version>", "sleeve_length": [...], "neckline": [...], ..., "emb_all": [...]}
+
+    Response of a batch call: ``{"model_version": ..., "items": [{"sleeve_length": [...], ...}, ...]}``.
+
+    ``emb_all`` is the concatenation, in schema order, of every attribute's unit vector (what the
+    index's ``emb_all`` field holds); it is returned unless ``attributes`` leaves it out.
+
+``GET /health``  liveness and load: ``{"status": "ok", "model_version", "in_flight", "queued"}``.
+``GET /model``   the model card (it holds no secrets: paths, config, schema, metrics, version).
+
+Errors are JSON ``{"error": {"status", "message", "item"?, "known"?, "request_id"}}``: 400 bad JSON,
+base64 or image (naming the item index and the cause), 403 URL host not on the allow-list or a
+redirect leaving http(s), 413 too large (body, image bytes, pixels, image count), 422 unknown
+attribute (listing the known ones), 429 saturated (``--max-concurrency`` requests in flight),
+502/504 upstream fetch error/timeout. A 5xx never carries internals: a generic message and the
+request id; the log has the traceback.
+
+Throughput: a micro-batcher gathers single images from concurrent requests into one model call
+(up to ``max_batch`` images or ``max_wait_ms`` after the first), run in one worker thread so the
+event loop keeps accepting and decoding. Decoding and preprocessing run in a thread pool.
+
+URL fetching reuses :func:`fgplugin.images.read_bytes` (size/time limits, retries) with an httpx
+client whose request hook enforces the host allow-list on every hop, redirects included. The
+allow-list is EMPTY by default: URL fetching is off until hosts are allowed (``--allow-host``,
+``*.example.com`` wildcards, ``*`` for any host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable, Sequence
+from urllib.parse import urlparse
+
+import anyio
+import httpx
+import numpy as np
+import torch
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .errors import FgpluginError, ImageError, ModelCardError
+from .images import ImageLimits, decode, read_bytes
+
+log = logging.getLogger("fgplugin.serve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+CONCAT_FIELD = "emb_all"
+VERSION_KEY = "model_version"
+ITEMS_KEY = "items"
+RESERVED = (CONCAT_FIELD, VERSION_KEY, ITEMS_KEY)
+# Server-side defaults: tighter than the batch indexer's (a request should fail fast, not retry long).
+SERVE_LIMITS = ImageLimits(max_bytes=10 * 1024 * 1024, max_pixels=40_000_000, timeout_s=5.0, retries=1, backoff_s=0.2)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 32  # images per model call
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    max_concurrency: int = 64  # /encode requests in flight; beyond that: 429
+    allow_hosts: tuple[str, ...] = ()  # URL fetching allowed only to these hosts (empty: off)
+    limits: ImageLimits = SERVE_LIMITS
+    max_images: int = 64  # images per request
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_redirects: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_concurrency", "max_images", "max_request_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise FgpluginError(f"serve: {name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.max_wait_ms, (int, float)) and 0 <= self.max_wait_ms <= 10_000):
+            raise FgpluginError(f"serve: max_wait_ms must be in 0..10000, got {self.max_wait_ms!r}")
+        for h in self.allow_hosts:
+            if not _HOST_PATTERN_RE.match(h):
+                raise FgpluginError(
+                    f"serve: allowed host {h!r} is not a host name, IP, '*.domain' wildcard or '*'"
+                )
+
+
+_HOST_PATTERN_RE = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9._:\[\]-]+)$")
+
+
+def host_allowed(host: str | None, patterns: Sequence[str]) -> bool:
+    """Exact host (case-insensitive), ``*.example.com`` (subdomains only) or ``*`` (any host)."""
+    if not host:
+        return False
+    h = host.lower().strip("[]").rstrip(".")
+    for p in patterns:
+        p = p.lower().strip("[]")
+        if p == "*" or p == h or (p.startswith("*.") and h.endswith(p[1:])):
+            return True
+    return False
+
+
+class Problem(Exception):
+    """A request-level error with its HTTP status (4xx messages are safe to show)."""
+
+    def __init__(self, status: int, message: str, *, item: int | None = None, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.item = item
+        self.extra = extra
+
+
+_IMAGE_KIND_STATUS = {"too_large": 413, "corrupt": 400, "timeout": 504, "http": 502, "forbidden": 403}
+
+
+def _problem_from_image_error(e: ImageError, item: int) -> Problem:
+    status = _IMAGE_KIND_STATUS.get(e.kind, 400)
+    what = {502: "upstream fetch failed: ", 504: "upstream fetch timed out: "}.get(status, "")
+    return Problem(status, f"item {item}: {what}{e}", item=item)
+
+
+# -- micro-batcher -------------------------------------------------------------------------------
+class MicroBatcher:
+    """Gathers single preprocessed images into batched model calls on one worker thread.
+
+    ``encode_fn(batch [B,3,S,S]) -> {attribute: [B, d]}``. ``calls`` and ``batch_sizes`` count the
+    model calls (for tests and /health).
+    """
+
+    def __init__(self, encode_fn: Callable[[torch.Tensor], dict[str, np.ndarray]], *, max_batch: int, max_wait_s: float):
+        self.encode_fn = encode_fn
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def _ensure_started(self) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgplugin-model")
+        if self._task is None or self._loop is not loop or self._task.done():
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._task = loop.create_task(self._run(self._queue), name="fgplugin-batcher")
+        assert self._queue is not None
+        return self._queue
+
+    async def encode(self, tensors: Sequence[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        """One result row per tensor, in order."""
+        q = self._ensure_started()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for t in tensors:
+            fut = loop.create_future()
+            q.put_nowait((t, fut))
+            futures.append(fut)
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self, q: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        getter: asyncio.Future | None = None  # kept across rounds: cancelling a get() can lose an item
+        stopping = False
+        while not stopping:
+            job = await (getter if getter is not None else q.get())
+            getter = None
+            if job is None:
+                break
+            batch = [job]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                if not q.empty():
+                    nxt = q.get_nowait()
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    getter = getter or asyncio.ensure_future(q.get())
+                    done, _ = await asyncio.wait({getter}, timeout=remaining)
+                    if not done:
+                        break
+                    nxt, getter = getter.result(), None
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            await self._run_batch(loop, batch)
+        # Drain whatever arrived after the stop signal (normally nothing: uvicorn drains requests first).
+        rest = []
+        while not q.empty():
+            j = q.get_nowait()
+            if j is not None:
+                rest.append(j)
+        for i in range(0, len(rest), self.max_batch):
+            await self._run_batch(loop, rest[i:i + self.max_batch])
+        if getter is not None:
+            getter.cancel()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        live = [(t, f) for t, f in batch if not f.done()]  # skip images of requests that went away
+        if not live:
+            return
+        try:
+            out = await loop.run_in_executor(self._executor, self._call, [t for t, _ in live])
+        except Exception as e:  # noqa: BLE001 - handed to every waiting request, which logs it
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for i, (_, f) in enumerate(live):
+            if not f.done():
+                f.set_result({k: v[i] for k, v in out.items()})
+
+    def _call(self, tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        self.batch_sizes.append(len(tensors))
+        return self.encode_fn(torch.stack(tensors))
+
+    async def close(self) -> None:
+        """Finish queued work, then stop the worker (graceful shutdown)."""
+        if self._task is not None and not self._task.done() and self._queue is not None:
+            self._queue.put_nowait(None)
+            await self._task
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+# -- the service ---------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    index: int
+    url: str | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class _Parsed:
+    items: list[_Item]
+    single: bool
+    attributes: list[str] | None = None
+
+
+class EncoderService:
+    """Request handling around an encoder with ``preprocess``, ``encode_tensors``, ``attributes``,
+    ``dims``, ``version`` and ``card`` (an :class:`fgplugin.export.ExportedEncoder`)."""
+
+    def __init__(self, encoder: Any, config: ServeConfig | None = None):
+        self.encoder = encoder
+        self.config = config or ServeConfig()
+        clash = [a for a in encoder.attributes if a in RESERVED]
+        if clash:
+            raise ModelCardError(
+                f"attribute name(s) {', '.join(clash)} clash with the response keys {', '.join(RESERVED)}"
+            )
+        self.attributes: list[str] = list(encoder.attributes)
+        self.known_outputs = self.attributes + [CONCAT_FIELD]
+        self.batcher = MicroBatcher(
+            encoder.encode_tensors, max_batch=self.config.max_batch, max_wait_s=self.config.max_wait_ms / 1000.0
+        )
+        self.in_flight = 0
+        self.rejected = 0
+        # One client for all fetches (thread-safe); its hook checks every hop, redirects included.
+        self._http = httpx.Client(
+            timeout=self.config.limits.timeout_s,
+            follow_redirects=True,
+            max_redirects=self.config.max_redirects,
+            event_hooks={"request": [self._check_hop]},
+            headers={"User-Agent": "fgplugin-serve"},
+        )
+
+    # -- lifecycle
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        log.info("encoder %s ready: %d attributes, max_batch=%d, max_wait=%gms, allow_hosts=%s",
+                 self.encoder.version[:12], len(self.attributes), self.config.max_batch,
+                 self.config.max_wait_ms, ",".join(self.config.allow_hosts) or "(none: URL fetching off)")
+        try:
+            yield
+        finally:
+            await self.batcher.close()
+
+    def _check_hop(self, request: httpx.Request) -> None:
+        """Runs before every request the client sends, redirects included."""
+        url = str(request.url)
+        if request.url.scheme not in ("http", "https"):
+            raise ImageError(url, f"redirect to a {request.url.scheme!r} URL refused (only http and https)", kind="forbidden")
+        if not host_allowed(request.url.host, self.config.allow_hosts):
+            raise ImageError(url, f"host {request.url.host!r} is not on the allow-list", kind="forbidden")
+
+    # -- endpoints
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({
+            "status": "ok", VERSION_KEY: self.encoder.version, "in_flight": self.in_flight,
+            "queued": self.batcher.queued, "model_calls": self.batcher.calls, "rejected": self.rejected,
+        })
+
+    async def model(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.encoder.card)
+
+    async def encode(self, request: Request) -> JSONResponse:
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        if self.in_flight >= self.config.max_concurrency:
+            self.rejected += 1
+            return self._error(Problem(429, f"busy: {self.in_flight} requests in flight; retry shortly"), rid,
+                               headers={"Retry-After": "1"})
+        self.in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            body = await self._encode(request)
+            return JSONResponse(body, headers={"X-Request-ID": rid})
+        except Problem as p:
+            log.info("request %s: %d %s", rid, p.status, p.message)
+            return self._error(p, rid)
+        except ClientDisconnect:
+            return self._error(Problem(400, "client disconnected"), rid)
+        except Exception:  # noqa: BLE001 - never leak internals; the log has the details
+            log.exception("request %s: internal error", rid)
+            return self._error(Problem(500, "internal error"), rid)
+        finally:
+            self.in_flight -= 1
+            log.debug("request %s took %.1f ms", rid, 1000 * (time.perf_counter() - t0))
+
+    def _error(self, p: Problem, rid: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        err: dict[str, Any] = {"status": p.status, "message": p.message, "request_id": rid}
+        if p.item is not None:
+            err["item"] = p.item
+        err.update(p.extra)
+        return JSONResponse({"error": err}, status_code=p.status, headers={"X-Request-ID": rid, **(headers or {})})
+
+    async def _encode(self, request: Request) -> dict[str, Any]:
+        parsed = await self._parse(request)
+        wanted = self._wanted(parsed.attributes if parsed.attributes is not None
+                              else request.query_params.get("attributes"))
+        tensors = await self._load_all(parsed.items)
+        rows = await self.batcher.encode(tensors)
+        outs = [self._format(row, wanted) for row in rows]
+        if parsed.single:
+            return {VERSION_KEY: self.encoder.version, **outs[0]}
+        return {VERSION_KEY: self.encoder.version, ITEMS_KEY: outs}
+
+    # -- parsing
+    async def _parse(self, request: Request) -> _Parsed:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.config.max_request_bytes:
+            raise Problem(413, f"request body is {length} bytes, over the {self.config.max_request_bytes}-byte limit")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            return await self._parse_multipart(request)
+        if ctype not in ("application/json", ""):
+            raise Problem(415, f"unsupported content type {ctype!r}; send application/json or multipart/form-data")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.config.max_request_bytes:
+                raise Problem(413, f"request body is over the {self.config.max_request_bytes}-byte limit")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Problem(400, f"body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise Problem(400, "body must be a JSON object with 'images', 'image' or 'url'")
+        given = [k for k in ("images", "image", "url") if k in body]
+        if len(given) != 1:
+            raise Problem(400, "give exactly one of 'images' (a list), 'image' or 'url'"
+                          + (f"; got {', '.join(given)}" if given else ""))
+        key = given[0]
+        if key == "images":
+            if not isinstance(body["images"], list) or not body["images"]:
+                raise Problem(400, "'images' must be a non-empty list of {\"url\": ...} or {\"b64\": ...} objects")
+            self._check_count(len(body["images"]))
+            items = [self._json_item(i, v) for i, v in enumerate(body["images"])]
+            single = False
+        elif key == "url":
+            if not isinstance(body["url"], str):
+                raise Problem(400, "item 0: 'url' must be a string", item=0)
+            items, single = [self._url_item(0, body["url"])], True
+        else:
+            v = body["image"]
+            items, single = [self._b64_item(0, v) if isinstance(v, str) else self._json_item(0, v)], True
+        return _Parsed(items, single, self._attributes_field(body.get("attributes")))
+
+    def _check_count(self, n: int) -> None:
+        if n > self.config.max_images:
+            raise Problem(413, f"{n} images in one request, over the limit of {self.config.max_images}")
+
+    def _json_item(self, i: int, v: Any) -> _Item:
+        if not isinstance(v, dict) or len([k for k in ("url", "b64") if k in v]) != 1:
+            raise Problem(400, f"item {i}: give an object with either 'url' or 'b64'", item=i)
+        if "url" in v:
+            if not isinstance(v["url"], str):
+                raise Problem(400, f"item {i}: 'url' must be a string", item=i)
+            return self._url_item(i, v["url"])
+        if not isinstance(v["b64"], str):
+            raise Problem(400, f"item {i}: 'b64' must be a string", item=i)
+        return self._b64_item(i, v["b64"])
+
+    def _url_item(self, i: int, url: str) -> _Item:
+        parts = urlparse(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise Problem(400, f"item {i}: {url!r} is not an http(s) URL", item=i)
+        if not self.config.allow_hosts:
+            raise Problem(403, f"item {i}: URL fetching is off on this server (no allowed hosts; "
+                          "start it with --allow-host HOST); send the image as base64 instead", item=i)
+        if not host_allowed(parts.hostname, self.config.allow_hosts):
+            raise Problem(403, f"item {i}: host {parts.hostname!r} is not on the allow-list", item=i)
+        return _Item(i, url=url)
+
+    def _b64_item(self, i: int, text: str) -> _Item:
+        if text.startswith("data:"):
+            head, _, text = text.partition(",")
+            if ";base64" not in head:
+                raise Problem(400, f"item {i}: data URI is not base64-encoded", item=i)
+        text = "".join(text.split())  # base64 wrapped over lines is common
+        max_b = self.config.limits.max_bytes
+        if len(text) > 4 * math.ceil(max_b / 3) + 4:
+            raise Problem(413, f"item {i}: image is over the {max_b}-byte limit", item=i)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise Problem(400, f"item {i}: not valid base64 ({e})", item=i) from None
+        if not data:
+            raise Problem(400, f"item {i}: empty image", item=i)
+        if len(data) > max_b:
+            raise Problem(413, f"item {i}: image is {len(data)} bytes, over the {max_b}-byte limit", item=i)
+        return _Item(i, data=data)
+
+    async def _parse_multipart(self, request: Request) -> _Parsed:
+        try:
+            form = await request.form(max_files=self.config.max_images, max_fields=100)
+        except Exception as e:  # noqa: BLE001 - malformed multipart: say so, whatever the parser raised
+            msg = str(getattr(e, "detail", None) or e)
+            status = 413 if re.search(r"too many|exceed|too large", msg, re.I) else 400
+            raise Problem(status, f"cannot read the multipart body ({msg})") from None
+        try:
+            files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+            if not files:
+                raise Problem(400, "multipart body has no file; upload the image as a file field")
+            batch = all(k == "images" for k, _ in files)
+            if not batch and len(files) > 1:
+                raise Problem(400, "several files: send them all under the field name 'images' for a batch")
+            self._check_count(len(files))
+            items = []
+            for i, (_, f) in enumerate(files):
+                if f.size is not None and f.size > self.config.limits.max_bytes:
+                    raise Problem(413, f"item {i}: {f.filename or 'upload'} is {f.size} bytes, over the "
+                                  f"{self.config.limits.max_bytes}-byte limit", item=i)
+                data = await f.read()
+                if not data:
+                    raise Problem(400, f"item {i}: {f.filename or 'upload'} is empty", item=i)
+                items.append(_Item(i, data=data))
+            attrs = form.get("attributes")
+            return _Parsed(items, not batch, self._attributes_field(attrs if isinstance(attrs, str) else None))
+        finally:
+            await form.close()
+
+    def _attributes_field(self, v: Any) -> list[str] | None:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        if isinstance(v, list) and all(isinstance(s, str) for s in v):
+            return list(v)
+        raise Problem(400, "'attributes' must be a list of attribute names (or a comma-separated string)")
+
+    def _wanted(self, requested: list[str] | str | None) -> list[str]:
+        if isinstance(requested, str):
+            requested = self._attributes_field(requested)
+        if not requested:
+            return self.known_outputs
+        unknown = [a for a in requested if a not in self.known_outputs]
+        if unknown:
+            raise Problem(422, f"unknown attribute(s) {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(self.known_outputs)}", known=self.known_outputs)
+        return [a for a in self.known_outputs if a in requested]
+
+    # -- loading images
+    async def _load_all(self, items: list[_Item]) -> list[torch.Tensor]:
+        results = await asyncio.gather(*(self._load(it) for it in items), return_exceptions=True)
+        for r in results:  # the first failing item (by index) names the error
+            if isinstance(r, BaseException):
+                raise r
+        return list(results)  # type: ignore[arg-type]
+
+    async def _load(self, item: _Item) -> torch.Tensor:
+        return await anyio.to_thread.run_sync(self._load_sync, item)
+
+    def _load_sync(self, item: _Item) -> torch.Tensor:
+        source = item.url or f"item {item.index}"
+        try:
+            data = item.data
+            if item.url is not None:
+                data = read_bytes(item.url, limits=self.config.limits, client=self._http)
+            assert data is not None
+            image = decode(data, source, limits=self.config.limits)
+        except ImageError as e:
+            if item.url is None:  # name the item once, not twice
+                raise _problem_from_image_error(ImageError("image", e.cause, kind=e.kind), item.index) from None
+            raise _problem_from_image_error(e, item.index) from None
+        except httpx.TooManyRedirects:
+            raise Problem(502, f"item {item.index}: upstream fetch failed: {item.url}: more than "
+                          f"{self.config.max_redirects} redirects", item=item.index) from None
+        except httpx.HTTPError as e:
+            raise Problem(502, f"item {item.index}: upstream fetch failed: {item.url}: {type(e).__name__}",
+                          item=item.index) from None
+        return self.encoder.preprocess(image)
+
+    def _format(self, row: dict[str, np.ndarray], wanted: list[str]) -> dict[str, list[float]]:
+        unit = {a: _unit(row[a]) for a in self.attributes}
+        out: dict[str, list[float]] = {}
+        for a in wanted:
+            if a == CONCAT_FIELD:
+                out[a] = np.concatenate([unit[x] for x in self.attributes]).tolist()
+            else:
+                out[a] = unit[a].tolist()
+        return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """The export already L2-normalises; this keeps emb_all exact if a future one does not."""
+    v = np.asarray(v, dtype=np.float32)
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def create_app(encoder: Any, config: ServeConfig | None = None) -> Starlette:
+    """The ASGI app for an encoder (an :class:`fgplugin.export.ExportedEncoder` or anything shaped like one)."""
+    service = EncoderService(encoder, config)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        rid = uuid.uuid4().hex[:16]
+        log.error("request %s: unhandled %s", rid, type(exc).__name__, exc_info=exc)
+        return JSONResponse({"error": {"status": 500, "message": "internal error", "request_id": rid}}, status_code=500)
+
+    app = Starlette(
+        routes=[
+            Route("/encode", service.encode, methods=["POST"]),
+            Route("/health", service.health, methods=["GET"]),
+            Route("/model", service.model, methods=["GET"]),
+        ],
+        lifespan=service.lifespan,
+        exception_handlers={Exception: server_error},
+    )
+    app.state.service = service
+    return app
+
+
+def load_app(model: str, *, config: ServeConfig | None = None, device: str = "auto") -> Starlette:
+    from .export import ExportedEncoder
+
+    return create_app(ExportedEncoder.load(model, device=device), config)
+
+
+def run(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, config: ServeConfig | None = None,
+        device: str = "auto", log_level: str = "info", graceful_timeout_s: int = 30) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting, finishes in-flight requests (up to
+    ``graceful_timeout_s``), and the lifespan shutdown drains the batcher."""
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = load_app(model, config=config, device=device)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+
+
+class BackgroundServer:
+    """uvicorn on a free localhost port in a background thread (tests and benchmarks)::
+
+        with BackgroundServer(app) as srv:
+            httpx.post(f"{srv.url}/encode", ...)
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+__all__ = [
+    "DEFAULT_HOST", "DEFAULT_PORT", "CONCAT_FIELD", "VERSION_KEY", "ITEMS_KEY", "SERVE_LIMITS",
+    "ServeConfig", "MicroBatcher", "EncoderService", "create_app", "load_app", "run", "host_allowed",
+    "BackgroundServer",
+]
