@@ -217,3 +217,285 @@ def roi_iou(pred_boxes: Any, gt_boxes: Any) -> np.ndarray:
     area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
     union = area(p) + area(g) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+# -- model-level evaluation ------------------------------------------------------------------------
+def _preprocess_of(model: Any):
+    from .preprocess import Preprocess
+
+    pre = getattr(model, "preprocess", None)
+    if isinstance(pre, Preprocess):  # ExportedEncoder
+        return pre
+    if callable(pre):  # AttributeModel.preprocess()
+        return pre()
+    raise TypeError(f"{type(model).__name__} has no preprocess; pass an AttributeModel or ExportedEncoder")
+
+
+def _model_device(model: Any, device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _EvalMode:
+    """Put an nn.Module in eval mode on a device, and restore its training flag afterwards."""
+
+    def __init__(self, model: Any, device: torch.device):
+        self.model, self.device = model, device
+        self.is_module = isinstance(model, torch.nn.Module)
+
+    def __enter__(self):
+        if self.is_module:
+            self.was_training = self.model.training
+            self.model.to(self.device).eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.is_module and self.was_training:
+            self.model.train()
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=True,
+    )
+
+
+def encode_catalog(
+    model: Any,
+    catalog: Any,
+    ids: Sequence[str],
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = "cpu",
+    progress: bool = True,
+    workers: int = 0,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Every attribute's vector for items ``ids``: float32 [N, A, D] on CPU.
+
+    ``model`` is an AttributeModel (``embed_all``; put in eval mode, restored after) or an
+    ExportedEncoder. ``timings``, if given, receives ``total_s`` (decode + preprocess + forward)
+    and ``forward_s`` (model calls only).
+    """
+    from torch.utils.data import DataLoader
+
+    from .dataset import CatalogImages
+
+    pre = _preprocess_of(model)
+    dev = _model_device(model, device) if isinstance(model, torch.nn.Module) else getattr(model, "device", "cpu")
+    data = CatalogImages(catalog, list(ids), pre.transform())
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out: list[torch.Tensor] = []
+    fwd = 0.0
+    t0 = time.perf_counter()
+    with _EvalMode(model, dev), torch.no_grad(), _progress(progress) as bar:
+        task = bar.add_task("encoding", total=len(data))
+        for x, _ in loader:
+            t = time.perf_counter()
+            v = model.embed_all(x.to(dev))
+            if v.is_cuda:
+                torch.cuda.synchronize()
+            fwd += time.perf_counter() - t
+            out.append(v.float().cpu())
+            bar.advance(task, len(x))
+    if timings is not None:
+        timings["total_s"] = time.perf_counter() - t0
+        timings["forward_s"] = fwd
+    if not out:
+        raise ValueError("no items to encode")
+    return torch.cat(out)
+
+
+def roi_metrics(
+    model: Any,
+    catalog: Any,
+    ids: Sequence[str],
+    boxes: dict[str, dict[str, Any]],
+    *,
+    device: str | torch.device | None = "cpu",
+    batch_size: int = 32,
+    max_items: int = 256,
+) -> dict[str, Any] | None:
+    """How well each attribute's attention finds its ground-truth region (generated data).
+
+    For up to ``max_items`` items per attribute that have a ground-truth box: IoU between the
+    model's ROI box and the box, and whether the attention map's peak falls inside it. Boxes are
+    in catalog-image pixels and are scaled to the model input (the preprocessing squashes the image
+    to S x S). Reference: ``box_area_fraction`` (box area / image area) is both the IoU of a
+    whole-image "ROI" (a model that does not localise) and the chance a random peak lands in the box.
+    Returns None when the model gives neither maps nor boxes (no attention).
+    """
+    from .images import load_image
+
+    if not hasattr(model, "attention"):
+        return None
+    pre = _preprocess_of(model)
+    dev = _model_device(model, device)
+    size = pre.image_size
+    lookup = catalog.by_id()
+    per: dict[str, dict[str, Any]] = {}
+    all_iou: list[np.ndarray] = []
+    all_peak: list[np.ndarray] = []
+    has_attention = False
+    with _EvalMode(model, dev), torch.no_grad():
+        for a, name in enumerate(catalog.schema.names):
+            sel = [i for i in ids if (boxes.get(i) or {}).get(name) is not None][:max_items]
+            ious, peaks, area = [], [], []
+            for s in range(0, len(sel), batch_size):
+                chunk = sel[s:s + batch_size]
+                imgs = [load_image(lookup[i].image, base_dir=catalog.base_dir) for i in chunk]
+                gt = np.array([boxes[i][name] for i in chunk], dtype=np.float64)
+                wh = np.array([im.size for im in imgs], dtype=np.float64)
+                gt = gt * np.concatenate([size / wh, size / wh], axis=1)
+                x = pre.batch(imgs).to(dev)
+                maps, pred = model.attention(x, torch.full((len(chunk),), a, dtype=torch.long, device=dev))
+                area.append(np.clip(gt[:, 2] - gt[:, 0], 0, None) * np.clip(gt[:, 3] - gt[:, 1], 0, None) / size**2)
+                if pred is not None:
+                    ious.append(roi_iou(pred.float().cpu().numpy(), gt))
+                if maps is not None:
+                    m = maps.float().cpu()
+                    h, w = m.shape[-2:]
+                    flat = m.reshape(len(chunk), -1).argmax(1).numpy()
+                    py, px = (flat // w + 0.5) * size / h, (flat % w + 0.5) * size / w
+                    peaks.append((px >= gt[:, 0]) & (px <= gt[:, 2]) & (py >= gt[:, 1]) & (py <= gt[:, 3]))
+            if not sel:
+                continue
+            has_attention = has_attention or bool(ious or peaks)
+            entry: dict[str, Any] = {
+                "n": len(sel),
+                "box_area_fraction": float(np.concatenate(area).mean()),
+            }
+            if ious:
+                entry["mean_iou"] = float(np.concatenate(ious).mean())
+                all_iou.append(np.concatenate(ious))
+            if peaks:
+                entry["peak_in_box"] = float(np.concatenate(peaks).mean())
+                all_peak.append(np.concatenate(peaks))
+            per[name] = entry
+    if not has_attention:
+        return None
+    return {
+        "per_attribute": per,
+        "mean_iou": float(np.concatenate(all_iou).mean()) if all_iou else None,
+        "peak_in_box": float(np.concatenate(all_peak).mean()) if all_peak else None,
+        "box_area_fraction": float(np.mean([e["box_area_fraction"] for e in per.values()])),
+    }
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+@dataclass
+class EvalReport:
+    variant: str | None
+    part: str
+    n_queries: int
+    n_candidates: int
+    per_attribute_map: dict[str, float]
+    overall_weighted: float
+    overall_mean: float
+    chance: dict[str, Any]
+    queries_per_attribute: dict[str, int]
+    triplet_accuracy: float | None
+    triplet_per_attribute: dict[str, float] = field(default_factory=dict)
+    n_triplets: int = 0
+    roi: dict[str, Any] | None = None
+    encode_ms_per_image: float = 0.0  # decode + preprocess + forward
+    forward_ms_per_image: float = 0.0  # model only
+    max_abs_component: dict[str, float] = field(default_factory=dict)
+    catalog: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN becomes null)."""
+        return _json_safe(asdict(self))
+
+
+def evaluate(
+    model: Any,
+    catalog: Any,
+    splits: Any,
+    *,
+    part: str = "test",
+    n_triplets: int = 2000,
+    triplet_seed: int = 0,
+    boxes: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = "cpu",
+    progress: bool = False,
+    max_roi_items: int = 256,
+    workers: int = 0,
+) -> EvalReport:
+    """The papers' protocol on one split part: per-attribute MAP (queries vs candidates), chance MAP,
+    triplet accuracy on ``n_triplets`` fixed triplets (seeded) drawn from the part's items, and ROI
+    metrics when ``boxes`` (``fgplugin.synth.load_boxes``) are given and the model has attention.
+
+    ``model``: AttributeModel or ExportedEncoder; its schema must be the catalog's.
+    """
+    from .errors import FgpluginError, ModelCardError
+    from .splits import sample_triplets
+
+    schema = model.schema
+    if schema.fingerprint() != catalog.schema.fingerprint():
+        raise ModelCardError(
+            f"model schema {schema.name!r} ({schema.fingerprint()}) is not the catalog's "
+            f"{catalog.schema.name!r} ({catalog.schema.fingerprint()}) at {catalog.path}"
+        )
+    q_ids, c_ids = splits.part(part)
+    lookup = catalog.by_id()
+    missing = [i for i in list(q_ids) + list(c_ids) if i not in lookup]
+    if missing:
+        raise FgpluginError(
+            f"{len(missing)} {part} ids of the splits are not in {catalog.path} (first: {missing[0]!r}); "
+            "re-split the catalog"
+        )
+    ids = list(q_ids) + list(c_ids)
+    names = schema.names
+    timings: dict[str, float] = {}
+    vecs = encode_catalog(model, catalog, ids, batch_size=batch_size, device=device, progress=progress,
+                          workers=workers, timings=timings)
+    row = {it.id: r for r, it in enumerate(catalog.items)}
+    labels = catalog.label_matrix()[[row[i] for i in ids]]
+    nq = len(q_ids)
+    m = retrieval_map(vecs[:nq], labels[:nq], vecs[nq:], labels[nq:], attribute_names=names)
+    chance = chance_map(labels[:nq], labels[nq:], attribute_names=names)
+    try:
+        trip = sample_triplets(labels, n_triplets, seed=triplet_seed)
+        ta = triplet_accuracy(vecs, trip, attribute_names=names)
+    except FgpluginError:  # no attribute can form a triplet in this part
+        ta = {"overall": None, "per_attribute": {}}
+        trip = np.zeros((0, 4))
+    roi = None
+    if boxes is not None:
+        roi = roi_metrics(model, catalog, ids, boxes, device=device, max_items=max_roi_items)
+    n = len(ids)
+    return EvalReport(
+        variant=(getattr(model, "config", None) and getattr(model.config, "variant", None))
+        or (getattr(model, "card", None) or {}).get("variant"),
+        part=part,
+        n_queries=nq,
+        n_candidates=len(c_ids),
+        per_attribute_map=m["per_attribute"],
+        overall_weighted=m["overall_weighted"],
+        overall_mean=m["overall_mean"],
+        chance=chance,
+        queries_per_attribute=m["n_queries"],
+        triplet_accuracy=ta["overall"],
+        triplet_per_attribute=ta["per_attribute"],
+        n_triplets=len(trip),
+        roi=roi,
+        encode_ms_per_image=1000 * timings["total_s"] / n,
+        forward_ms_per_image=1000 * timings["forward_s"] / n,
+        max_abs_component={a: float(vecs[:, i].abs().max()) for i, a in enumerate(names)},
+        catalog=str(catalog.path),
+    )

@@ -1,0 +1,125 @@
+"""Attention heat-map overlays: where each attribute's branch looks, with its ROI box.
+
+One PNG per image: the model input, then one panel per attribute with the attention map blended in
+(jet colormap, no matplotlib), the model's ROI box in red and, on generated data, the ground-truth
+box in green.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .errors import FgpluginError
+from .images import load_image
+
+PRED_COLOUR = (230, 30, 30)
+GT_COLOUR = (20, 210, 60)
+PANEL = 192  # panel side in pixels (readable even for small model inputs)
+HEADER = 16
+
+
+def colorize(heat: np.ndarray) -> np.ndarray:
+    """[h, w] values in [0, 1] -> uint8 [h, w, 3], the classic jet ramp (blue - cyan - yellow - red)."""
+    x = np.clip(np.asarray(heat, dtype=np.float64), 0.0, 1.0)
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * x - k), 0, 1) for k in (3, 2, 1)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def overlay(
+    image: Image.Image,
+    heat: np.ndarray | None,
+    *,
+    pred_box: Sequence[float] | None = None,
+    gt_box: Sequence[float] | None = None,
+    alpha: float = 0.45,
+) -> Image.Image:
+    """Blend a heat map (any resolution, values in [0, 1]) over ``image``; boxes are in ``image`` pixels."""
+    base = image.convert("RGB")
+    if heat is not None:
+        h = np.asarray(heat, dtype=np.float64)
+        span = h.max() - h.min()
+        h = (h - h.min()) / span if span > 0 else np.zeros_like(h)
+        hm = Image.fromarray(colorize(h)).resize(base.size, Image.Resampling.BILINEAR)
+        base = Image.blend(base, hm, alpha)
+    draw = ImageDraw.Draw(base)
+    for box, colour in ((gt_box, GT_COLOUR), (pred_box, PRED_COLOUR)):
+        if box is not None:
+            draw.rectangle([float(v) for v in box], outline=colour, width=2)
+    return base
+
+
+def _panel(img: Image.Image, title: str) -> Image.Image:
+    out = Image.new("RGB", (PANEL, PANEL + HEADER), (255, 255, 255))
+    out.paste(img.resize((PANEL, PANEL), Image.Resampling.BILINEAR), (0, HEADER))
+    ImageDraw.Draw(out).text((3, 2), title[:30], fill=(0, 0, 0))
+    return out
+
+
+def save_attention(
+    model: Any,
+    catalog: Any,
+    ids: Sequence[str],
+    out_dir: str | Path,
+    *,
+    boxes: dict[str, dict[str, Any]] | None = None,
+    device: str | torch.device = "cpu",
+    max_images: int = 8,
+) -> list[Path]:
+    """Write ``<id>.png`` overlays for the first ``max_images`` of ``ids``; returns the paths.
+
+    ``model`` must be an AttributeModel whose variant has attention (an export keeps only the encoder).
+    """
+    if not hasattr(model, "attention"):
+        raise FgpluginError("attention overlays need a training checkpoint (--checkpoint), not an export")
+    pre = model.preprocess()
+    size = pre.image_size
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lookup = catalog.by_id()
+    names = model.schema.names
+    written: list[Path] = []
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.no_grad():
+            for item_id in list(ids)[:max_images]:
+                img = load_image(lookup[item_id].image, base_dir=catalog.base_dir)
+                sx, sy = size / img.size[0], size / img.size[1]
+                x = pre.batch([img]).to(device)
+                shown = Image.fromarray(
+                    (pre.unnormalize(x[0].cpu()).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                )
+                panels = [_panel(shown, str(item_id))]
+                any_attention = False
+                for a, name in enumerate(names):
+                    maps, pred = model.attention(x, torch.full((1,), a, dtype=torch.long, device=device))
+                    any_attention = any_attention or maps is not None or pred is not None
+                    gt = (boxes or {}).get(item_id, {}).get(name)
+                    gt_scaled = None if gt is None else (gt[0] * sx, gt[1] * sy, gt[2] * sx, gt[3] * sy)
+                    panel = overlay(
+                        shown,
+                        None if maps is None else maps[0].float().cpu().numpy(),
+                        pred_box=None if pred is None else pred[0].float().cpu().tolist(),
+                        gt_box=gt_scaled,
+                    )
+                    label = lookup[item_id].labels.get(name) or "-"
+                    panels.append(_panel(panel, f"{name}: {label}"))
+                if not any_attention:
+                    variant = getattr(getattr(model, "config", None), "variant", "this")
+                    raise FgpluginError(f"the {variant} model has no attention maps or ROI boxes to draw")
+                sheet = Image.new("RGB", (PANEL * len(panels), PANEL + HEADER), (255, 255, 255))
+                for i, p in enumerate(panels):
+                    sheet.paste(p, (i * PANEL, 0))
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id))
+                path = out / f"{safe}.png"
+                sheet.save(path)
+                written.append(path)
+    finally:
+        if was_training:
+            model.train()
+    return written

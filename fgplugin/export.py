@@ -1,0 +1,377 @@
+"""Self-contained encoder exports for serving: TorchScript encoder, safetensors weights, model card.
+
+An export directory holds::
+
+    encoder.pt2          torch.export program of AttributeModel.embed_all with a dynamic batch
+                         dimension: float32 images [B, 3, S, S], already preprocessed -> float32
+                         [B, A, D], each attribute's vector L2-normalised, attributes in schema order
+                         (encoder.pt, a TorchScript trace, if the model cannot be exported)
+    weights.safetensors  the same weights as a plain state dict (inspectable without TorchScript)
+    model_card.json      format tag and version, schema, dims, preprocessing, config, data, metrics,
+                         storage note, and ``version``: sha256 over encoder + weights + card (sans
+                         ``version``), checked on load so a tampered export is refused
+
+Loading needs only torch, torchvision (registers the ``roi_align`` op the ASEN_v2 local branch
+uses), this module, ``preprocess`` and ``schema``: no training or model code.
+
+Why torch.export: it round-trips on CPU including torchvision's ``roi_align``, the batch dimension is
+declared dynamic (export fails loudly instead of baking a batch size in), weights travel inside the
+program, and ``torch.jit`` is deprecated in torch 2.14. If a model cannot be exported (data-dependent
+control flow), it falls back to ``torch.jit.trace``. Either way the written export is checked: the
+loaded encoder must reproduce the in-memory model on a batch size other than the one traced (max abs
+diff <= ``VERIFY_ATOL``), or the export is refused. Programs are exported on CPU; loading on CUDA
+rewrites their device constants with ``torch.export.passes.move_to_device_pass``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torchvision  # noqa: F401  (registers torchvision::roi_align for the TorchScript encoder)
+from PIL import Image
+
+from . import __version__
+from .errors import ModelCardError
+from .preprocess import Preprocess
+from .schema import AttributeSchema
+
+if TYPE_CHECKING:  # only for annotations: loading an export never imports model code
+    from .catalog import Catalog
+    from .evaluation import EvalReport
+
+FORMAT = "fgplugin-encoder"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+CARD_FILE = "model_card.json"
+ENCODER_FILES = {"torch.export": "encoder.pt2", "torchscript-trace": "encoder.pt"}
+WEIGHTS_FILE = "weights.safetensors"
+TRACE_BATCH = 2
+VERIFY_ATOL = 1e-4
+
+
+# -- hashing ---------------------------------------------------------------------------------------
+def _canonical(card: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in card.items() if k != "version"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def _encoder_file(card: dict[str, Any]) -> str:
+    enc = card.get("encoder") if isinstance(card.get("encoder"), dict) else {}
+    kind = enc.get("kind")
+    if kind not in ENCODER_FILES or enc.get("file") != ENCODER_FILES[kind]:
+        raise ModelCardError(f"model card names an unknown encoder {enc!r} (known kinds: {', '.join(ENCODER_FILES)})")
+    return ENCODER_FILES[kind]
+
+
+def compute_version(export_dir: str | Path, card: dict[str, Any]) -> str:
+    """sha256 over the encoder file, the weights file and the card without its ``version``."""
+    d = Path(export_dir)
+    h = hashlib.sha256()
+    for name in (_encoder_file(card), WEIGHTS_FILE):
+        with (d / name).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(_canonical(card))
+    return h.hexdigest()
+
+
+# -- writing ---------------------------------------------------------------------------------------
+class _EmbedAll(torch.nn.Module):
+    """What gets traced: one call -> every attribute's vector."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_all(images)
+
+
+def _write_encoder(model: torch.nn.Module, example: torch.Tensor, d: Path) -> tuple[str, str | None]:
+    """Export (or, failing that, trace) ``embed_all``; returns (kind, why torch.export failed)."""
+    wrapper = _EmbedAll(model).eval()
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        program = torch.export.export(wrapper, (example,), dynamic_shapes={"images": {0: batch}})
+        torch.export.save(program, str(d / ENCODER_FILES["torch.export"]))
+        return "torch.export", None
+    except Exception as e:  # noqa: BLE001 - any export failure falls back to tracing, recorded in the card
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+    traced.save(str(d / ENCODER_FILES["torchscript-trace"]))
+    return "torchscript-trace", reason
+
+
+def _training_summary(
+    catalog: "Catalog | str | Path | None", state: dict[str, Any], schema: AttributeSchema
+) -> dict[str, Any] | None:
+    """Catalog path, item counts and label counts (of the training split when splits.json is known)."""
+    if catalog is None:
+        data = state.get("data") if isinstance(state, dict) else None
+        return dict(data) if isinstance(data, dict) else None
+    from .catalog import Catalog, load_catalog  # local: the loading path never needs it
+    from .splits import Splits
+
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog, schema, strict=False)
+    out: dict[str, Any] = {"catalog": str(catalog.path), "n_items": len(catalog)}
+    items = catalog
+    splits_path = catalog.base_dir / "splits.json"
+    if splits_path.is_file():
+        train_ids = Splits.load(splits_path).train
+        have = catalog.by_id()
+        items = catalog.subset([i for i in train_ids if i in have])
+        out["n_train"] = len(items)
+    out["label_counts"] = items.summary()["attributes"]
+    return out
+
+
+def _storage(names: Sequence[str], eval_report: "EvalReport | None") -> dict[str, Any]:
+    max_abs = dict(getattr(eval_report, "max_abs_component", None) or {})
+    scale = {n: round(127.0 / max(float(max_abs.get(n, 1.0)), 1e-6), 4) for n in names}
+    return {
+        "dtype": "float32",
+        "normalised": "each attribute's vector has unit L2 norm; cosine = dot product",
+        "fp16": "safe: components lie in [-1, 1]; expect ~1e-3 cosine error",
+        "int8": {
+            "scheme": "symmetric per attribute: q = clip(round(v * scale), -127, 127); v ~= q / scale",
+            "scale": scale,
+            "scale_from": "max |component| on the evaluated catalog" if max_abs else "unit-norm bound (|v_i| <= 1)",
+        },
+    }
+
+
+def _write_card(d: Path, card: dict[str, Any]) -> None:
+    card["version"] = compute_version(d, card)
+    (d / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def export_model(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    eval_report: "EvalReport | None" = None,
+    catalog: "Catalog | str | Path | None" = None,
+) -> Path:
+    """Write an export of the checkpoint in ``checkpoint_dir`` to ``out_dir``; returns ``out_dir``.
+
+    ``eval_report`` (from :func:`fgplugin.evaluation.evaluate`) is recorded as the card's metrics;
+    ``catalog`` (the training catalog) gives the training data summary. An existing export at
+    ``out_dir`` is replaced; any other non-empty folder there is refused.
+    """
+    from safetensors.torch import save_model
+
+    from .models import load_checkpoint  # export time only
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file())):
+        raise ModelCardError(f"{out}: exists and is not an fgplugin export; choose an empty or new folder")
+    model, state = load_checkpoint(checkpoint_dir, map_location="cpu")
+    model = model.eval().float()
+    pre = model.preprocess()
+    names = list(model.schema.names)
+    size = pre.image_size
+    torch.manual_seed(0)
+    example = torch.randn(TRACE_BATCH, 3, size, size)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        kind, export_failure = _write_encoder(model, example, tmp)
+        with torch.no_grad():
+            probe = torch.randn(TRACE_BATCH + 1, 3, size, size)
+            expected = model.embed_all(probe)
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        dims = {n: int(model.dims[n]) for n in names}
+        config = model.config.to_dict()
+        card: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "fgplugin_version": __version__,
+            "torch_version": torch.__version__,
+            "variant": config.get("variant"),
+            "config": config,
+            "schema": model.schema.to_dict(),
+            "schema_fingerprint": model.schema.fingerprint(),
+            "attributes": names,
+            "dims": dims,
+            "embedding_dim": int(expected.shape[-1]),
+            "preprocess": pre.to_dict(),
+            "encoder": {
+                "file": ENCODER_FILES[kind],
+                "kind": kind,
+                "torch_export_failure": export_failure,
+                "input": f"float32 [B, 3, {size}, {size}], preprocessed as in 'preprocess'",
+                "output": "float32 [B, A, D]; attribute i is output[:, i, :dims[name]]",
+            },
+            "weights": {"file": WEIGHTS_FILE, "format": "safetensors", "keys": "AttributeModel.state_dict()"},
+            "checkpoint": str(Path(checkpoint_dir)),
+            "training": _training_summary(catalog, state, model.schema),
+            "metrics": eval_report.to_dict() if eval_report is not None else None,
+            "storage": _storage(names, eval_report),
+        }
+        _write_card(tmp, card)
+        # Verify the written artifact, not the in-memory trace, on an untraced batch size.
+        got = ExportedEncoder.load(tmp, schema=model.schema, device="cpu")._forward(probe)
+        diff = float((got - expected).abs().max())
+        if not diff <= VERIFY_ATOL:
+            raise ModelCardError(
+                f"export of {checkpoint_dir} does not reproduce the model (max abs diff {diff:.2e} > "
+                f"{VERIFY_ATOL:g}); the {card['variant']} model may not be traceable"
+            )
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card of an export folder, format-checked (no hash check; see ExportedEncoder.load)."""
+    d = Path(path)
+    f = d / CARD_FILE
+    if not f.is_file():
+        raise ModelCardError(f"{d}: no {CARD_FILE}; not an fgplugin export (run `fgplugin export`)")
+    try:
+        card = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelCardError(f"{f}: not valid JSON ({e.msg})") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ModelCardError(f"{f}: format is {card.get('format') if isinstance(card, dict) else None!r}, expected {FORMAT!r}")
+    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelCardError(
+            f"{f}: format_version {card.get('format_version')!r} is not supported by fgplugin {__version__} "
+            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export or upgrade fgplugin"
+        )
+    for key in ("schema", "attributes", "dims", "preprocess", "version"):
+        if key not in card:
+            raise ModelCardError(f"{f}: model card lacks {key!r}")
+    return card
+
+
+def _schema_difference(expected: AttributeSchema, got: AttributeSchema) -> str:
+    a, b = set(expected.names), set(got.names)
+    parts = []
+    if b - a:
+        parts.append(f"not in the export: {', '.join(sorted(b - a))}")
+    if a - b:
+        parts.append(f"missing from the given schema: {', '.join(sorted(a - b))}")
+    changed = [n for n in sorted(a & b) if expected[n].to_dict() != got[n].to_dict()]
+    if changed:
+        parts.append(f"values differ for: {', '.join(changed)}")
+    if not parts:
+        parts.append("attribute order or schema name/metadata differ")
+    return "; ".join(parts)
+
+
+def _pick_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ExportedEncoder:
+    """An export loaded for serving: images in, one float32 vector per attribute out."""
+
+    def __init__(self, path: Path, card: dict[str, Any], module: Any, device: torch.device):
+        self.path = path
+        self.card = card
+        self.module = module
+        self.device = device
+        self.schema = AttributeSchema.from_dict(card["schema"], source=f"{path}/{CARD_FILE}")
+        self.attributes: list[str] = list(card["attributes"])
+        self.dims: dict[str, int] = {k: int(v) for k, v in card["dims"].items()}
+        self.version: str = card["version"]
+        self.preprocess = Preprocess.from_dict(card["preprocess"])
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, schema: AttributeSchema | None = None, device: str | torch.device = "auto"
+    ) -> "ExportedEncoder":
+        """Load an export. ``schema``: refuse the export unless it was trained for this schema."""
+        d = Path(path)
+        card = read_card(d)
+        encoder_file = _encoder_file(card)
+        for name in (encoder_file, WEIGHTS_FILE):
+            if not (d / name).is_file():
+                raise ModelCardError(f"{d}: export is missing {name}")
+        actual = compute_version(d, card)
+        if actual != card["version"]:
+            raise ModelCardError(
+                f"{d}: contents do not match the card's version {card['version'][:12]} (got {actual[:12]}); "
+                "the export was modified after it was written, re-export it"
+            )
+        own = AttributeSchema.from_dict(card["schema"], source=f"{d}/{CARD_FILE}")
+        if own.fingerprint() != card.get("schema_fingerprint", own.fingerprint()):
+            raise ModelCardError(f"{d}: card schema does not match its recorded fingerprint")
+        if own.names != list(card["attributes"]) or set(card["dims"]) != set(own.names):
+            raise ModelCardError(f"{d}: card attributes/dims do not match its schema")
+        if schema is not None and schema.fingerprint() != own.fingerprint():
+            raise ModelCardError(
+                f"{d}: export was trained for schema {own.name!r} (fingerprint {own.fingerprint()}), "
+                f"not {schema.name!r} (fingerprint {schema.fingerprint()}): {_schema_difference(own, schema)}"
+            )
+        dev = _pick_device(device)
+        try:
+            if encoder_file == ENCODER_FILES["torch.export"]:
+                program = torch.export.load(str(d / encoder_file))
+                if dev.type != "cpu":
+                    from torch.export.passes import move_to_device_pass
+
+                    program = move_to_device_pass(program, dev)
+                module = program.module()
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    module = torch.jit.load(str(d / encoder_file), map_location=dev)
+                module.eval()
+        except Exception as e:  # noqa: BLE001 - corrupt file, unknown op, ...
+            raise ModelCardError(f"{d / encoder_file}: cannot load the encoder ({type(e).__name__}: {e})") from None
+        return cls(d, card, module, dev)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        s = self.preprocess.image_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, s, s):
+            raise ModelCardError(f"encoder input must be [B, 3, {s}, {s}]; got {list(batch.shape)}")
+        with torch.no_grad():
+            return self.module(batch.to(self.device, torch.float32)).float().cpu()
+
+    def embed_all(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 [B, A, D] (the evaluation code's common interface with AttributeModel)."""
+        return self._forward(images)
+
+    def encode_tensors(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """Preprocessed images [B, 3, S, S] -> {attribute: float32 [B, dims[attribute]]}."""
+        out = self._forward(batch).numpy()
+        return {n: np.ascontiguousarray(out[:, i, : self.dims[n]], dtype=np.float32) for i, n in enumerate(self.attributes)}
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """PIL images -> {attribute: float32 [B, dims[attribute]]}, preprocessed as the card says."""
+        parts = [self.encode_tensors(self.preprocess.batch(list(images[i:i + batch_size])))
+                 for i in range(0, len(images), batch_size)]
+        if not parts:
+            return {n: np.zeros((0, self.dims[n]), np.float32) for n in self.attributes}
+        return {n: np.concatenate([p[n] for p in parts]) for n in self.attributes}
+
+    def __repr__(self) -> str:
+        return f"ExportedEncoder({self.path}, variant={self.card.get('variant')}, version={self.version[:12]})"
+
+
+__all__ = ["ExportedEncoder", "export_model", "read_card", "compute_version", "FORMAT", "FORMAT_VERSION"]
