@@ -30,8 +30,9 @@ Endpoints
 Errors are JSON ``{"error": {"status", "message", "item"?, "known"?, "request_id"}}``: 400 bad JSON,
 base64 or image (naming the item index and the cause), 403 URL host not on the allow-list or a
 redirect leaving http(s), 413 too large (body, image bytes, pixels, image count), 422 unknown
-attribute (listing the known ones), 429 saturated (``--max-concurrency`` requests in flight),
-502/504 upstream fetch error/timeout. A 5xx never carries internals: a generic message and the
+attribute (listing the known ones), 401 missing/wrong bearer token (when started with one), 415
+other content types, 429 saturated (``--max-concurrency`` requests in flight), 502/504 upstream
+fetch error/timeout. A 5xx never carries internals: a generic message and the
 request id; the log has the traceback.
 
 Throughput: a micro-batcher gathers single images from concurrent requests into one model call
@@ -49,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import math
@@ -99,6 +101,7 @@ class ServeConfig:
     max_images: int = 64  # images per request
     max_request_bytes: int = 64 * 1024 * 1024
     max_redirects: int = 3
+    token: str | None = None  # when set, /encode and /model need "Authorization: Bearer <token>"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_concurrency", "max_images", "max_request_bytes"):
@@ -333,11 +336,22 @@ class EncoderService:
         })
 
     async def model(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return self._error(Problem(401, "missing or wrong bearer token"), uuid.uuid4().hex[:16],
+                               headers={"WWW-Authenticate": "Bearer"})
         return JSONResponse(self.encoder.card)
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.config.token:
+            return True
+        got = request.headers.get("authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.config.token}".encode())
 
     async def encode(self, request: Request) -> JSONResponse:
         rid = request.headers.get("x-request-id", "")
         rid = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        if not self._authorized(request):
+            return self._error(Problem(401, "missing or wrong bearer token"), rid, headers={"WWW-Authenticate": "Bearer"})
         if self.in_flight >= self.config.max_concurrency:
             self.rejected += 1
             return self._error(Problem(429, f"busy: {self.in_flight} requests in flight; retry shortly"), rid,
