@@ -1,10 +1,54 @@
-"""`fgplugin export`."""
+"""`fgplugin export`: a self-contained encoder for serving (encoder program + weights + model card)."""
 
 from __future__ import annotations
 
-from .common import not_built
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, friendly_errors, print_json
+from .evaluate import load_eval_data, report_table, resolve_checkpoint
 
 
-def export() -> None:
-    """Not built yet."""
-    not_built("export", "see the issue tracker")
+@friendly_errors
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training run or checkpoint folder."),
+    out: Path = typer.Option(..., "--out", help="Export folder to write (an existing export there is replaced)."),
+    catalog: Optional[Path] = typer.Option(
+        None, "--catalog", help="Training catalog: evaluate on it and record metrics and a data summary in the card."
+    ),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="Schema file (default: beside the catalog)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Splits file (default: splits.json beside the catalog)."),
+    part: str = typer.Option("test", "--part", help="Split part the recorded metrics come from."),
+    triplets: int = typer.Option(2000, "--triplets"),
+    device: str = typer.Option("cpu", "--device", help="Device for the evaluation (the export is written on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
+) -> None:
+    """Export a trained model: its encoder, safetensors weights and a model card."""
+    from fgplugin.export import ExportedEncoder, export_model
+
+    ckpt = resolve_checkpoint(checkpoint)
+    report, cat = None, None
+    if catalog is not None:
+        from fgplugin.evaluation import evaluate
+        from fgplugin.models import load_checkpoint
+
+        model, _ = load_checkpoint(ckpt, map_location="cpu")
+        cat, sp, boxes = load_eval_data(catalog, schema, splits, model)
+        report = evaluate(model, cat, sp, part=part, n_triplets=triplets, boxes=boxes, device=device,
+                          progress=not as_json)
+    path = export_model(ckpt, out, eval_report=report, catalog=cat)
+    enc = ExportedEncoder.load(path, device="cpu")
+    if as_json:
+        print_json(enc.card)
+        return
+    if report is not None:
+        console.print(report_table(report, f"{report.variant} on {catalog} ({part}), recorded in the card"))
+    dims = ", ".join(f"{a}:{d}" for a, d in enc.dims.items())
+    console.print(
+        f"[bold green]exported[/] {enc.card['variant']} to {path}\n"
+        f"  version {enc.version[:16]}  encoder {enc.card['encoder']['kind']}  "
+        f"input {enc.preprocess.image_size}px\n  dims {dims}",
+        highlight=False,
+    )
