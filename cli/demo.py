@@ -1,10 +1,98 @@
-"""`fgplugin demo`."""
+"""`fgplugin demo`: the whole job end to end on generated data, in one command.
+
+generate a catalog -> train a small model -> evaluate -> export -> index into the embedded store ->
+run two queries. Each step calls the same library function its own command calls.
+"""
 
 from __future__ import annotations
 
-from .common import not_built
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import console, friendly_errors
 
 
-def demo() -> None:
-    """Not built yet."""
-    not_built("demo", "see the issue tracker")
+@friendly_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Working folder (data, run, export, store)."),
+    n: int = typer.Option(1500, help="Number of generated catalog items."),
+    image_size: int = typer.Option(112, help="Model input size (small on CPU)."),
+    budget: str = typer.Option("3m", help="Training time budget, e.g. 90s, 3m."),
+    variant: str = typer.Option("asen_v2", help="Model variant."),
+    seed: int = typer.Option(0, help="Seed for data, split and training."),
+) -> None:
+    """Generate data, train, export, index and query: everything on this machine, no server."""
+    from fgplugin import synth
+    from fgplugin.catalog import load_catalog
+    from fgplugin.evaluation import evaluate
+    from fgplugin.export import ExportedEncoder, export_model
+    from fgplugin.indexer import index_catalog
+    from fgplugin.models import load_config
+    from fgplugin.query.spec import QuerySpec, parse_filter
+    from fgplugin.schema import AttributeSchema
+    from fgplugin.splits import Splits
+    from fgplugin.stores.open import open_store
+    from fgplugin.training import train
+    from fgplugin.training.trainer import parse_budget
+
+    t0 = time.perf_counter()
+    data_dir, run_dir, export_dir, store_dir = out / "data", out / "run", out / "export", out / "store"
+
+    console.rule("[bold]1/5 generate")
+    catalog_path = data_dir / "catalog.jsonl"
+    if not catalog_path.is_file():
+        synth.generate(data_dir, n, seed=seed)
+    schema = AttributeSchema.load(data_dir / "schema.toml")
+    catalog = load_catalog(catalog_path, schema)
+    splits = Splits.load(data_dir / "splits.json")
+    console.print(f"{len(catalog)} items, attributes: {', '.join(schema.names)}")
+
+    console.rule(f"[bold]2/5 train {variant} (budget {budget})")
+    config = load_config(variant, {"image_size": image_size, "seed": seed})
+    result = train(config, catalog, splits, run_dir, budget_s=parse_budget(budget), resume=True)
+
+    console.rule("[bold]3/5 evaluate and export")
+    from fgplugin.models import load_checkpoint
+
+    model, _ = load_checkpoint(result.checkpoint)
+    report = evaluate(model, catalog, splits, part="test", boxes=synth.load_boxes(data_dir))
+    t = Table(title="Test retrieval (papers' protocol)")
+    t.add_column("attribute")
+    t.add_column("MAP", justify="right")
+    t.add_column("chance", justify="right")
+    for a, m in report.per_attribute.items():
+        t.add_row(a, f"{100 * m:.1f}", f"{100 * report.chance_per_attribute.get(a, float('nan')):.1f}")
+    t.add_row("[bold]overall (query-weighted)", f"{100 * report.overall_weighted:.1f}", f"{100 * report.chance_overall:.1f}")
+    console.print(t)
+    export_model(result.checkpoint, export_dir, eval_report=report, catalog=catalog)
+    encoder = ExportedEncoder.load(export_dir)
+
+    console.rule("[bold]4/5 index into the embedded store")
+    store = open_store(f"embedded:{store_dir}")
+    try:
+        index_catalog(catalog, encoder, store, model_path=export_dir, errors_path=store_dir / "errors.jsonl")
+
+        console.rule("[bold]5/5 query")
+        like = splits.test_query[0]
+        item = catalog.by_id()[like]
+        shape = schema.names[0]
+        queries = [
+            QuerySpec(attributes={shape: 1.0}, like_id=like, k=5),
+            QuerySpec(
+                attributes={schema.names[1]: 1.0, schema.names[2]: 0.5}, like_id=like, k=5,
+                filters=[parse_filter("price<100"), parse_filter("in_stock=true")],
+            ),
+        ]
+        from fgplugin.query.execute import run_query, render_table
+
+        for spec in queries:
+            res = run_query(store, spec, schema=schema)
+            title = f"like {like} ({', '.join(f'{a}={item.labels[a]}' for a in spec.attributes)})"
+            console.print(render_table(res, spec, catalog=catalog, title=title))
+    finally:
+        store.close()
+    console.print(f"[green]demo finished in {time.perf_counter() - t0:.0f} s[/]; try: "
+                  f"fgplugin query --store embedded:{store_dir} --like {like} --attr {shape}")
