@@ -125,6 +125,7 @@ class Hit:
     score: float  # sum of w_a * cos_a
     cosines: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
+    image: str | None = None  # the document's image source, where the store keeps it (for display)
 
 
 @dataclass

@@ -1,0 +1,576 @@
+"""The embedded store (default): one DuckDB file in a directory, exact weighted-cosine search in SQL.
+
+Layout: table ``docs`` with ``id`` (primary key), ``model_version``, ``image``, one ``FLOAT[d]`` column
+``emb_<attribute>`` per attribute (unit vectors) and one typed column ``m_<field>`` per metadata field;
+table ``fg_meta`` (key -> JSON value) records the schema, the vector sizes, the metadata types, the
+current model version and free keys such as ``model_path``.
+
+Scoring is the same as the OpenSearch exact script (see ``fgplugin.opensearch``): for each chosen
+attribute a the script adds ``w_a * (1 + cos_a)`` when the document has the vector and 0 when it does
+not, and the client subtracts ``sum w``. So a present vector contributes ``w_a * cos_a`` and a MISSING
+vector contributes ``-w_a`` (as if its cosine were -1, the lowest possible). This store computes
+exactly that: ``sum w_a * COALESCE(cos_a, -1)``, ordered by score descending, then id ascending.
+
+Filters follow OpenSearch semantics: a document without the field matches no term/terms/range
+filter, and does match a ``must_not`` around one (every leaf is made two-valued with COALESCE before
+NOT is applied, so SQL's three-valued NULL logic never leaks through).
+
+DuckDB's ``vss`` (HNSW) extension cannot be installed offline, so every mode runs exactly here; the
+result says so in ``mode`` and ``note``.
+
+Concurrency: one writer per store (DuckDB locks the file); readers open it read-only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import duckdb
+import numpy as np
+
+from ..catalog import coerce
+from ..errors import QueryError, StoreError
+from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Term, Terms,
+                          coerce_filters)
+from ..schema import METADATA_TYPES, AttributeSchema
+from .base import Document, Failure, IndexLayout, UpsertResult
+
+DB_FILE = "fgplugin.duckdb"
+FORMAT_VERSION = 1
+SQL_TYPES = {
+    "keyword": "VARCHAR", "text": "VARCHAR", "float": "DOUBLE", "integer": "BIGINT",
+    "boolean": "BOOLEAN", "date": "TIMESTAMP",  # dates are stored in UTC
+}
+NO_ANN_NOTE = (
+    "the embedded DuckDB store has no ANN index (DuckDB's vss extension cannot be installed offline); "
+    "ran an exact search"
+)
+MISSING_COSINE = -1.0  # what a missing attribute vector counts as (see the module docstring)
+UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised on upsert
+
+
+def _q(name: str) -> str:
+    """Quote an SQL identifier (metadata field names come from catalogs)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def emb_col(attribute: str) -> str:
+    return _q(f"emb_{attribute}")
+
+
+def meta_col(field: str) -> str:
+    return _q(f"m_{field}")
+
+
+def to_utc(value: Any) -> dt.datetime:
+    """An ISO date (string or datetime) -> naive UTC datetime (a date without a zone is UTC)."""
+    if isinstance(value, dt.datetime):
+        d = value
+    elif isinstance(value, dt.date):
+        d = dt.datetime(value.year, value.month, value.day)
+    else:
+        d = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    if d.tzinfo is not None:
+        d = d.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return d
+
+
+def _from_sql(value: Any, type_: str) -> Any:
+    if value is None:
+        return None
+    if type_ == "date" and isinstance(value, dt.datetime):
+        return value.isoformat() + ("Z" if value.tzinfo is None else "")
+    return value
+
+
+class DuckDBStore:
+    """An embedded store in ``directory`` (created on first write)."""
+
+    kind = "embedded"
+
+    def __init__(self, directory: str | Path, *, read_only: bool = False):
+        self.directory = Path(directory).expanduser()
+        self.path = self.directory / DB_FILE
+        self.read_only = read_only
+        if read_only and not self.path.is_file():
+            raise StoreError(
+                f"no embedded store at {self.directory} (expected {self.path}); build one with `fgplugin index`"
+            )
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except (duckdb.IOException, duckdb.ConnectionException) as e:
+            raise StoreError(
+                f"cannot open the embedded store {self.path}: {str(e).splitlines()[0]} "
+                "(a store has a single writer: is another fgplugin process indexing into it?)"
+            ) from None
+        self._lock = threading.Lock()
+        if not read_only:
+            self._sql("CREATE TABLE IF NOT EXISTS fg_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        self.layout: IndexLayout | None = self._read_layout()
+
+    def __repr__(self) -> str:
+        return f"DuckDBStore({str(self.directory)!r}, read_only={self.read_only})"
+
+    @property
+    def url(self) -> str:
+        return f"embedded:{self.directory}"
+
+    def _sql(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        """Run one statement on the main connection and drain its result (DuckDB wants it drained)."""
+        return self.con.execute(sql, params).fetchall() if params is not None else self.con.execute(sql).fetchall()
+
+    # -- meta -------------------------------------------------------------------------------------
+    def _has_table(self, name: str) -> bool:
+        return bool(self._sql("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0][0])
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        if not self._has_table("fg_meta"):
+            return default
+        rows = self._sql("SELECT value FROM fg_meta WHERE key = ?", [key])
+        return json.loads(rows[0][0]) if rows else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._writable()
+        with self._lock:
+            self._sql(
+                "INSERT INTO fg_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, json.dumps(value)],
+            )
+
+    def _read_layout(self) -> IndexLayout | None:
+        schema = self.get_meta("schema")
+        if schema is None or not self._has_table("docs"):
+            return None
+        fmt = self.get_meta("format_version")
+        if fmt != FORMAT_VERSION:
+            raise StoreError(f"{self.path} has store format {fmt}; this fgplugin reads format {FORMAT_VERSION}")
+        return IndexLayout(
+            schema=AttributeSchema.from_dict(schema, source=str(self.path)),
+            dims={k: int(v) for k, v in self.get_meta("dims").items()},
+            metadata_types=dict(self.get_meta("metadata_types")),
+            model_version=str(self.get_meta("model_version", "")),
+        )
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only")
+
+    def _need_layout(self) -> IndexLayout:
+        if self.layout is None:
+            raise StoreError(f"the embedded store {self.directory} holds no index yet; build one with `fgplugin index`")
+        return self.layout
+
+    # -- index ------------------------------------------------------------------------------------
+    def ensure_index(self, layout: IndexLayout) -> None:
+        """Create the table, or check that the existing one fits ``layout``.
+
+        A different schema or vector size is refused; a different model version is accepted (each
+        document records its own version, and the index worker re-encodes stale ones); metadata
+        fields the store has not seen yet are added as new columns.
+        """
+        self._writable()
+        if sorted(layout.dims) != sorted(layout.attributes):
+            raise StoreError(
+                f"layout dims cover {sorted(layout.dims)} but the schema's attributes are {layout.attributes}"
+            )
+        for f, t in layout.metadata_types.items():
+            if t not in METADATA_TYPES:
+                raise StoreError(f"metadata field {f!r} has type {t!r}; use one of {', '.join(METADATA_TYPES)}")
+        old = self.layout
+        with self._lock:
+            if old is None:
+                cols = ["id VARCHAR PRIMARY KEY", "model_version VARCHAR", "image VARCHAR"]
+                cols += [f"{emb_col(a)} FLOAT[{int(layout.dims[a])}]" for a in layout.attributes]
+                cols += [f"{meta_col(f)} {SQL_TYPES[t]}" for f, t in layout.metadata_types.items()]
+                self._sql("BEGIN")
+                self._sql(f"CREATE TABLE docs ({', '.join(cols)})")
+                self._write_meta(layout, layout.metadata_types)
+                self._sql("COMMIT")
+            else:
+                self._check_compatible(old, layout)
+                types = dict(old.metadata_types)
+                self._sql("BEGIN")
+                for f, t in layout.metadata_types.items():
+                    if f not in types:
+                        self._sql(f"ALTER TABLE docs ADD COLUMN {meta_col(f)} {SQL_TYPES[t]}")
+                        types[f] = t
+                self._write_meta(layout, types)
+                self._sql("COMMIT")
+        self.layout = self._read_layout()
+
+    def _write_meta(self, layout: IndexLayout, types: Mapping[str, str]) -> None:
+        for k, v in {
+            "format_version": FORMAT_VERSION,
+            "schema": layout.schema.to_dict(),
+            "schema_fingerprint": layout.schema.fingerprint(),
+            "dims": {a: int(layout.dims[a]) for a in layout.attributes},
+            "metadata_types": dict(types),
+            "model_version": layout.model_version,
+        }.items():
+            self._sql(
+                "INSERT INTO fg_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [k, json.dumps(v)],
+            )
+
+    def _check_compatible(self, old: IndexLayout, new: IndexLayout) -> None:
+        where = f"the embedded store {self.directory}"
+        hint = f"use another store directory, or delete {self.path} to rebuild it"
+        if old.schema.fingerprint() != new.schema.fingerprint():
+            raise StoreError(
+                f"{where} was built for schema {old.schema.name!r} (fingerprint {old.schema.fingerprint()}, "
+                f"attributes {', '.join(old.attributes)}); the model's schema is {new.schema.name!r} "
+                f"(fingerprint {new.schema.fingerprint()}, attributes {', '.join(new.attributes)}); {hint}"
+            )
+        if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
+            raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
+        for f, t in new.metadata_types.items():
+            if f in old.metadata_types and old.metadata_types[f] != t:
+                raise StoreError(
+                    f"{where} stores metadata field {f!r} as {old.metadata_types[f]}; the catalog now has it as {t}; {hint}"
+                )
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _check_doc(self, doc: Document, layout: IndexLayout) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Validated (unit vectors, typed metadata) of one document; raises ValueError with the cause."""
+        if not isinstance(doc.id, str) or not doc.id:
+            raise ValueError("document id must be a non-empty string")
+        extra = set(doc.vectors) - set(layout.attributes)
+        if extra:
+            raise ValueError(
+                f"vector for unknown attribute(s) {', '.join(repr(x) for x in sorted(extra))}; the index has {', '.join(layout.attributes)}"
+            )
+        vecs: dict[str, np.ndarray] = {}
+        for a in layout.attributes:
+            if doc.vectors.get(a) is None:
+                continue  # stored as NULL; scores as a cosine of -1 (see the module docstring)
+            v = np.asarray(doc.vectors[a], dtype=np.float32)
+            if v.shape != (layout.dims[a],):
+                raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"vector for attribute {a!r} has non-finite values (NaN or inf)")
+            n = float(np.linalg.norm(v.astype(np.float64)))
+            if n == 0.0:
+                raise ValueError(f"vector for attribute {a!r} is all zeros; cosine similarity is undefined")
+            if abs(n - 1.0) > UNIT_TOLERANCE:
+                v = (v / n).astype(np.float32)
+            vecs[a] = v
+        meta: dict[str, Any] = {}
+        for f, value in (doc.metadata or {}).items():
+            if f not in layout.metadata_types:
+                known = ", ".join(sorted(layout.metadata_types)) or "(none)"
+                raise ValueError(f"metadata field {f!r} is not in the index (known: {known})")
+            t = layout.metadata_types[f]
+            try:
+                value = coerce(value, t)
+                if t == "float" and value is not None and not math.isfinite(value):
+                    raise ValueError(f"{value!r} is not a finite number")
+                if t == "date" and value is not None:
+                    value = to_utc(value)
+            except ValueError as e:
+                raise ValueError(f"metadata field {f!r}: {e} (type {t})") from None
+            meta[f] = value
+        return vecs, meta
+
+    def upsert(self, docs: list[Document]) -> UpsertResult:
+        """Insert or replace documents. Invalid ones come back as Failures; the rest are written."""
+        self._writable()
+        layout = self._need_layout()
+        result = UpsertResult()
+        good: dict[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]] = {}
+        for doc in docs:
+            try:
+                vecs, meta = self._check_doc(doc, layout)
+            except ValueError as e:
+                result.failed.append(Failure(str(doc.id), "store", str(e), kind="rejected"))
+                continue
+            good.pop(doc.id, None)  # the last copy of a repeated id wins
+            good[doc.id] = (doc, vecs, meta)
+        if not good:
+            return result
+        n = len(good)
+        rows = list(good.values())
+
+        def objects(values: Iterable[Any]) -> np.ndarray:
+            out = np.empty(n, dtype=object)
+            for i, v in enumerate(values):  # element-wise: never let numpy broadcast equal-length vectors
+                out[i] = v
+            return out
+
+        stage: dict[str, np.ndarray] = {
+            "id": objects(d.id for d, _, _ in rows),
+            "model_version": objects(d.model_version or layout.model_version for d, _, _ in rows),
+            "image": objects(d.image for d, _, _ in rows),
+        }
+        select = ["id::VARCHAR AS id", "model_version::VARCHAR AS model_version", "image::VARCHAR AS image"]
+        cols = ["id", "model_version", "image"]
+        for i, a in enumerate(layout.attributes):
+            stage[f"e{i}"] = objects(v.get(a) for _, v, _ in rows)
+            select.append(f"e{i}::FLOAT[{layout.dims[a]}] AS e{i}")
+            cols.append(emb_col(a))
+        for i, (f, t) in enumerate(layout.metadata_types.items()):
+            stage[f"m{i}"] = objects(m.get(f) for _, _, m in rows)
+            select.append(f"m{i}::{SQL_TYPES[t]} AS m{i}")
+            cols.append(meta_col(f))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
+        with self._lock:
+            self.con.register("fg_stage_in", stage)
+            try:
+                self._sql("BEGIN")
+                self._sql(f"CREATE OR REPLACE TEMP TABLE fg_stage AS SELECT {', '.join(select)} FROM fg_stage_in")
+                # ON CONFLICT costs ~4x a plain insert in DuckDB even without conflicts: replace the
+                # documents that exist with it, and insert the new ones plainly.
+                self._sql(
+                    f"INSERT INTO docs ({', '.join(cols)}) SELECT * FROM fg_stage WHERE id IN (SELECT id FROM docs) "
+                    f"ON CONFLICT (id) DO UPDATE SET {updates}"
+                )
+                self._sql(
+                    f"INSERT INTO docs ({', '.join(cols)}) SELECT * FROM fg_stage WHERE id NOT IN (SELECT id FROM docs)"
+                )
+                self._sql("DROP TABLE fg_stage")
+                self._sql("COMMIT")
+            except duckdb.Error as e:
+                self._sql("ROLLBACK")
+                raise StoreError(f"writing {n} documents to {self.path} failed: {e}") from None
+            finally:
+                self.con.unregister("fg_stage_in")
+        result.ok.extend(good)
+        return result
+
+    def delete(self, ids: Iterable[str]) -> int:
+        self._writable()
+        self._need_layout()
+        idl = [str(i) for i in ids]
+        if not idl:
+            return 0
+        with self._lock:
+            self.con.register("fg_ids", {"id": np.array(idl, dtype=object)})
+            try:
+                return int(self._sql("DELETE FROM docs WHERE id IN (SELECT id FROM fg_ids)")[0][0])
+            finally:
+                self.con.unregister("fg_ids")
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        return self.con.cursor()  # one cursor per call: safe from several threads
+
+    def get_vectors(
+        self, ids: Iterable[str], attributes: Iterable[str] | None = None
+    ) -> dict[str, dict[str, np.ndarray]]:
+        layout = self._need_layout()
+        attrs = layout.schema.check_names(attributes) if attributes is not None else layout.attributes
+        idl = [str(i) for i in ids]
+        if not idl:
+            return {}
+        cur = self._cursor()
+        cur.register("fg_ids", {"id": np.array(idl, dtype=object)})
+        cols = "".join(f", {emb_col(a)} AS e{j}" for j, a in enumerate(attrs))
+        res = cur.execute(f"SELECT id{cols} FROM docs WHERE id IN (SELECT id FROM fg_ids)").fetchnumpy()
+        cur.close()
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for r, i in enumerate(res["id"]):
+            out[str(i)] = {
+                a: np.asarray(res[f"e{j}"][r], dtype=np.float32)
+                for j, a in enumerate(attrs) if res[f"e{j}"][r] is not None and not np.ma.is_masked(res[f"e{j}"][r])
+            }
+        return out
+
+    def exists(self, id_: str) -> bool:
+        self._need_layout()
+        return self._cursor().execute("SELECT count(*) FROM docs WHERE id = ?", [id_]).fetchall()[0][0] > 0
+
+    def image_of(self, id_: str) -> str | None:
+        """The image source recorded for a document (None if unknown)."""
+        self._need_layout()
+        rows = self._cursor().execute("SELECT image FROM docs WHERE id = ?", [id_]).fetchall()
+        return rows[0][0] if rows else None
+
+    def get_documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        """Full documents (vectors, metadata, version, image) for the ids that exist."""
+        layout = self._need_layout()
+        vecs = self.get_vectors(ids)
+        meta = self._metadata(list(vecs))
+        return {
+            i: Document(i, vecs[i], meta[i][0], model_version=meta[i][1], image=meta[i][2]) for i in vecs
+        }
+
+    def _metadata(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], str, str | None]]:
+        layout = self._need_layout()
+        if not ids:
+            return {}
+        fields = list(layout.metadata_types)
+        mcols = "".join(f", {meta_col(f)}" for f in fields)
+        cur = self._cursor()
+        cur.register("fg_ids", {"id": np.array(ids, dtype=object)})
+        rows = cur.execute(
+            f"SELECT id, model_version, image{mcols} FROM docs WHERE id IN (SELECT id FROM fg_ids)"
+        ).fetchall()
+        cur.close()
+        return {
+            r[0]: (self._meta_dict(fields, r[3:]), r[1], r[2]) for r in rows
+        }
+
+    def _meta_dict(self, fields: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+        types = self._need_layout().metadata_types
+        return {f: _from_sql(v, types[f]) for f, v in zip(fields, values) if v is not None}
+
+    def versions(self) -> dict[str, str]:
+        self._need_layout()
+        return dict(self._cursor().execute("SELECT id, model_version FROM docs").fetchall())
+
+    def count(self) -> int:
+        if self.layout is None:
+            return 0
+        return int(self._cursor().execute("SELECT count(*) FROM docs").fetchall()[0][0])
+
+    def stats(self) -> dict[str, Any]:
+        """Document count, file size and layout, for reports and the bench."""
+        layout = self._need_layout()
+        self_size = self.path.stat().st_size if self.path.is_file() else 0
+        return {
+            "store": self.url,
+            "documents": self.count(),
+            "file_bytes": self_size,
+            "attributes": layout.attributes,
+            "dims": layout.dims,
+            "metadata_types": layout.metadata_types,
+            "model_version": layout.model_version,
+        }
+
+    # -- search -----------------------------------------------------------------------------------
+    def search(self, spec: QuerySpec) -> SearchResult:
+        """Exact top-k by the weighted sum of cosines (``spec.like_id`` or ``spec.vectors``).
+
+        An image reference must be encoded first (``fgplugin.query.execute.resolve_reference``).
+        """
+        layout = self._need_layout()
+        spec.validate(layout.schema, layout.dims)
+        if spec.image is not None:
+            raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
+        filters = coerce_filters(spec.filters, layout.metadata_types)
+        attrs = list(spec.attributes)
+        if spec.like_id is not None:
+            got = self.get_vectors([spec.like_id], attrs)
+            if spec.like_id not in got:
+                raise QueryError(f"no document with id {spec.like_id!r} in {self.url}")
+            missing = [a for a in attrs if a not in got[spec.like_id]]
+            if missing:
+                raise QueryError(f"document {spec.like_id!r} has no vector for {', '.join(missing)}")
+            qv = got[spec.like_id]
+        else:
+            qv = {a: np.asarray(spec.vectors[a], dtype=np.float32) for a in attrs}  # type: ignore[index]
+
+        where, params = compile_where(filters, layout.metadata_types)
+        if spec.like_id is not None and spec.exclude_self:
+            where = f"({where}) AND id <> ?"
+            params = params + [spec.like_id]
+
+        cos_sql, cos_params = [], []
+        for j, a in enumerate(attrs):
+            q = qv[a].astype(np.float64)
+            q = (q / np.linalg.norm(q)).astype(np.float32)
+            cos_sql.append(f"array_inner_product({emb_col(a)}, ?::FLOAT[{layout.dims[a]}]) AS c{j}")
+            cos_params.append(q.tolist())
+        score_sql = " + ".join(f"?::DOUBLE * COALESCE(c{j}, {MISSING_COSINE!r})" for j in range(len(attrs)))
+        score_params = [float(spec.attributes[a]) for a in attrs]
+        fields = list(layout.metadata_types)
+        mcols = "".join(f", {meta_col(f)} AS m{i}" for i, f in enumerate(fields))
+        sql = (
+            f"SELECT id, {score_sql} AS score, {', '.join(f'c{j}' for j in range(len(attrs)))}, image"
+            f"{''.join(f', m{i}' for i in range(len(fields)))} "
+            f"FROM (SELECT id, image{mcols}, {', '.join(cos_sql)} FROM docs WHERE {where}) "
+            f"ORDER BY score DESC, id ASC LIMIT {int(spec.k)}"
+        )
+        cur = self._cursor()
+        try:
+            rows = cur.execute(sql, score_params + cos_params + params).fetchall()
+            total = int(cur.execute(f"SELECT count(*) FROM docs WHERE {where}", params).fetchall()[0][0])
+        finally:
+            cur.close()
+        hits = []
+        for r in rows:
+            cos = {a: float(r[2 + j]) for j, a in enumerate(attrs) if r[2 + j] is not None}
+            base = 2 + len(attrs)
+            hits.append(Hit(id=r[0], score=float(r[1]), cosines=cos,
+                            metadata=self._meta_dict(fields, r[base + 1:]), image=r[base]))
+        note = NO_ANN_NOTE if spec.mode != "exact" else ""
+        return SearchResult(hits=hits, mode="exact", total_candidates=total, note=note)
+
+    def close(self) -> None:
+        try:
+            self.con.close()
+        except duckdb.Error:
+            pass
+
+    def __enter__(self) -> "DuckDBStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- filters -> SQL -------------------------------------------------------------------------------
+def compile_where(filters: Sequence[Filter], types: Mapping[str, str]) -> tuple[str, list[Any]]:
+    """A parameterised WHERE clause (two-valued: never NULL) for typed filters; all top-level filters AND."""
+    params: list[Any] = []
+    sql = _and([_compile(f, types, params) for f in filters])
+    return sql, params
+
+
+def _and(parts: list[str]) -> str:
+    return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
+
+
+def _or(parts: list[str]) -> str:
+    return "(" + " OR ".join(parts) + ")" if parts else "FALSE"
+
+
+def _value(v: Any, t: str) -> Any:
+    return to_utc(v) if t == "date" else v
+
+
+def _compile(f: Filter, types: Mapping[str, str], params: list[Any]) -> str:
+    if isinstance(f, Bool):
+        parts = [_compile(x, types, params) for x in f.must]
+        if f.should:
+            parts.append(_or([_compile(x, types, params) for x in f.should]))
+        if f.must_not:
+            parts.append("NOT " + _or([_compile(x, types, params) for x in f.must_not]))
+        return _and(parts)
+    if f.field not in types:
+        raise QueryError(f"filter on unknown field {f.field!r}; filterable fields: {', '.join(sorted(types)) or '(none)'}")
+    t = types[f.field]
+    col = meta_col(f.field)
+    if isinstance(f, Exists):
+        return f"({col} IS NOT NULL)"
+    if t == "text":
+        # A term on an analysed text field matches one lower-cased token (OpenSearch's standard
+        # analyser splits on non-alphanumerics); approximate that here.
+        col = f"regexp_split_to_array(lower({col}), '[^[:alnum:]]+')"
+        if isinstance(f, Term):
+            params.append(str(f.value))
+            return f"COALESCE(list_contains({col}, ?), FALSE)"
+        if isinstance(f, Terms):
+            params.extend(str(v) for v in f.values)
+            return f"COALESCE(list_has_any({col}, [{', '.join('?' for _ in f.values)}]), FALSE)"
+        raise QueryError(f"range filter on text field {f.field!r} is not supported")
+    if isinstance(f, Term):
+        params.append(_value(f.value, t))
+        return f"COALESCE({col} = ?, FALSE)"
+    if isinstance(f, Terms):
+        params.extend(_value(v, t) for v in f.values)
+        return f"COALESCE({col} IN ({', '.join('?' for _ in f.values)}), FALSE)"
+    if isinstance(f, Range):
+        parts = []
+        for op, v in ((">", f.gt), (">=", f.gte), ("<", f.lt), ("<=", f.lte)):
+            if v is not None:
+                params.append(_value(v, t))
+                parts.append(f"{col} {op} ?")
+        return f"COALESCE({' AND '.join(parts)}, FALSE)"
+    raise QueryError(f"unsupported filter {f!r}")
