@@ -1,10 +1,109 @@
-"""`fgplugin query`."""
+"""`fgplugin query`: rank the catalog by a weighted sum of per-attribute cosines, with metadata filters."""
 
 from __future__ import annotations
 
-from .common import not_built
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import console, err_console, friendly_errors, print_json
 
 
-def query() -> None:
-    """Not built yet."""
-    not_built("query", "see the issue tracker")
+@friendly_errors
+def query(
+    like: Optional[str] = typer.Option(None, "--like", help="Catalog id of the reference item (already indexed)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Reference image: a path or an http(s) URL (needs the encoder)."),
+    attr: List[str] = typer.Option(
+        [], "--attr", help="Attribute to compare on, NAME or NAME=WEIGHT (repeat for several; weights default to 1)."
+    ),
+    filter_: List[str] = typer.Option(
+        [], "--filter",
+        help="Metadata filter (repeat; all must hold): f=v, f=a,b, f!=v, f<n, f<=n, f>n, f>=n, has:f, !has:f.",
+    ),
+    k: int = typer.Option(20, "-k", "--k", help="Number of results."),
+    mode: str = typer.Option("exact", "--mode", help="exact, ann or ann+rescore (the embedded store is always exact)."),
+    store: str = typer.Option("embedded:fgplugin-store", "--store", help="embedded:DIR or opensearch:URL."),
+    index: Optional[str] = typer.Option(None, "--index", help="OpenSearch index name (OpenSearch stores only)."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Export folder for --image (default: the one the store was indexed with)."
+    ),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Training checkpoint for --explain heat maps (an export has no attention maps)."
+    ),
+    include_self: bool = typer.Option(False, "--include-self", help="Keep the --like item in its own results."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
+    explain: bool = typer.Option(
+        False, "--explain", help="Print the compiled OpenSearch request; with --html, add attention heat maps."
+    ),
+) -> None:
+    """Find the items most similar to a reference on the chosen attributes (weighted sum of cosines)."""
+    from fgplugin.errors import QueryError
+    from fgplugin.query.execute import result_table, result_to_dict, run_query
+    from fgplugin.query.spec import QuerySpec, parse_attributes, parse_filter
+    from fgplugin.stores.open import open_store
+
+    if (like is None) == (image is None):
+        raise QueryError("give exactly one reference: --like ID or --image PATH_OR_URL")
+    if not attr:
+        raise QueryError("choose at least one attribute with --attr NAME[=WEIGHT]")
+    spec = QuerySpec(
+        attributes=parse_attributes(attr),
+        like_id=like,
+        image=image,
+        filters=[parse_filter(f) for f in filter_],
+        k=k,
+        mode=mode,
+        exclude_self=not include_self,
+    )
+    st = open_store(store, index=index, read_only=True)
+    try:
+        run = run_query(st, spec, model=str(model) if model else None)
+        if explain:
+            _print_explain(run, as_json)
+        if html_out is not None:
+            from fgplugin.query.html import write_report
+
+            if explain and checkpoint is not None and run.query_image is not None:
+                from .evaluate import load_model
+
+                run.encoder = load_model(checkpoint, None, "cpu")
+            path = write_report(run, html_out, explain=explain)
+            if not as_json:
+                err_console.print(f"wrote {path}", highlight=False)
+    finally:
+        st.close()
+    if as_json:
+        print_json(result_to_dict(run))
+        return
+    console.print(result_table(run))
+    for n in run.notes:
+        console.print(f"[yellow]note:[/] {n}", highlight=False)
+
+
+def _print_explain(run, as_json: bool) -> None:
+    """The OpenSearch request this query compiles to (printed to stderr with --json, so stdout stays JSON)."""
+    out = err_console if as_json else console
+    try:
+        from fgplugin.query.execute import opensearch_body
+
+        body = opensearch_body(run)
+    except ImportError as e:
+        out.print(f"[yellow]explain:[/] the OpenSearch compiler is not available ({e})", highlight=False)
+        return
+    import json
+
+    out.print("[bold]OpenSearch request body[/] (exact mode; vectors shortened):", highlight=False)
+    out.print_json(json.dumps(_shorten_vectors(body)))
+
+
+def _shorten_vectors(obj, keep: int = 4):
+    """Replace long number lists by their first values and a count, so the body stays readable."""
+    if isinstance(obj, dict):
+        return {k: _shorten_vectors(v, keep) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if len(obj) > keep * 2 and all(isinstance(x, (int, float)) for x in obj):
+            return [round(float(x), 4) for x in obj[:keep]] + [f"... {len(obj) - keep} more"]
+        return [_shorten_vectors(x, keep) for x in obj]
+    return obj

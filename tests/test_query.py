@@ -1,0 +1,169 @@
+"""`fgplugin query` and the shared query execution: table, JSON, HTML, image references, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fgplugin.errors import QueryError
+from fgplugin.query.execute import result_to_dict, run_query
+from fgplugin.query.html import render_report
+from fgplugin.query.spec import QuerySpec
+from fgplugin.schema import Attribute, AttributeSchema
+from fgplugin.stores.base import Document, IndexLayout
+from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin_cli.app import app
+
+N = 40
+SCHEMA = AttributeSchema(
+    (Attribute("sleeve_length", ("short", "long")), Attribute("neckline", ("round", "v")),
+     Attribute("colour", ("red", "blue"))),
+    name="query-test",
+)
+LAYOUT = IndexLayout(SCHEMA, {"sleeve_length": 3, "neckline": 3, "colour": 3},
+                     {"category": "keyword", "price": "float"}, "enc-v1")
+
+
+class ColourEncoder:
+    """A deterministic encoder with the ExportedEncoder interface: each attribute embeds a different
+    function of the image's mean colour, so an image's vectors are known exactly."""
+
+    version = "enc-v1"
+    dims = LAYOUT.dims
+    path = "<colour encoder>"
+
+    def encode_images(self, images):
+        means = np.stack([np.asarray(im.convert("RGB"), np.float32).reshape(-1, 3).mean(0) + 1 for im in images])
+        feats = {"sleeve_length": means, "neckline": means[:, [2, 0, 1]] ** 2, "colour": np.sqrt(means) - 8}
+        return {a: (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32) for a, f in feats.items()}
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("query")
+    rng = np.random.default_rng(3)
+    enc = ColourEncoder()
+    images = []
+    for i in range(N):
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        p = root / "img" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 24), colour).save(p)
+        images.append(p)
+    vecs = enc.encode_images([Image.open(p) for p in images])
+    s = DuckDBStore(root / "store")
+    s.ensure_index(LAYOUT)
+    docs = [
+        Document(f"sku{i:03d}", {a: vecs[a][i] for a in LAYOUT.attributes},
+                 {"category": ("dress", "skirt")[i % 2], "price": float(10 * i)}, "enc-v1", str(images[i]))
+        for i in range(N)
+    ]
+    assert not s.upsert(docs).failed
+    s.close()
+    return root
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def invoke(runner, store_dir, *args):
+    return runner.invoke(app, ["query", "--store", f"embedded:{store_dir / 'store'}", *args])
+
+
+def test_table_output(runner, store_dir):
+    r = invoke(runner, store_dir, "--like", "sku004", "--attr", "sleeve_length", "--attr", "neckline=0.5", "-k", "5")
+    assert r.exit_code == 0, r.output
+    assert "cos sleeve_length" in r.output and "cos neckline" in r.output and "category" in r.output
+    assert "like sku004" in r.output and "sku004" not in r.output.split("candidates")[1]  # self excluded
+    assert sum(f"sku{i:03d}" in r.output.split("candidates")[1] for i in range(N)) == 5
+
+
+def test_json_output_ranks_like_the_store(runner, store_dir):
+    r = invoke(runner, store_dir, "--like", "sku004", "--attr", "colour", "--filter", "category=dress",
+               "--filter", "price<200", "-k", "7", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    hits = out["hits"]
+    assert len(hits) == 7 and out["mode"] == "exact" and out["total_candidates"] == 9  # dresses under 200, not sku004
+    assert all(h["metadata"]["category"] == "dress" and h["metadata"]["price"] < 200 for h in hits)
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True) and "sku004" not in [h["id"] for h in hits]
+    with DuckDBStore(store_dir / "store", read_only=True) as s:
+        v = s.get_vectors(["sku004"] + [h["id"] for h in hits])
+    for h in hits:  # the reported cosine is the cosine of the stored vectors
+        assert h["cosines"]["colour"] == pytest.approx(float(v["sku004"]["colour"] @ v[h["id"]]["colour"]), abs=1e-5)
+    assert out["query"]["attributes"] == {"colour": 1.0}
+
+
+def test_ann_mode_notes_exact(runner, store_dir):
+    r = invoke(runner, store_dir, "--like", "sku001", "--attr", "colour", "--mode", "ann", "--json")
+    assert r.exit_code == 0 and any("no ANN index" in n for n in json.loads(r.stdout)["notes"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--like", "sku001", "--attr", "sleeve"], "unknown attribute 'sleeve'; known attributes: sleeve_length, neckline, colour"),
+    (["--like", "sku001", "--attr", "colour=-1"], "must be >= 0"),
+    (["--like", "sku001", "--attr", "colour", "--filter", "price"], "cannot read filter"),
+    (["--like", "sku001", "--attr", "colour", "--filter", "brand=x"], "unknown field 'brand'"),
+    (["--like", "sku001", "--attr", "colour", "--filter", "price<cheap"], "not a number"),
+    (["--like", "nope", "--attr", "colour"], "no document with id 'nope'"),
+    (["--attr", "colour"], "give exactly one reference"),
+    (["--like", "sku001"], "choose at least one attribute"),
+    (["--like", "sku001", "--attr", "colour", "--mode", "fast"], "mode must be one of"),
+    (["--like", "sku001", "--attr", "colour", "-k", "0"], "k must be an integer"),
+    (["--image", "x.png", "--attr", "colour"], "needs the exported encoder: pass --model"),
+])
+def test_bad_input_is_one_line_exit_2(runner, store_dir, args, message):
+    r = invoke(runner, store_dir, *args)
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+def test_missing_store(runner, tmp_path):
+    r = runner.invoke(app, ["query", "--store", f"embedded:{tmp_path}/none", "--like", "a", "--attr", "x"])
+    assert r.exit_code == 2 and "no embedded store at" in r.output
+
+
+def test_html_report(runner, store_dir, tmp_path):
+    page = tmp_path / "out" / "report.html"
+    r = invoke(runner, store_dir, "--like", "sku010", "--attr", "sleeve_length", "--attr", "colour=2",
+               "-k", "4", "--html", str(page), "--json")
+    assert r.exit_code == 0, r.output
+    html = page.read_text()
+    ids = [h["id"] for h in json.loads(r.stdout)["hits"]]
+    for i in ids:
+        assert f"data-id='{i}'" in html
+    assert html.count("data:image/jpeg;base64,") == 5  # the reference and four hits, embedded
+    assert "sleeve_length" in html and "colour=2" in html and "http" not in html.replace("http-equiv", "")
+
+
+def test_image_query_and_explain_without_attention(store_dir, tmp_path):
+    # a query image with the colour of sku007 finds sku007 first, with cosine 1 on every attribute
+    with DuckDBStore(store_dir / "store", read_only=True) as s:
+        src = s.image_of("sku007")
+        spec = QuerySpec({"sleeve_length": 1.0, "neckline": 1.0}, image=src, k=3)
+        run = run_query(s, spec, encoder=ColourEncoder())
+    assert run.result.hits[0].id == "sku007"
+    assert run.result.hits[0].cosines["neckline"] == pytest.approx(1.0, abs=1e-5)
+    assert run.result.hits[0].score == pytest.approx(2.0, abs=1e-5)
+    d = result_to_dict(run)
+    assert d["query"]["reference"] == f"image {src}" and d["hits"][0]["rank"] == 1
+    page = render_report(run, explain=True)
+    assert "query image" in page and "no attention map" in page and "keeps only the encoder" in page
+
+
+def test_image_query_refuses_a_different_schema(store_dir):
+    class Other(ColourEncoder):
+        def encode_images(self, images):
+            return {"sleeve_length": np.ones((len(images), 5), np.float32)}
+
+    with DuckDBStore(store_dir / "store", read_only=True) as s:
+        spec = QuerySpec({"sleeve_length": 1.0}, image=s.image_of("sku001"))
+        with pytest.raises(QueryError, match="has 5 numbers; the model gives 3"):
+            run_query(s, spec, encoder=Other())
