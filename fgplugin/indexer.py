@@ -1,0 +1,375 @@
+"""The index worker: catalog -> encoder -> store, resumable, with every failure reported.
+
+One run:
+
+1. checks that the export was trained for the catalog's schema and creates (or checks) the index;
+2. skips items the store already holds with this model version (``store.versions()``), so a run
+   killed at any point and started again finishes the job without duplicates or gaps (upserts
+   replace by id, and each batch is written as soon as it is encoded);
+3. skips items that failed before with the same image source (they are in the errors file; pass
+   ``retry_errors=True`` to reprocess exactly those);
+4. encodes the rest in batches (:func:`fgplugin.encoder.iter_encoded`) and upserts each batch;
+5. reports every item that was not indexed: catalog rows that do not validate (stage ``catalog``),
+   images that cannot be read or decoded, model failures, and store rejections, each in the errors
+   file with id, stage, kind, reason and time;
+6. with ``prune=True`` deletes documents whose ids are no longer in the catalog.
+
+The errors file (JSONL, one object per line) always describes what is currently not indexed: lines
+are appended as failures happen (so a killed run loses none), and the file is rewritten compactly at
+the end without the items that have since succeeded or left the catalog.
+
+A document whose re-encoding with a new model fails is deleted rather than left with the old model's
+vectors: scores between vectors of different models are meaningless.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+from rich.text import Text
+
+from .catalog import Catalog, Problem, load_catalog
+from .encoder import BatchTimings, EncodedBatch, iter_encoded
+from .errors import ImageError, ModelCardError, StoreError
+from .images import DEFAULT_LIMITS, ImageLimits
+from .stores.base import Document, Failure, IndexLayout, Store
+
+ERRORS_FILE = "errors.jsonl"
+
+
+# -- the errors file -------------------------------------------------------------------------------
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def failure_entry(f: Failure, *, image: str | None, model_version: str) -> dict[str, Any]:
+    return {"id": f.id, "stage": f.stage, "kind": f.kind, "reason": f.reason, "image": image,
+            "model_version": model_version, "time": _now()}
+
+
+def problem_entry(p: Problem) -> dict[str, Any]:
+    return {"id": p.item_id, "stage": "catalog", "kind": p.kind, "reason": p.cause, "row": p.row, "time": _now()}
+
+
+def read_errors(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Item failures recorded in an errors file: id -> latest entry (catalog problems are left out:
+    each run re-derives them from the catalog). A torn last line (killed writer) is ignored."""
+    out: dict[str, dict[str, Any]] = {}
+    if path is None or not Path(path).is_file():
+        return out
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(e, dict) and e.get("stage") != "catalog" and isinstance(e.get("id"), str):
+                out[e["id"]] = e
+    return out
+
+
+def write_errors(path: Path, entries: Iterable[dict[str, Any]]) -> int:
+    """Replace the errors file atomically; an empty list removes it. Returns the number of lines."""
+    rows = list(entries)
+    if not rows:
+        path.unlink(missing_ok=True)
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for e in rows:
+            f.write(json.dumps(e, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(path)
+    return len(rows)
+
+
+# -- the report ------------------------------------------------------------------------------------
+@dataclass
+class IndexReport:
+    catalog: str
+    store: str
+    model_version: str
+    catalog_items: int = 0  # valid catalog rows
+    to_index: int = 0  # items this run tried
+    indexed: int = 0
+    skipped_current: int = 0  # already indexed with this model version
+    skipped_failed: int = 0  # failed before with the same image; see retry_errors
+    not_attempted: int = 0  # with retry_errors: new or stale items outside the errors file
+    failures: list[Failure] = field(default_factory=list)  # this run's
+    catalog_problems: list[Problem] = field(default_factory=list)
+    stale_removed: int = 0  # old-model documents deleted because re-encoding failed
+    orphans: int = 0  # in the store, not in the catalog (deleted with prune)
+    pruned: int = 0
+    errors_path: str | None = None
+    errors_in_file: int = 0
+    aborted: str | None = None
+    elapsed_s: float = 0.0
+    write_s: float = 0.0
+    timings: BatchTimings = field(default_factory=BatchTimings)
+
+    @property
+    def ok(self) -> bool:
+        """True when everything in the catalog is indexed and current."""
+        return not (self.failures or self.catalog_problems or self.skipped_failed or self.aborted or self.not_attempted)
+
+    def failed_by_cause(self) -> dict[str, int]:
+        c = collections.Counter(f"{f.stage}/{f.kind or '?'}" for f in self.failures)
+        c.update(f"catalog/{p.kind}" for p in self.catalog_problems)
+        return dict(sorted(c.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "catalog": self.catalog,
+            "store": self.store,
+            "model_version": self.model_version,
+            "catalog_items": self.catalog_items,
+            "to_index": self.to_index,
+            "indexed": self.indexed,
+            "skipped_current": self.skipped_current,
+            "skipped_previously_failed": self.skipped_failed,
+            "not_attempted": self.not_attempted,
+            "failed": len(self.failures) + len(self.catalog_problems),
+            "failed_by_cause": self.failed_by_cause(),
+            "failures": [f.__dict__ for f in self.failures[:1000]],
+            "stale_removed": self.stale_removed,
+            "orphans": self.orphans,
+            "pruned": self.pruned,
+            "errors_path": self.errors_path,
+            "errors_in_file": self.errors_in_file,
+            "aborted": self.aborted,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "items_per_s": round(self.indexed / self.elapsed_s, 2) if self.elapsed_s > 0 else None,
+            "timings_s": {"read": round(self.timings.read_s, 3), "decode": round(self.timings.decode_s, 3),
+                          "model": round(self.timings.model_s, 3), "wait_for_images": round(self.timings.wait_s, 3),
+                          "write": round(self.write_s, 3)},
+        }
+
+
+def report_table(report: IndexReport) -> Table:
+    t = Table(title="fgplugin index", title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    t.add_row("catalog items", str(report.catalog_items))
+    t.add_row("[green]indexed", str(report.indexed))
+    t.add_row("skipped: already current", str(report.skipped_current))
+    if report.skipped_failed:
+        t.add_row("[yellow]skipped: failed before (--retry-errors)", str(report.skipped_failed))
+    if report.not_attempted:
+        t.add_row("[yellow]not attempted (run without --retry-errors)", str(report.not_attempted))
+    for cause, n in report.failed_by_cause().items():
+        t.add_row(f"[red]failed: {cause}", str(n))
+    if report.stale_removed:
+        t.add_row("[red]old-model documents removed", str(report.stale_removed))
+    if report.pruned:
+        t.add_row("pruned (not in catalog)", str(report.pruned))
+    elif report.orphans:
+        t.add_row("[yellow]in store, not in catalog (--prune)", str(report.orphans))
+    if report.errors_path and report.errors_in_file:
+        t.add_row("errors file", f"{report.errors_path} ({report.errors_in_file} lines)")
+    rate = report.indexed / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    t.add_row("time", f"{report.elapsed_s:.1f} s ({rate:.1f} items/s)")
+    tm = report.timings
+    t.add_row("time split", f"model {tm.model_s:.1f} s, waiting for images {tm.wait_s:.1f} s, "
+                            f"store writes {report.write_s:.1f} s")
+    if report.aborted:
+        t.add_row("[bold red]aborted", report.aborted)
+    return t
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- items/s" if speed is None else f"{speed:.1f} items/s", style="progress.data.speed")
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console or Console(stderr=True), transient=False,
+    )
+
+
+# -- the worker ------------------------------------------------------------------------------------
+def check_schema(catalog: Catalog, encoder: Any) -> None:
+    """Refuse an export trained for another schema than the catalog's."""
+    want, got = catalog.schema, encoder.schema
+    if want.fingerprint() != got.fingerprint():
+        from .export import _schema_difference
+
+        raise ModelCardError(
+            f"the model {getattr(encoder, 'path', '')} was trained for schema {got.name!r} (fingerprint "
+            f"{got.fingerprint()}), but the catalog {catalog.path} uses schema {want.name!r} (fingerprint "
+            f"{want.fingerprint()}): {_schema_difference(got, want)}"
+        )
+
+
+def index_catalog(
+    catalog: Catalog | str | Path,
+    encoder: Any,
+    store: Store,
+    *,
+    batch_size: int = 32,
+    workers: int = 4,
+    errors_path: str | Path | None = None,
+    retry_errors: bool = False,
+    prune: bool = False,
+    progress: bool | Console = True,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    model_path: str | Path | None = None,
+    on_batch: Callable[[EncodedBatch], None] | None = None,
+) -> IndexReport:
+    """Bring ``store`` up to date with ``catalog`` encoded by ``encoder`` (an ExportedEncoder).
+
+    ``catalog``: a loaded Catalog or a manifest path (loaded non-strictly with the encoder's schema;
+    invalid rows are reported, not indexed). ``errors_path``: the errors JSONL (None: failures are only
+    in the report). ``model_path``: recorded in the store's meta (``model_path``) where the store
+    supports it, so image queries find the encoder; defaults to ``encoder.path``. ``progress``: show a
+    rich progress bar (on stderr, or on the Console given). ``on_batch``: called after each batch is
+    written.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog, encoder.schema, strict=False)
+    check_schema(catalog, encoder)
+    version = encoder.version
+    report = IndexReport(str(catalog.path), getattr(store, "url", repr(store)), version,
+                         catalog_items=len(catalog), catalog_problems=list(catalog.problems))
+    layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), version)
+    store.ensure_index(layout)
+    path = model_path if model_path is not None else getattr(encoder, "path", None)
+    if path is not None and hasattr(store, "set_meta"):
+        store.set_meta("model_path", str(Path(path).resolve()))
+
+    versions = dict(store.versions())
+    catalog_ids = set(catalog.ids)
+    # Failures from earlier runs that still stand: not since indexed, still in the catalog.
+    errors = {i: e for i, e in read_errors(errors_path).items()
+              if i in catalog_ids and versions.get(i) != version}
+    err_file = Path(errors_path) if errors_path is not None else None
+    if err_file is not None:
+        err_file.parent.mkdir(parents=True, exist_ok=True)
+        # Start the file with what stands now, then append as failures happen: a killed run loses none.
+        write_errors(err_file, [problem_entry(p) for p in report.catalog_problems] + list(errors.values()))
+
+    items = catalog.by_id()
+    todo: list[tuple[str, str]] = []
+    sources: dict[str, str] = {}
+    early: list[Failure] = []
+    for it in catalog:
+        if versions.get(it.id) == version:
+            report.skipped_current += 1
+            continue
+        try:
+            src = catalog.image_source(it)
+        except ImageError as e:
+            early.append(Failure(it.id, "read", str(e), kind="bad_url"))
+            continue
+        known = errors.get(it.id)
+        if retry_errors:
+            if known is None:
+                report.not_attempted += 1
+                continue
+        elif known is not None and known.get("image") == src:
+            report.skipped_failed += 1
+            continue
+        sources[it.id] = src
+        todo.append((it.id, src))
+    report.to_index = len(todo) + len(early)
+
+    err_fh = err_file.open("a", encoding="utf-8") if err_file is not None else None
+
+    def record(failed: list[Failure]) -> None:
+        for f in failed:
+            report.failures.append(f)
+            e = failure_entry(f, image=sources.get(f.id), model_version=version)
+            errors[f.id] = e
+            if err_fh is not None:
+                err_fh.write(json.dumps(e, ensure_ascii=False, default=str) + "\n")
+        if err_fh is not None and failed:
+            err_fh.flush()
+        # An item that was indexed with an older model and now failed keeps no stale vectors.
+        stale = [f.id for f in failed if f.id in versions and versions[f.id] != version]
+        if stale:
+            report.stale_removed += store.delete(stale)
+            for i in stale:
+                versions.pop(i, None)
+
+    bar = _progress(progress if isinstance(progress, Console) else None) if progress else None
+    try:
+        record(early)
+        task = None
+        if bar is not None:
+            bar.start()
+            task = bar.add_task("indexing", total=len(todo))
+        for batch in iter_encoded(encoder, todo, batch_size=batch_size, workers=workers, limits=limits):
+            report.timings.add(batch.timings)
+            docs = [
+                Document(id_, {a: batch.vectors[a][j] for a in encoder.attributes}, dict(items[id_].metadata),
+                         model_version=version, image=batch.sources[j])
+                for j, id_ in enumerate(batch.ids)
+            ]
+            failed = list(batch.failures)
+            if docs:
+                t0 = time.perf_counter()
+                try:
+                    result = store.upsert(docs)
+                except StoreError as e:
+                    # The store is unreachable or broke: stop. These items are not failures of their
+                    # own; the next run picks them (and everything after them) up again.
+                    report.aborted = str(e)
+                    record(failed)
+                    break
+                report.write_s += time.perf_counter() - t0
+                report.indexed += len(result.ok)
+                failed += result.failed
+                for i in result.ok:
+                    errors.pop(i, None)
+                    versions[i] = version
+            record(failed)
+            if bar is not None and task is not None:
+                nfail = len(report.failures)
+                bar.update(task, advance=len(batch), description=f"indexing ({nfail} failed)" if nfail else "indexing")
+            if on_batch is not None:
+                on_batch(batch)
+    finally:
+        if bar is not None:
+            bar.stop()
+        if err_fh is not None:
+            err_fh.close()
+
+    problem_ids = {p.item_id for p in report.catalog_problems if p.item_id is not None}
+    orphans = [i for i in versions if i not in catalog_ids and i not in problem_ids]
+    report.orphans = len(orphans)
+    if prune and orphans and not report.aborted:
+        report.pruned = store.delete(orphans)
+    if err_file is not None:
+        report.errors_path = str(err_file)
+        report.errors_in_file = write_errors(
+            err_file, [problem_entry(p) for p in report.catalog_problems] + list(errors.values()))
+    report.elapsed_s = time.perf_counter() - t_start
+    return report
+
+
+def default_errors_path(store: Any, index: str | None = None) -> Path:
+    """DIR/errors.jsonl for an embedded store; ``<index>.errors.jsonl`` in the working folder otherwise."""
+    directory = getattr(store, "directory", None)
+    if directory is not None:
+        return Path(directory) / ERRORS_FILE
+    name = index or getattr(store, "index", None) or "fgplugin"
+    return Path.cwd() / f"{name}.{ERRORS_FILE}"
+
+
+__all__ = ["index_catalog", "IndexReport", "report_table", "read_errors", "write_errors", "default_errors_path",
+           "check_schema", "ERRORS_FILE"]
