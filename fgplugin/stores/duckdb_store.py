@@ -112,6 +112,8 @@ class DuckDBStore:
             ) from None
         self._lock = threading.Lock()
         if not read_only:
+            # Random-looking floats barely compress, and ALP decompression tripled scan times (bench/query.py).
+            self._sql("SET disabled_compression_methods = 'alp,alprd,chimp,patas'")
             self._sql("CREATE TABLE IF NOT EXISTS fg_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         self.layout: IndexLayout | None = self._read_layout()
 
@@ -237,29 +239,27 @@ class DuckDBStore:
                 )
 
     # -- writing ----------------------------------------------------------------------------------
-    def _check_doc(self, doc: Document, layout: IndexLayout) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Validated (unit vectors, typed metadata) of one document; raises ValueError with the cause."""
+    def _check_doc(self, doc: Document, layout: IndexLayout, attrs: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(float32 vectors of the right shapes, typed metadata) of one document; raises ValueError.
+
+        The vector values (finite, non-zero, unit length) are checked for a whole batch at once in
+        ``_check_values``: per-document NumPy calls would cost more than the database write.
+        """
         if not isinstance(doc.id, str) or not doc.id:
             raise ValueError("document id must be a non-empty string")
-        extra = set(doc.vectors) - set(layout.attributes)
+        extra = set(doc.vectors) - set(attrs)
         if extra:
             raise ValueError(
-                f"vector for unknown attribute(s) {', '.join(repr(x) for x in sorted(extra))}; the index has {', '.join(layout.attributes)}"
+                f"vector for unknown attribute(s) {', '.join(repr(x) for x in sorted(extra))}; "
+                f"the index has {', '.join(attrs)}"
             )
         vecs: dict[str, np.ndarray] = {}
-        for a in layout.attributes:
+        for a in attrs:
             if doc.vectors.get(a) is None:
                 continue  # stored as NULL; scores as a cosine of -1 (see the module docstring)
             v = np.asarray(doc.vectors[a], dtype=np.float32)
             if v.shape != (layout.dims[a],):
                 raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
-            if not np.all(np.isfinite(v)):
-                raise ValueError(f"vector for attribute {a!r} has non-finite values (NaN or inf)")
-            n = float(np.linalg.norm(v.astype(np.float64)))
-            if n == 0.0:
-                raise ValueError(f"vector for attribute {a!r} is all zeros; cosine similarity is undefined")
-            if abs(n - 1.0) > UNIT_TOLERANCE:
-                v = (v / n).astype(np.float32)
             vecs[a] = v
         meta: dict[str, Any] = {}
         for f, value in (doc.metadata or {}).items():
@@ -278,20 +278,45 @@ class DuckDBStore:
             meta[f] = value
         return vecs, meta
 
+    @staticmethod
+    def _check_values(good: Mapping[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]],
+                      attributes: Sequence[str]) -> dict[str, str]:
+        """Reject non-finite and zero vectors, normalise the others in place; returns id -> reason."""
+        bad: dict[str, str] = {}
+        for a in attributes:
+            ids = [i for i, (_, v, _) in good.items() if a in v]
+            if not ids:
+                continue
+            m = np.stack([good[i][1][a] for i in ids])
+            with np.errstate(all="ignore"):
+                finite = np.isfinite(m).all(axis=1)
+                norms = np.linalg.norm(m.astype(np.float64), axis=1)
+            for j in np.flatnonzero(~finite):
+                bad.setdefault(ids[j], f"vector for attribute {a!r} has non-finite values (NaN or inf)")
+            for j in np.flatnonzero(finite & (norms == 0)):
+                bad.setdefault(ids[j], f"vector for attribute {a!r} is all zeros; cosine similarity is undefined")
+            for j in np.flatnonzero(finite & (norms > 0) & (np.abs(norms - 1.0) > UNIT_TOLERANCE)):
+                good[ids[j]][1][a] = (m[j] / norms[j]).astype(np.float32)
+        return bad
+
     def upsert(self, docs: list[Document]) -> UpsertResult:
         """Insert or replace documents. Invalid ones come back as Failures; the rest are written."""
         self._writable()
         layout = self._need_layout()
         result = UpsertResult()
         good: dict[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]] = {}
+        attrs = layout.attributes
         for doc in docs:
             try:
-                vecs, meta = self._check_doc(doc, layout)
+                vecs, meta = self._check_doc(doc, layout, attrs)
             except ValueError as e:
                 result.failed.append(Failure(str(doc.id), "store", str(e), kind="rejected"))
                 continue
             good.pop(doc.id, None)  # the last copy of a repeated id wins
             good[doc.id] = (doc, vecs, meta)
+        for i, reason in self._check_values(good, attrs).items():
+            del good[i]
+            result.failed.append(Failure(i, "store", reason, kind="rejected"))
         if not good:
             return result
         n = len(good)
@@ -310,7 +335,7 @@ class DuckDBStore:
         }
         select = ["id::VARCHAR AS id", "model_version::VARCHAR AS model_version", "image::VARCHAR AS image"]
         cols = ["id", "model_version", "image"]
-        for i, a in enumerate(layout.attributes):
+        for i, a in enumerate(attrs):
             stage[f"e{i}"] = objects(v.get(a) for _, v, _ in rows)
             select.append(f"e{i}::FLOAT[{layout.dims[a]}] AS e{i}")
             cols.append(emb_col(a))
