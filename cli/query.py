@@ -94,7 +94,7 @@ def _print_explain(run, as_json: bool) -> None:
         return
     import json
 
-    out.print("[bold]OpenSearch request body[/] (exact mode; vectors shortened):", highlight=False)
+    out.print(f"[bold]OpenSearch request body[/] ({run.spec.mode} mode; long vectors shortened):", highlight=False)
     out.print_json(json.dumps(_shorten_vectors(body)))
 
 

@@ -167,3 +167,39 @@ def test_image_query_refuses_a_different_schema(store_dir):
         spec = QuerySpec({"sleeve_length": 1.0}, image=s.image_of("sku001"))
         with pytest.raises(QueryError, match="has 5 numbers; the model gives 3"):
             run_query(s, spec, encoder=Other())
+
+
+def test_explain_prints_the_opensearch_body_and_keeps_json_clean(runner, store_dir):
+    pytest.importorskip("fgplugin.opensearch.compile")
+    r = invoke(runner, store_dir, "--like", "sku002", "--attr", "colour=0.5", "--filter", "price<=100",
+               "-k", "3", "--explain", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["hits"]) == 3  # the body goes to stderr with --json
+    assert "script_score" in r.output and '"lte": 100.0' in r.output and "sku002" in r.output
+
+
+def test_scores_equal_the_opensearch_script_semantics(store_dir, tmp_path):
+    """The embedded score is what the OpenSearch exact script returns, less sum w (missing field: -w)."""
+    scripts = pytest.importorskip("fgplugin.opensearch.scripts")
+    with DuckDBStore(store_dir / "store", read_only=True) as s:
+        vecs = s.get_vectors(["sku003"])["sku003"]
+    copy = DuckDBStore(tmp_path / "copy")
+    copy.ensure_index(LAYOUT)
+    rng = np.random.default_rng(9)
+    docs = []
+    for i in range(30):
+        v = {a: rng.normal(size=3).astype(np.float32) for a in LAYOUT.attributes}
+        if i % 5 == 0:
+            del v["neckline"]  # missing attribute vectors
+        docs.append(Document(f"x{i}", {a: x / np.linalg.norm(x) for a, x in v.items()}))
+    copy.upsert(docs)
+    weights = {"sleeve_length": 0.8, "neckline": 1.5}
+    res = copy.search(QuerySpec(weights, vectors=vecs, k=30))
+    expected = []
+    for d in docs:
+        cos = {a: (float(vecs[a] @ d.vectors[a]) if a in d.vectors else None) for a in weights}
+        expected.append((scripts.script_to_weighted_cosine(scripts.script_score(cos, weights), weights), d.id))
+    expected.sort(key=lambda t: (-t[0], t[1]))
+    assert [h.id for h in res.hits] == [e[1] for e in expected]
+    np.testing.assert_allclose([h.score for h in res.hits], [e[0] for e in expected], atol=1e-5)
+    copy.close()

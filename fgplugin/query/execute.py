@@ -106,10 +106,9 @@ def run_query(store: Any, spec: QuerySpec, *, model: str | None = None, encoder:
 
 def opensearch_body(run: QueryRun) -> dict[str, Any]:
     """The OpenSearch request body the same query compiles to (for --explain)."""
-    from . import opensearch as compiler  # lazy: written beside the OpenSearch store
+    from ..opensearch.compile import to_opensearch  # lazy: the OpenSearch side is optional here
 
-    spec = dataclasses.replace(run.resolved, like_id=None, image=None, vectors=run.query_vectors)
-    return compiler.to_opensearch(spec, run.layout)
+    return to_opensearch(run.resolved, run.layout, query_vectors=run.query_vectors)
 
 
 # -- formatting ---------------------------------------------------------------------------------
