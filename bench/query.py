@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit while querying")
     ap.add_argument("--ann", action="store_true", help="also measure faiss HNSW over the concatenated vector")
+    ap.add_argument("--ann-max", type=int, default=200_000, help="skip the HNSW build above this many items (slow)")
     args = ap.parse_args()
 
     attrs = [f"attr{i}" for i in range(args.attributes)]
@@ -151,7 +152,7 @@ def main() -> None:
             rate = build_store(path, vecs, attrs, d, category, price, ids, args.batch)
             file_bytes = (path / DB_FILE).stat().st_size
             summary.add_row(f"{n:,}", f"{rate:,.0f}", f"{file_bytes / n:,.0f}", f"{args.attributes * d * 4:,}",
-                            "faiss HNSW (below)" if faiss else "none (no vss offline)")
+                            "faiss HNSW (below)" if faiss and n <= args.ann_max else "none (no vss offline)")
             store = DuckDBStore(path, read_only=True)
             store.con.execute(f"SET memory_limit = '{args.memory_limit}'").fetchall()
             scan = NumpyScan(vecs, category, ids)
@@ -173,7 +174,7 @@ def main() -> None:
                     table.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{p50:.1f} / {p95:.1f}",
                                   f"{n50:.1f} / {n95:.1f}", f"{floor:.2f}", "yes" if same else "NO")
             store.close()
-            if faiss is not None:
+            if faiss is not None and n <= args.ann_max:
                 ann_table = ann_table or _ann_table()
                 _bench_faiss(faiss, ann_table, vecs, attrs, d, k, n, args.queries)
             shutil.rmtree(path, ignore_errors=True)

@@ -390,3 +390,16 @@ def test_open_store_urls_and_missing_store(tmp_path):
     with pytest.raises(StoreError, match="holds no index yet"):
         s.search(QuerySpec({"a": 1.0}, like_id="x"))
     s.close()
+
+
+def test_reader_in_the_writers_process_sees_its_writes(tmp_path):
+    w = DuckDBStore(tmp_path / "s")
+    r = DuckDBStore(tmp_path / "s", read_only=True)  # same process: shares the writer's database
+    assert r.layout is None and r.count() == 0
+    w.ensure_index(SMALL)
+    w.upsert([small_doc(i, np.random.default_rng(i)) for i in range(3)])
+    assert r.count() == 3 and r.layout.dims == SMALL.dims
+    with pytest.raises(StoreError, match="read-only"):
+        r.delete(["d0"])
+    r.close()
+    w.close()

@@ -104,7 +104,14 @@ class DuckDBStore:
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            try:
+                self.con = duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.ConnectionException as e:
+                if not (read_only and "different configuration" in str(e)):
+                    raise
+                # This process already holds the store for writing: share that database (DuckDB
+                # isolates transactions within a process); this object still refuses writes.
+                self.con = duckdb.connect(str(self.path))
         except (duckdb.IOException, duckdb.ConnectionException) as e:
             raise StoreError(
                 f"cannot open the embedded store {self.path}: {str(e).splitlines()[0]} "
@@ -115,10 +122,18 @@ class DuckDBStore:
             # Random-looking floats barely compress, and ALP decompression tripled scan times (bench/query.py).
             self._sql("SET disabled_compression_methods = 'alp,alprd,chimp,patas'")
             self._sql("CREATE TABLE IF NOT EXISTS fg_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
-        self.layout: IndexLayout | None = self._read_layout()
+        self._layout: IndexLayout | None = self._read_layout()
 
     def __repr__(self) -> str:
         return f"DuckDBStore({str(self.directory)!r}, read_only={self.read_only})"
+
+    @property
+    def layout(self) -> IndexLayout | None:
+        """What the store holds (None before the first ``ensure_index``; re-read until then, so a
+        reader opened before the writer created the index sees it)."""
+        if self._layout is None:
+            self._layout = self._read_layout()
+        return self._layout
 
     @property
     def url(self) -> str:
@@ -205,7 +220,7 @@ class DuckDBStore:
                         types[f] = t
                 self._write_meta(layout, types)
                 self._sql("COMMIT")
-        self.layout = self._read_layout()
+        self._layout = self._read_layout()
 
     def _write_meta(self, layout: IndexLayout, types: Mapping[str, str]) -> None:
         for k, v in {
