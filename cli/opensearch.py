@@ -1,15 +1,97 @@
-"""`fgplugin opensearch ...`."""
+"""`fgplugin opensearch setup`: generate (and with --apply register) the OpenSearch side of the encoder."""
 
 from __future__ import annotations
 
-import typer
+import json
+from pathlib import Path
+from typing import List, Optional
 
-from .common import not_built
+import typer
+from rich.table import Table
+
+from .common import console, err_console, friendly_errors
 
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.command("setup")
-def setup() -> None:
-    """Not built yet: generate and register the scoring script, ML connector and pipelines."""
-    not_built("opensearch setup", "issue: serve and ML Commons wiring")
+@friendly_errors
+def setup(
+    model: Path = typer.Option(..., "--model", "-m", help="Export folder (from `fgplugin export`)."),
+    serve_url: str = typer.Option(..., "--serve-url", help="How OpenSearch reaches `fgplugin serve`, e.g. "
+                                  "http://fgplugin-serve:8080 inside docker compose."),
+    index: Optional[str] = typer.Option(None, "--index", help="Index alias (default: the store URL's, else fgplugin)."),
+    apply: bool = typer.Option(False, "--apply", help="Register everything on the cluster (idempotent)."),
+    store: str = typer.Option("opensearch:http://localhost:9200", "--store",
+                              help="opensearch:URL of the cluster for --apply (credentials: FGPLUGIN_OPENSEARCH_*)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write one JSON file per request here."),
+    attribute: Optional[List[str]] = typer.Option(
+        None, "--attribute", "-a", help="NAME or NAME=WEIGHT for the search pipeline's query (repeat; default: all, 1.0)."),
+    filter_: Optional[List[str]] = typer.Option(None, "--filter", "-f", help="Filter of the search pipeline's query."),
+    k: int = typer.Option(20, "--k", help="Hits the search pipeline's query returns."),
+    mode: str = typer.Option("exact", "--mode", help="exact | ann | ann+rescore (ann needs every attribute at 1.0)."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog whose metadata fields the query returns "
+                                           "(with --apply they are read from the index)."),
+    serve_token: Optional[str] = typer.Option(None, "--serve-token", envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,
+                                              help="Bearer token of `fgplugin serve --token` (kept out of --out files)."),
+    cluster_settings: bool = typer.Option(False, "--cluster-settings",
+                                          help="With --apply: also PUT the ML Commons cluster settings it needs."),
+) -> None:
+    """Connector, model, ingest/search pipelines, scoring script and search template for an export."""
+    from fgplugin.export import read_card
+    from fgplugin.opensearch import wiring
+    from fgplugin.query.spec import parse_attributes
+    from fgplugin.stores.open import parse_store_url
+
+    card = read_card(model)
+    metadata_types: dict[str, str] = {}
+    if catalog is not None:
+        from fgplugin.catalog import load_catalog
+        from fgplugin.schema import AttributeSchema
+
+        metadata_types = dict(load_catalog(catalog, AttributeSchema.from_dict(card["schema"]), strict=False).metadata_types)
+    scheme, cluster = parse_store_url(store)
+    if scheme != "opensearch":
+        raise typer.BadParameter("--store must be opensearch:URL", param_hint="--store")
+    os_store = None
+    if apply:
+        from fgplugin.opensearch.store import OpenSearchStore
+
+        os_store = OpenSearchStore.from_url(cluster if "://" in cluster else f"http://{cluster}", index=index)
+        existing = os_store.get_layout()
+        if existing is not None and existing.model_version == card["version"]:
+            metadata_types = {**existing.metadata_types, **metadata_types}
+    options = wiring.WiringOptions(
+        serve_url=serve_url, index=index or (os_store.alias if os_store else "fgplugin"), token=serve_token,
+        attributes=parse_attributes(attribute) if attribute else None, filters=list(filter_ or []), k=k, mode=mode,
+        metadata_types=metadata_types,
+    )
+    steps = wiring.plan(card, options)  # checks every generated body; ids are placeholders here
+    names = wiring.Names.for_version(card["version"])
+    if out is not None:
+        files = wiring.write_plan(steps, out)
+        err_console.print(f"wrote {len(files)} files to {out}", highlight=False)
+    for w in wiring.cluster_settings_warnings(options):
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if not apply:
+        if out is None:
+            console.print_json(json.dumps([{"method": s.method, "path": s.path, "body": s.body, "note": s.note}
+                                           for s in steps]))
+        err_console.print(f"[dim]not applied (add --apply --store opensearch:URL); cluster settings are printed in "
+                          f"the first request, applied only with --cluster-settings[/]", highlight=False)
+        return
+    assert os_store is not None
+    with os_store:
+        result = wiring.apply(card, options, os_store, cluster_settings=cluster_settings)
+    table = Table(title=f"OpenSearch wiring for model {names.version} on {os_store.config.url}")
+    for col in ("object", "name", "id", "action"):
+        table.add_column(col)
+    for r in result.rows:
+        table.add_row(r.key, r.name, r.id, r.action)
+    console.print(table)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"index documents with their image URL into [bold]{result.index}[/] through "
+                  f"[bold]?pipeline={names.ingest_pipeline}[/]; query by image with "
+                  f"[bold]?search_pipeline={names.search_pipeline}[/] and "
+                  f"{json.dumps(wiring.image_query('https://...'))}", highlight=False)
