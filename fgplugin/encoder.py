@@ -165,7 +165,8 @@ def iter_encoded(
 
     ``encoder``: an :class:`fgplugin.export.ExportedEncoder` (or anything with ``preprocess``,
     ``attributes``, ``dims`` and ``encode_tensors``). Up to ``workers`` threads load images while the
-    model runs; at most ``(prefetch_batches + 1) * batch_size`` items are in flight. ``progress`` is
+    model runs; at most ``(prefetch_batches + 1) * batch_size`` items are queued for the loaders besides
+    the batch being encoded, so memory stays flat whatever the catalog size. ``progress`` is
     called with each batch before it is yielded.
     """
     if batch_size < 1:
