@@ -30,7 +30,7 @@ import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,21 @@ def _pockets(pocket: str) -> list[tuple[list, str]]:
     raise FgpluginError(f"unknown pocket {pocket!r}")
 
 
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - np.float32(0.5)
+    return yy, xx
+
+
+def _paste(canvas: Image.Image, src: Image.Image | tuple, mask: Image.Image) -> None:
+    """canvas.paste limited to the mask's bounding box (most of the canvas is background)."""
+    bb = mask.getbbox()
+    if bb is None:
+        return
+    piece = src.crop(bb) if isinstance(src, Image.Image) else src
+    canvas.paste(piece, bb, mask.crop(bb))
+
+
 def _inside(p: tuple[float, float], box: Box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
@@ -435,7 +450,7 @@ def _render(index: int, seed: int, size: int = 224, overrides: dict[str, str] | 
         md = ImageDraw.Draw(mask)
         for poly, _ in sleeves:
             md.polygon(frame.pts(poly, ss), fill=255)
-        canvas.paste(fabric, (0, 0), mask)
+        _paste(canvas, fabric, mask)
         for poly, cuff in sleeves:
             draw.polygon(frame.pts(cuff, ss), fill=_contrast(base, 0.3))
             draw.polygon(frame.pts(poly, ss), outline=outline, width=line_w)
@@ -447,10 +462,10 @@ def _render(index: int, seed: int, size: int = 224, overrides: dict[str, str] | 
     ImageDraw.Draw(above_hem).polygon(frame.pts(_rect(-3, -1, 3, HEM_LENGTH[true["hem_length"]]), ss), fill=255)
     mask = Image.new("L", (S, S), 0)
     ImageDraw.Draw(mask).polygon(longest, fill=255)
-    canvas.paste(fabric, (0, 0), ImageChops.darker(mask, above_hem))
+    _paste(canvas, fabric, ImageChops.darker(mask, above_hem))
     mask = Image.new("L", (S, S), 0)
     ImageDraw.Draw(mask).polygon(longest, outline=255, width=line_w)
-    canvas.paste(outline, (0, 0, S, S), ImageChops.darker(mask, above_hem))
+    _paste(canvas, outline, ImageChops.darker(mask, above_hem))
     draw.polygon(frame.pts(_hem_band(true["hem_length"]), ss), fill=_contrast(base, 0.3), outline=outline,
                  width=line_w)
     if true["sleeve_length"] == "sleeveless":  # a bound armhole: positive evidence of no sleeve
@@ -500,11 +515,17 @@ def _render(index: int, seed: int, size: int = 224, overrides: dict[str, str] | 
     small = canvas.reduce(ss)
 
     # Lighting and noise, identical for any labels (the noise field was drawn above).
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    gain = brightness * (1 + grad_amp * 2 * (xx * math.cos(grad_angle) + yy * math.sin(grad_angle)))
-    arr = np.asarray(small, dtype=np.float32) * gain[..., None] * cast.astype(np.float32)
-    arr += noise * np.float32(noise_sigma)
-    image = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+    yy, xx = _grid(size)
+    gain = np.float32(brightness) * (1 + np.float32(2 * grad_amp) * (xx * np.float32(math.cos(grad_angle))
+                                                                   + yy * np.float32(math.sin(grad_angle))))
+    arr = np.asarray(small, dtype=np.float32)
+    arr *= gain[..., None]
+    arr *= cast.astype(np.float32)
+    noise *= np.float32(noise_sigma)
+    arr += noise
+    arr += np.float32(0.5)
+    np.clip(arr, 0, 255, out=arr)
+    image = Image.fromarray(arr.astype(np.uint8), "RGB")
 
     # -- labels and boxes -------------------------------------------------------------------------
     def visible(points) -> bool:
