@@ -246,7 +246,6 @@ def import_table(
     problems: list[Problem] = []
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    fold_stats = {f: Counter() for f in folds}
     for n, row in enumerate(raw_rows, start=1):
         rid = (row.get(id_column) or "").strip()
         bad: list[str] = []
@@ -281,20 +280,40 @@ def import_table(
             rec[out_name(c)] = v or None
         for fname, cols in fold_cols.items():
             yes = [c[len(folds[fname]):] for c in cols if (row[c] or "").strip().lower() in _YES]
-            if len(yes) == 1:
-                rec[fname] = yes[0]
-                fold_stats[fname]["folded"] += 1
-            else:
-                rec[fname] = None
-                fold_stats[fname]["ambiguous" if yes else "none_yes"] += 1
+            rec[fname] = yes[0] if len(yes) == 1 else None
+            rec["_fold_" + fname] = "folded" if len(yes) == 1 else "ambiguous" if yes else "none_yes"
         for c, _ in meta_specs:
             v = (row[c] or "").strip()
             rec[out_name(c)] = v or None
         rows.append(rec)
 
+    # -- metadata types: declared, else inferred from the cells; bad cells make bad rows, which are
+    # left out before the rare-value counts so that the report's counts are the catalog's counts.
+    meta_types: dict[str, str] = {}
+    for c, t in meta_specs:
+        k = out_name(c)
+        meta_types[k] = t or _infer_type([r[k] for r in rows])
+    good: list[dict[str, Any]] = []
+    for r in rows:
+        bad = []
+        for k, t in meta_types.items():
+            try:
+                r[k] = coerce(r[k], t)
+            except ValueError as e:
+                bad.append(f"metadata {k!r}: {e} (type {t})")
+        if bad:
+            problems.extend(Problem(r["_row"], r["id"], cause) for cause in bad)
+        else:
+            good.append(r)
+    rows = good
+    problems.sort(key=lambda p: p.row or 0)
     if problems and strict:
         raise CatalogError(problems)
+    if not rows:
+        raise FgpluginError(f"{table}: no valid rows to import")
+
     rows_in = len(raw_rows)
+    fold_stats = {f: Counter(r["_fold_" + f] for r in rows) for f in folds}
 
     # -- rare values -------------------------------------------------------------------------------
     attr_names = [out_name(c) for c in attr_cols] + list(folds)
@@ -333,29 +352,6 @@ def import_table(
                 f"--min-count {min_count} ({dict(counts[a])}); an attribute needs two or more"
             )
         attrs.append(Attribute(a, tuple(order), f"imported from {attr_source[a]}"))
-
-    # -- metadata types: declared, else inferred from the cells; bad cells are bad rows -------------
-    meta_types: dict[str, str] = {}
-    for c, t in meta_specs:
-        k = out_name(c)
-        meta_types[k] = t or _infer_type([r[k] for r in rows])
-    good: list[dict[str, Any]] = []
-    for r in rows:
-        bad = []
-        for k, t in meta_types.items():
-            try:
-                r[k] = coerce(r[k], t)
-            except ValueError as e:
-                bad.append(f"metadata {k!r}: {e} (type {t})")
-        if bad:
-            problems.extend(Problem(r["_row"], r["id"], cause) for cause in bad)
-        else:
-            good.append(r)
-    if problems and strict:
-        raise CatalogError(problems)
-    rows = good
-    if not rows:
-        raise FgpluginError(f"{table}: no valid rows to import")
 
     # -- write ------------------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
