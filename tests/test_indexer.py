@@ -1,0 +1,263 @@
+"""The index worker and `fgplugin index`: round trip, resume after SIGKILL, every failure in the errors
+file, --retry-errors, --prune, new model versions, and schema mismatches refused."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fgplugin import synth
+from fgplugin.catalog import load_catalog
+from fgplugin.errors import ModelCardError
+from fgplugin.export import ExportedEncoder
+from fgplugin.images import ImageLimits
+from fgplugin.indexer import index_catalog, read_errors
+from fgplugin.schema import AttributeSchema
+from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin_cli.app import app
+
+from test_encoder import tiny_export
+
+N = 24
+ATOL = 1e-5  # stored vectors vs encoding the same images directly (float32 storage, same model)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
+    data = tmp_path_factory.mktemp("data")
+    catalog_path = synth.generate(data, N, seed=3, size=64, workers=1, progress=False)
+    return ExportedEncoder.load(export, device="cpu"), export, catalog_path
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, ["index", *map(str, args)])
+
+
+def report_of(result) -> dict:
+    assert result.stdout.lstrip().startswith("{"), result.output
+    return json.loads(result.stdout)
+
+
+def as_utc(v):
+    return dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).replace(tzinfo=None)
+
+
+def test_cli_round_trips_vectors_and_metadata_and_reruns_skip(env, tmp_path):
+    enc, export, catalog_path = env
+    store_dir = tmp_path / "store"
+    r = run_cli("--catalog", catalog_path, "--model", export, "--store", f"embedded:{store_dir}",
+                "--batch-size", 8, "--workers", 2, "--json")
+    assert r.exit_code == 0, r.output
+    rep = report_of(r)
+    assert (rep["indexed"], rep["skipped_current"], rep["failed"], rep["ok"]) == (N, 0, 0, True)
+
+    cat = load_catalog(catalog_path, enc.schema)
+    direct = enc.encode_images([Image.open(cat.image_source(it)) for it in cat])
+    with DuckDBStore(store_dir, read_only=True) as st:
+        assert st.count() == N and set(st.versions().values()) == {enc.version}
+        docs = st.get_documents(cat.ids)
+        assert st.get_meta("model_path") == str(Path(export).resolve())
+    assert sorted(docs) == sorted(cat.ids)
+    for i, it in enumerate(cat):
+        d = docs[it.id]
+        for a in enc.attributes:
+            np.testing.assert_allclose(d.vectors[a], direct[a][i], atol=ATOL)
+        assert d.image == cat.image_source(it) and d.model_version == enc.version
+        assert set(d.metadata) == set(it.metadata)
+        for k, v in it.metadata.items():
+            if cat.metadata_types[k] == "date":
+                assert as_utc(d.metadata[k]) == as_utc(v)
+            else:
+                assert d.metadata[k] == pytest.approx(v) if isinstance(v, float) else d.metadata[k] == v
+
+    again = report_of(run_cli("--catalog", catalog_path, "--model", export, "--store", f"embedded:{store_dir}", "--json"))
+    assert (again["indexed"], again["skipped_current"], again["to_index"]) == (0, N, 0)
+    assert not (store_dir / "errors.jsonl").exists()
+
+
+KILLER = """
+import os, signal, sys
+from fgplugin.stores.duckdb_store import DuckDBStore
+after = int(sys.argv[1])
+real = DuckDBStore.upsert
+calls = []
+def upsert(self, docs):
+    result = real(self, docs)
+    calls.append(len(docs))
+    if len(calls) == after:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: as if the machine died
+    return result
+DuckDBStore.upsert = upsert
+from fgplugin_cli.app import app
+app(sys.argv[2:], prog_name="fgplugin")
+"""
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(env, tmp_path):
+    enc, export, catalog_path = env
+    store = f"embedded:{tmp_path / 'store'}"
+    args = ["index", "--catalog", str(catalog_path), "--model", str(export), "--store", store,
+            "--batch-size", "4", "--workers", "2", "--json"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, "3", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    with DuckDBStore(tmp_path / "store", read_only=True) as st:
+        assert st.count() == 12  # three batches of four were written before the kill
+
+    r = run_cli(*args[1:])
+    assert r.exit_code == 0, r.output
+    rep = report_of(r)
+    assert (rep["skipped_current"], rep["indexed"]) == (12, N - 12)
+    with DuckDBStore(tmp_path / "store", read_only=True) as st:
+        ids = [i for (i,) in st.con.execute("SELECT id FROM docs").fetchall()]
+    assert sorted(ids) == sorted(load_catalog(catalog_path, enc.schema).ids)  # no duplicates, no gaps
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self):  # noqa: N802
+        if self.path.startswith("/slow"):
+            time.sleep(2.0)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client timed out and hung up, as it should
+
+    def log_message(self, *args):
+        pass
+
+
+def test_failures_go_to_the_errors_file_and_retry_errors_clears_fixed_ones(env, tmp_path):
+    enc, export, catalog_path = env
+    src_dir = catalog_path.parent
+    rows = [json.loads(line) for line in catalog_path.read_text().splitlines()][:10]
+    for r in rows:
+        r["image"] = str(src_dir / r["image"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (150, 150, 3), dtype=np.uint8)).save(bad / "big.png")
+    Image.new("RGB", (400, 300), (200, 30, 40)).save(bad / "wide.png")
+    handler = type("H", (_Slow,), {"body": Path(rows[0]["image"]).read_bytes()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    template = {k: v for k, v in rows[0].items() if k not in ("id", "image")}
+    extra = {"corrupt": str(bad / "corrupt.jpg"), "missing": str(bad / "nope.jpg"), "big": str(bad / "big.png"),
+             "wide": str(bad / "wide.png"), "slow": f"{url}/slow.jpg", "web": f"{url}/ok.jpg",
+             "ftp": "ftp://example.com/x.jpg"}
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"id": k, "image": v, **template} for k, v in extra.items()]))
+    shutil.copy(src_dir / "schema.toml", tmp_path / "schema.toml")
+    store_dir = tmp_path / "store"
+    errors = store_dir / "errors.jsonl"
+    limits = ImageLimits(max_bytes=50_000, max_pixels=100_000, timeout_s=0.3, retries=0)
+
+    try:
+        st = DuckDBStore(store_dir)
+        rep = index_catalog(catalog, enc, st, batch_size=4, workers=3, errors_path=errors, limits=limits, progress=False)
+        assert rep.indexed == 11 and not rep.ok  # the 10 good rows and the image served over HTTP
+        assert {f.id: (f.stage, f.kind) for f in rep.failures} == {
+            "corrupt": ("decode", "corrupt"), "missing": ("read", "missing"), "big": ("read", "too_large"),
+            "wide": ("decode", "too_large"), "slow": ("read", "timeout"),
+        }
+        lines = [json.loads(line) for line in errors.read_text().splitlines()]
+        assert {(e["id"], e["stage"], e["kind"]) for e in lines} == {
+            ("corrupt", "decode", "corrupt"), ("missing", "read", "missing"), ("big", "read", "too_large"),
+            ("wide", "decode", "too_large"), ("slow", "read", "timeout"), ("ftp", "catalog", "bad_url"),
+        }
+        assert all(e["reason"] and e["time"] for e in lines)
+        assert sorted(st.versions()) == sorted([r["id"] for r in rows] + ["web"])
+
+        # A plain rerun does not retry known failures (the slow URL would cost its timeout again).
+        rep = index_catalog(catalog, enc, st, errors_path=errors, limits=limits, progress=False)
+        assert (rep.indexed, rep.skipped_failed, rep.to_index, len(rep.failures)) == (0, 5, 0, 0)
+        assert not rep.ok
+
+        shutil.copy(rows[1]["image"], bad / "corrupt.jpg")  # fix one file
+        rep = index_catalog(catalog, enc, st, errors_path=errors, retry_errors=True, limits=limits, progress=False)
+        assert rep.indexed == 1 and rep.to_index == 5
+        assert set(read_errors(errors)) == {"missing", "big", "wide", "slow"}
+        assert "corrupt" in st.versions()
+        st.close()
+
+        # The CLI (default size limits: big and wide now pass) exits 1 while anything is still failing.
+        r = run_cli("--catalog", catalog, "--model", export, "--store", f"embedded:{store_dir}",
+                    "--retry-errors", "--timeout", "0.3", "--json")
+        assert r.exit_code == 1, r.output
+        rep = report_of(r)
+        assert rep["indexed"] == 2 and rep["failed_by_cause"] == {"catalog/bad_url": 1, "read/timeout": 1, "read/missing": 1}
+        assert set(read_errors(errors)) == {"missing", "slow"}
+        assert rep["errors_path"] == str(errors)
+    finally:
+        server.shutdown()
+
+
+def test_prune_removes_rows_deleted_from_the_catalog(env, tmp_path):
+    enc, _, catalog_path = env
+    st = DuckDBStore(tmp_path / "store")
+    rep = index_catalog(catalog_path, enc, st, batch_size=16, progress=False)
+    assert rep.indexed == N and st.count() == N
+    lines = catalog_path.read_text().splitlines()
+    fewer = catalog_path.parent / "fewer.jsonl"  # beside the images, so relative paths still resolve
+    fewer.write_text("\n".join(lines[5:]) + "\n")
+    removed = {json.loads(line)["id"] for line in lines[:5]}
+
+    rep = index_catalog(fewer, enc, st, progress=False)
+    assert (rep.orphans, rep.pruned, st.count()) == (5, 0, N)  # reported, kept without --prune
+    rep = index_catalog(fewer, enc, st, prune=True, progress=False)
+    assert (rep.pruned, rep.indexed, rep.skipped_current) == (5, 0, N - 5)
+    assert st.count() == N - 5 and not removed & set(st.versions())
+    st.close()
+
+
+def test_a_new_model_version_reindexes_and_drops_stale_vectors_it_cannot_replace(env, tmp_path):
+    enc, _, catalog_path = env
+    st = DuckDBStore(tmp_path / "store")
+    index_catalog(catalog_path, enc, st, batch_size=16, progress=False)
+    lines = [json.loads(line) for line in catalog_path.read_text().splitlines()]
+    lines[0]["image"] = "images/gone.jpg"
+    changed = catalog_path.parent / "changed.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    v2 = copy.copy(enc)
+    v2.version = "0" * 64  # what a retrained export would bring
+    rep = index_catalog(changed, v2, st, batch_size=16, progress=False)
+    assert (rep.indexed, rep.skipped_current, rep.stale_removed) == (N - 1, 0, 1)
+    assert [(f.id, f.kind) for f in rep.failures] == [(lines[0]["id"], "missing")]
+    versions = st.versions()
+    assert len(versions) == N - 1 and set(versions.values()) == {v2.version}  # no old-model vector left
+    st.close()
+
+
+def test_schema_mismatch_is_refused(env, tmp_path):
+    enc, export, catalog_path = env
+    other = AttributeSchema.from_dict({"name": "other", "attributes": {"colour": ["red", "blue"]}})
+    other.save(tmp_path / "schema.toml")
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text(json.dumps({"id": "a", "image": str(catalog_path.parent / "images" / "x.jpg"), "colour": "red"}) + "\n")
+    r = run_cli("--catalog", catalog, "--model", export, "--store", f"embedded:{tmp_path / 'store'}")
+    assert r.exit_code == 2
+    msg = " ".join(r.output.split())
+    assert "schema" in msg and "fgplugin-synth" in msg and "other" in msg
+    with DuckDBStore(tmp_path / "store2") as st, pytest.raises(ModelCardError, match="trained for schema"):
+        index_catalog(load_catalog(catalog, other), enc, st, progress=False)
+    assert not (tmp_path / "store" / "fgplugin.duckdb").exists()  # refused before the store was opened
