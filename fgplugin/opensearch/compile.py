@@ -1,0 +1,273 @@
+"""QuerySpec -> OpenSearch search body, and the response back to Hits with raw weighted cosines.
+
+Three modes (all filtered by the same compiled filters):
+
+- ``exact``: ``script_score`` over ``bool.filter`` of the filters, scored by the painless script
+  (``scripts.py``): ``sum w (1 + cos)`` over the chosen fields. Client side: ``score - sum w``; a
+  document missing an attribute's vector counts cosine -1 for it.
+- ``ann``: one ``knn`` clause on ``emb_all`` with the query ``concat(w_a * q_a)`` (zeros for attributes
+  not asked for; ``fgplugin.query.spec.combined_query_vector``) and the filters as the clause's
+  efficient ``filter``. Against unit per-attribute vectors the inner product is exactly
+  ``sum w_a cos_a``. The server reports faiss/lucene's inner-product score s = 1 + dot (dot >= 0) or
+  1 / (1 - dot) (dot < 0); ``innerproduct_dot`` inverts it: dot = s - 1 if s >= 1 else 1 - 1/s. A
+  missing attribute is a zero block in ``emb_all``, so in this mode it counts cosine 0, not -1.
+- ``ann+rescore``: the ann query (k = window) generates candidates; a top-level ``rescore`` re-scores the
+  window with the exact script (``query_weight`` 0, ``rescore_query_weight`` 1), so each returned score
+  is exactly the script's value and converts like ``exact``.
+
+Per-attribute cosines: ``docvalue_fields`` does not return knn vectors, so the body asks for the chosen
+``emb_<a>`` fields in ``_source`` (with derived source, the 3.x default, the server rebuilds them from
+the vector data) and ``parse_hits`` computes ``cos = q.x / |x|`` client side. Hits come back ordered by
+score, ties by id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import QueryError
+from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, Term, Terms, coerce_filters,
+                          combined_query_vector)
+from ..stores.base import IndexLayout
+from .checks import MAX_K, RequestCheckError, check_request
+from .mapping import ALL_FIELD, emb_field
+from .scripts import SCRIPT_ID, script_params, script_to_weighted_cosine, weighted_cosine_script
+
+DEFAULT_RESCORE_FACTOR = 5  # ann+rescore window = 5 * k unless the spec says otherwise
+
+
+# -- score conversions --------------------------------------------------------------------------------
+def innerproduct_score(dot: float) -> float:
+    """The score faiss/lucene report for an inner product (k-NN docs, innerproduct space)."""
+    return 1.0 + dot if dot >= 0 else 1.0 / (1.0 - dot)
+
+
+def innerproduct_dot(score: float) -> float:
+    """Invert ``innerproduct_score``: dot = s - 1 if s >= 1 else 1 - 1/s."""
+    s = float(score)
+    if s <= 0:
+        raise QueryError(f"an inner-product k-NN score must be > 0, got {s!r}")
+    return s - 1.0 if s >= 1.0 else 1.0 - 1.0 / s
+
+
+# -- filters ------------------------------------------------------------------------------------------
+def iso_utc(value: Any) -> str:
+    """An ISO date (a date without a zone is UTC) -> ``YYYY-MM-DDTHH:MM:SS[.ffffff]Z``.
+
+    OpenSearch's ``strict_date_optional_time`` refuses Python's ``2024-01-01 10:00`` form, and the
+    embedded store also compares in UTC.
+    """
+    if isinstance(value, dt.datetime):
+        d = value
+    elif isinstance(value, dt.date):
+        d = dt.datetime(value.year, value.month, value.day)
+    else:
+        d = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    if d.tzinfo is not None:
+        d = d.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return d.isoformat() + "Z"
+
+
+def _value(v: Any, type_: str | None) -> Any:
+    if type_ == "date" and v is not None:
+        return iso_utc(v)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def compile_filter(f: Filter, types: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One filter -> query DSL (term, terms, range, exists, bool)."""
+    types = types or {}
+    if isinstance(f, Bool):
+        body: dict[str, Any] = {}
+        if f.must:
+            body["must"] = [compile_filter(x, types) for x in f.must]
+        if f.should:
+            body["should"] = [compile_filter(x, types) for x in f.should]
+            body["minimum_should_match"] = 1  # "at least one", even beside must (else should is optional)
+        if f.must_not:
+            body["must_not"] = [compile_filter(x, types) for x in f.must_not]
+        return {"bool": body} if body else {"match_all": {}}
+    t = types.get(f.field)
+    if isinstance(f, Term):
+        return {"term": {f.field: _value(f.value, t)}}
+    if isinstance(f, Terms):
+        return {"terms": {f.field: [_value(v, t) for v in f.values]}}
+    if isinstance(f, Range):
+        bounds = {k: _value(v, t) for k, v in (("gt", f.gt), ("gte", f.gte), ("lt", f.lt), ("lte", f.lte)) if v is not None}
+        return {"range": {f.field: bounds}}
+    if isinstance(f, Exists):
+        return {"exists": {"field": f.field}}
+    raise QueryError(f"unsupported filter {f!r}")
+
+
+def compile_filters(filters: Sequence[Filter], types: Mapping[str, str] | None = None,
+                    exclude_ids: Sequence[str] = ()) -> dict[str, Any] | None:
+    """All filters ANDed (non-scoring ``bool.filter``), minus ``exclude_ids``; None when nothing filters."""
+    body: dict[str, Any] = {}
+    if filters:
+        body["filter"] = [compile_filter(f, types) for f in filters]
+    if exclude_ids:
+        body["must_not"] = [{"ids": {"values": [str(i) for i in exclude_ids]}}]
+    return {"bool": body} if body else None
+
+
+# -- the query ----------------------------------------------------------------------------------------
+def _unit(v: Any, attribute: str) -> np.ndarray:
+    x = np.asarray(v, dtype=np.float64).reshape(-1)
+    n = float(np.linalg.norm(x))
+    if not np.all(np.isfinite(x)) or n == 0.0:
+        raise QueryError(f"query vector for {attribute!r} must be finite and non-zero")
+    return x / n
+
+
+def query_unit_vectors(spec: QuerySpec, layout: IndexLayout,
+                       query_vectors: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Unit query vectors (float64) for the chosen attributes, from ``query_vectors`` or ``spec.vectors``."""
+    vectors = query_vectors if query_vectors is not None else spec.vectors
+    if vectors is None:
+        raise QueryError("no query vectors: resolve the like-id or image reference first (pass query_vectors)")
+    out = {}
+    for a in spec.attributes:
+        if a not in layout.dims:
+            raise QueryError(f"unknown attribute {a!r}; the index has {', '.join(layout.attributes)}")
+        if a not in vectors or vectors[a] is None:
+            raise QueryError(f"no query vector for attribute {a!r}")
+        u = _unit(vectors[a], a)
+        if u.shape[0] != layout.dims[a]:
+            raise QueryError(f"query vector for {a!r} has {u.shape[0]} numbers; the index holds {layout.dims[a]}")
+        out[a] = u
+    return out
+
+
+def _floats(v: np.ndarray) -> list[float]:
+    return np.asarray(v, dtype=np.float32).tolist()
+
+
+def source_fields(spec: QuerySpec, layout: IndexLayout) -> list[str]:
+    """What each hit should carry: metadata, image, model version and the chosen attributes' vectors."""
+    return list(layout.metadata_types) + ["image", "model_version"] + [emb_field(a) for a in spec.attributes]
+
+
+def to_opensearch(
+    spec: QuerySpec,
+    layout: IndexLayout,
+    *,
+    query_vectors: dict[str, np.ndarray] | None = None,
+    stored_script_id: str | None = SCRIPT_ID,
+) -> dict[str, Any]:
+    """The ``_search`` body for ``spec`` (see the module docstring for the three modes).
+
+    ``spec.vectors`` or ``query_vectors`` supply the per-attribute query vectors (a like-id reference
+    must be resolved by the caller; its id is excluded from the results when ``spec.exclude_self``).
+    Filter values are typed by ``layout.metadata_types`` (unknown fields raise QueryError).
+    """
+    if spec.mode not in ("exact", "ann", "ann+rescore"):
+        raise QueryError(f"mode must be exact, ann or ann+rescore, got {spec.mode!r}")
+    if not spec.attributes:
+        raise QueryError("no attribute chosen")
+    for a, w in spec.attributes.items():
+        if not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+            raise QueryError(f"weight of {a!r} is {w!r}; weights must be numbers >= 0")
+    k = int(spec.k)
+    if not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be in 1..{MAX_K}, got {spec.k!r}")
+    q = query_unit_vectors(spec, layout, query_vectors)
+    filters = coerce_filters(spec.filters, layout.metadata_types)
+    exclude = [spec.like_id] if spec.like_id is not None and spec.exclude_self else []
+    filt = compile_filters(filters, layout.metadata_types, exclude)
+    attrs = list(spec.attributes)
+    script = weighted_cosine_script(
+        script_params([emb_field(a) for a in attrs], [spec.attributes[a] for a in attrs], [_floats(q[a]) for a in attrs]),
+        stored_script_id,
+    )
+    body: dict[str, Any] = {"size": k, "_source": {"includes": source_fields(spec, layout)}}
+    if spec.mode == "exact":
+        body["track_total_hits"] = True
+        body["query"] = {"script_score": {"query": filt or {"match_all": {}}, "script": script}}
+    else:
+        window = k
+        if spec.mode == "ann+rescore":
+            window = min(MAX_K, max(k, int(spec.rescore_window or DEFAULT_RESCORE_FACTOR * k)))
+        full = {a: (q[a] if a in q else np.zeros(layout.dims[a])) for a in layout.attributes}
+        qv = combined_query_vector(spec, layout.attributes, full)
+        clause: dict[str, Any] = {"vector": _floats(qv), "k": window}
+        if filt is not None:
+            clause["filter"] = filt
+        if spec.ef_search is not None:
+            clause["method_parameters"] = {"ef_search": int(spec.ef_search)}
+        body["query"] = {"knn": {ALL_FIELD: clause}}
+        if spec.mode == "ann+rescore":
+            body["rescore"] = {
+                "window_size": window,
+                "query": {
+                    "rescore_query": {"script_score": {"query": {"match_all": {}}, "script": script}},
+                    "query_weight": 0.0,
+                    "rescore_query_weight": 1.0,
+                    "score_mode": "total",
+                },
+            }
+    try:
+        return check_request("search", body)
+    except RequestCheckError as e:
+        raise QueryError(str(e)) from None
+
+
+# -- the response -------------------------------------------------------------------------------------
+def hit_score(raw: float, spec: QuerySpec) -> float:
+    """A hit's server score -> the raw weighted cosine total for the spec's mode."""
+    if spec.mode == "ann":
+        return innerproduct_dot(raw)
+    return script_to_weighted_cosine(raw, spec.attributes)
+
+
+def parse_hits(
+    response: Mapping[str, Any],
+    spec: QuerySpec,
+    layout: IndexLayout,
+    *,
+    query_vectors: Mapping[str, Any] | None = None,
+) -> list[Hit]:
+    """Hits with the raw weighted cosine total, per-attribute cosines (from the returned vectors),
+    metadata and image; ordered by score descending, then id ascending."""
+    try:
+        q = query_unit_vectors(spec, layout, query_vectors)
+    except QueryError:
+        q = {}  # no query vectors at hand: scores only
+    hits = []
+    for h in response.get("hits", {}).get("hits", []):
+        raw = h.get("_score")
+        if raw is None and h.get("sort"):
+            raw = h["sort"][0]
+        if raw is None:
+            raise QueryError(f"hit {h.get('_id')!r} came back without a score")
+        src = h.get("_source") or {}
+        cosines = {}
+        for a, u in q.items():
+            v = src.get(emb_field(a))
+            if v is not None:
+                x = np.asarray(v, dtype=np.float64)
+                n = float(np.linalg.norm(x))
+                if n > 0 and x.shape == u.shape:
+                    cosines[a] = float(u @ x / n)
+        meta = {f: src[f] for f in layout.metadata_types if src.get(f) is not None}
+        hits.append(Hit(id=str(h["_id"]), score=hit_score(float(raw), spec), cosines=cosines,
+                        metadata=meta, image=src.get("image")))
+    hits.sort(key=lambda x: (-x.score, x.id))
+    return hits
+
+
+def total_candidates(response: Mapping[str, Any], spec: QuerySpec) -> int | None:
+    """Documents that passed the filters (exact mode tracks the total); None where unknown."""
+    if spec.mode != "exact":
+        return None
+    total = response.get("hits", {}).get("total")
+    if isinstance(total, dict) and total.get("relation", "eq") == "eq":
+        return int(total.get("value", 0))
+    if isinstance(total, int):
+        return total
+    return None

@@ -1,0 +1,217 @@
+"""Index mapping for a layout, versioned index names behind an alias, and the alias swap.
+
+One document per catalog item:
+- ``emb_<attribute>``: one ``knn_vector`` per attribute (unit vectors, ``innerproduct`` space, HNSW,
+  engine named explicitly), scored exactly by the painless script and usable for per-attribute knn;
+- ``emb_all``: the concatenation of every attribute's vector (a zero block where one is missing), for
+  the ANN query: against ``concat(w_a * q_a)`` its inner product is exactly ``sum w_a cos``;
+- the metadata fields, typed from ``layout.metadata_types``: keyword, text, float -> ``double`` (the
+  same precision as the embedded store, so range boundaries agree), integer -> ``long``, boolean,
+  date (ISO 8601; values are sent in UTC);
+- ``model_version`` (keyword) and ``image`` (keyword, not indexed: display and re-encoding only).
+
+``dynamic: strict`` makes the server refuse any field not in the mapping instead of guessing a type.
+The layout (schema, dims, metadata types, model version) rides in the mapping's ``_meta.fgplugin``, so a
+store can be reopened from the cluster alone.
+
+Index names carry the model version: ``<alias>-<version[:12]>``. Queries read the alias; re-encoding
+with a new model writes a new index and then swaps the alias atomically (one ``_aliases`` request:
+remove from the old index, add to the new one), so readers never see a half-built index.
+
+Regenerate the checked-in demo mapping with ``python -m fgplugin.opensearch.mapping --demo > mappings/demo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import StoreError
+from ..stores.base import IndexLayout
+from .checks import ENGINES, RequestCheckError, check_request
+
+FORMAT_VERSION = 1
+SPACE_TYPE = "innerproduct"  # vectors are unit length: inner product == cosine, no re-normalisation
+RESERVED_FIELDS = ("model_version", "image", "emb_all")
+FIELD_TYPES: dict[str, dict[str, Any]] = {
+    "keyword": {"type": "keyword"},
+    "text": {"type": "text"},
+    "float": {"type": "double"},
+    "integer": {"type": "long"},
+    "boolean": {"type": "boolean"},
+    "date": {"type": "date", "format": "strict_date_optional_time||epoch_millis"},
+}
+DEMO_DIM = 64
+DEMO_METADATA_TYPES = {"brand": "keyword", "category": "keyword", "price": "float", "in_stock": "boolean"}
+_INDEX_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def emb_field(attribute: str) -> str:
+    return f"emb_{attribute}"
+
+
+ALL_FIELD = "emb_all"
+
+
+def check_index_name(name: str) -> str:
+    """OpenSearch index/alias naming rules (lower case, no special characters, <= 255 bytes)."""
+    if not name or not _INDEX_NAME_RE.match(name) or name in (".", "..") or len(name.encode()) > 255:
+        raise StoreError(
+            f"{name!r} is not a valid OpenSearch index name: use lower-case letters, digits, '-', '_' and '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def versioned_index_name(alias: str, model_version: str) -> str:
+    """``<alias>-<version[:12]>``: the concrete index for one model version (behind ``alias``)."""
+    check_index_name(alias)
+    v = re.sub(r"[^a-z0-9]", "", (model_version or "").lower())[:12] or "unversioned"
+    return check_index_name(f"{alias}-{v}")
+
+
+def alias_swap_body(alias: str, new_index: str, old_indices: Iterable[str] = ()) -> dict[str, Any]:
+    """One atomic ``POST _aliases``: drop the alias from the old indices, add it to the new one."""
+    actions: list[dict[str, Any]] = [{"remove": {"index": i, "alias": alias}} for i in old_indices if i != new_index]
+    actions.append({"add": {"index": new_index, "alias": alias}})
+    return check_request("indices.update_aliases", {"actions": actions})
+
+
+def layout_meta(layout: IndexLayout) -> dict[str, Any]:
+    """What ``_meta.fgplugin`` records (read back by ``layout_from_meta``)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "schema": layout.schema.to_dict(),
+        "schema_fingerprint": layout.schema.fingerprint(),
+        "dims": {a: int(layout.dims[a]) for a in layout.attributes},
+        "metadata_types": dict(layout.metadata_types),
+        "model_version": layout.model_version,
+    }
+
+
+def layout_from_meta(meta: Any, where: str) -> IndexLayout:
+    from ..schema import AttributeSchema
+
+    if not isinstance(meta, dict) or "schema" not in meta:
+        raise StoreError(f"{where} was not created by fgplugin (its mapping has no _meta.fgplugin layout)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{where} has fgplugin index format {meta.get('format_version')}; this fgplugin reads {FORMAT_VERSION}")
+    return IndexLayout(
+        schema=AttributeSchema.from_dict(meta["schema"], source=where),
+        dims={k: int(v) for k, v in meta["dims"].items()},
+        metadata_types=dict(meta["metadata_types"]),
+        model_version=str(meta.get("model_version", "")),
+    )
+
+
+def metadata_property(type_: str) -> dict[str, Any]:
+    try:
+        return dict(FIELD_TYPES[type_])
+    except KeyError:
+        raise StoreError(f"metadata type {type_!r} has no OpenSearch mapping; use one of {', '.join(FIELD_TYPES)}") from None
+
+
+def vector_property(dim: int, engine: str, m: int, ef_construction: int) -> dict[str, Any]:
+    return {
+        "type": "knn_vector",
+        "dimension": int(dim),
+        "data_type": "float",
+        "method": {"name": "hnsw", "engine": engine, "space_type": SPACE_TYPE,
+                   "parameters": {"m": int(m), "ef_construction": int(ef_construction)}},
+    }
+
+
+def build_properties(layout: IndexLayout, *, engine: str = "faiss", m: int = 16, ef_construction: int = 128) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "model_version": {"type": "keyword"},
+        "image": {"type": "keyword", "index": False, "doc_values": False},
+    }
+    for a in layout.attributes:
+        props[emb_field(a)] = vector_property(layout.dims[a], engine, m, ef_construction)
+    props[ALL_FIELD] = vector_property(layout.total_dim, engine, m, ef_construction)
+    for f, t in layout.metadata_types.items():
+        if f in RESERVED_FIELDS or f.startswith("emb_"):
+            raise StoreError(f"metadata field {f!r} clashes with an fgplugin index field; rename it in the catalog")
+        props[f] = metadata_property(t)
+    return props
+
+
+def build_index_body(
+    layout: IndexLayout,
+    *,
+    engine: str = "faiss",
+    m: int = 16,
+    ef_construction: int = 128,
+    ef_search: int = 100,
+    shards: int = 1,
+    replicas: int = 0,
+) -> dict[str, Any]:
+    """The ``PUT <index>`` body (settings + mappings) for ``layout``; checked by ``check_request``."""
+    if engine not in ENGINES:
+        hint = " (nmslib is deprecated and cannot create new fields on OpenSearch 3.x)" if engine == "nmslib" else ""
+        raise StoreError(f"engine {engine!r} is not supported; use one of {', '.join(ENGINES)}{hint}")
+    if sorted(layout.dims) != sorted(layout.attributes):
+        raise StoreError(f"layout dims cover {sorted(layout.dims)} but the schema's attributes are {layout.attributes}")
+    for name, v, lo in (("shards", shards, 1), ("replicas", replicas, 0)):
+        if not isinstance(v, int) or v < lo:
+            raise StoreError(f"{name} must be an integer >= {lo}, got {v!r}")
+    body = {
+        "settings": {"index": {
+            "number_of_shards": shards,
+            "number_of_replicas": replicas,
+            "knn": True,
+            "knn.algo_param.ef_search": int(ef_search),
+        }},
+        "mappings": {
+            "dynamic": "strict",
+            "_meta": {"fgplugin": layout_meta(layout)},
+            "properties": build_properties(layout, engine=engine, m=m, ef_construction=ef_construction),
+        },
+    }
+    try:
+        return check_request("indices.create", body)
+    except RequestCheckError as e:
+        raise StoreError(str(e)) from None
+
+
+# -- the demo schema's mapping (checked in under mappings/) --------------------------------------------
+def demo_layout() -> IndexLayout:
+    """The demo catalog's layout: ``fgplugin.synth.synth_schema()``, 64-d vectors per attribute."""
+    from ..synth import synth_schema
+
+    schema = synth_schema()
+    types = dict(schema.metadata) or dict(DEMO_METADATA_TYPES)  # the synth catalog declares its types
+    return IndexLayout(schema, {a: DEMO_DIM for a in schema.names}, types, model_version="demo")
+
+
+def demo_mapping_json() -> str:
+    return json.dumps(build_index_body(demo_layout()), indent=2) + "\n"
+
+
+def write_demo_mapping(path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(demo_mapping_json(), encoding="utf-8")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fgplugin.opensearch.mapping", description=__doc__.splitlines()[0])
+    ap.add_argument("--demo", action="store_true", help="print the index body for the demo schema")
+    ap.add_argument("--out", help="write it to this file instead of stdout")
+    args = ap.parse_args(argv)
+    if not args.demo:
+        ap.error("nothing to do: pass --demo")
+    if args.out:
+        write_demo_mapping(args.out)
+    else:
+        sys.stdout.write(demo_mapping_json())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,557 @@
+"""OpenSearchStore: the Store interface on an OpenSearch cluster with the k-NN plugin (opensearch-py 3.x).
+
+Layout on the cluster: queries read the alias ``index`` (default ``fgplugin``); documents live in the
+versioned index ``<alias>-<model_version[:12]>`` (``mapping.py``). ``ensure_index``:
+- no alias yet: creates the versioned index with the alias in one request, and stores the scoring script;
+- the alias points at this model version's index: checks the layout fits (schema, vector sizes,
+  metadata types; new metadata fields are added to the mapping);
+- the alias points at an older model's index: creates the new index beside it; writes go there, reads
+  still hit the old one until ``promote()`` swaps the alias atomically (``pending_promotion`` tells).
+
+Writes use ``helpers.streaming_bulk(raise_on_error=False, max_retries=N)``: per-document 429s are
+retried with backoff by the helper, every other per-item failure becomes a ``Failure(id, "store",
+reason, kind)``; nothing is dropped. Whole-request failures (connection errors, 429, 5xx) are retried
+with exponential backoff up to ``retry_total_s`` of waiting, then raise a StoreError naming the URL
+(never credentials) and the cause. Every request body passes ``checks.check_request`` before it is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..catalog import coerce
+from ..errors import QueryError, StoreError
+from ..query.spec import QuerySpec, SearchResult
+from ..stores.base import Document, Failure, IndexLayout, UpsertResult
+from .checks import RequestCheckError, check_request
+from .client import OpenSearchConfig, describe_cause, load_config, make_client
+from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
+from .mapping import (ALL_FIELD, alias_swap_body, build_index_body, build_properties, check_index_name, emb_field,
+                      layout_from_meta, layout_meta, versioned_index_name)
+from .scripts import SCRIPT_ID, stored_script_body
+
+log = logging.getLogger("fgplugin.opensearch")
+
+RETRY_STATUS = (429, 500, 502, 503, 504)
+UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised (as the embedded store)
+MGET_CHUNK = 1000
+
+
+class OpenSearchStore:
+    """A Store on OpenSearch. Build it with ``from_url`` or from an ``OpenSearchConfig``."""
+
+    kind = "opensearch"
+
+    def __init__(
+        self,
+        config: OpenSearchConfig,
+        *,
+        client: Any = None,
+        refresh: bool | str = False,
+        engine: str = "faiss",
+        index_options: Mapping[str, Any] | None = None,
+        stored_script: bool = True,
+    ):
+        self.config = config
+        self.alias = check_index_name(config.index)
+        self.client = client if client is not None else make_client(config)
+        self.refresh_writes = refresh  # bulk ?refresh= (tests use "wait_for")
+        self.engine = engine
+        self.index_options = dict(index_options or {})
+        self.script_id: str | None = SCRIPT_ID if stored_script else None
+        self.write_index: str | None = None
+        self.write_layout: IndexLayout | None = None
+        self._read_index: str | None = None
+        self._read_layout: IndexLayout | None = None
+        self._read_meta: dict[str, Any] = {}
+        self._loaded = False
+
+    @classmethod
+    def from_url(cls, url: str, *, index: str | None = None, config_path: Any = None, **kwargs: Any) -> "OpenSearchStore":
+        """``url``: the cluster (``http(s)://[user:pass@]host:port[/index]``); credentials may also come
+        from FGPLUGIN_OPENSEARCH_* env vars or the TOML config file (see ``client.py``)."""
+        options = {k: kwargs.pop(k) for k in ("refresh", "engine", "index_options", "stored_script") if k in kwargs}
+        return cls(load_config(url, index=index, config_path=config_path, **kwargs), **options)
+
+    def __repr__(self) -> str:
+        return f"OpenSearchStore({self.url!r})"
+
+    @property
+    def index(self) -> str:
+        """The alias queries read (the --index name)."""
+        return self.alias
+
+    @property
+    def url(self) -> str:
+        """The store URL without credentials."""
+        return f"opensearch:{self.config.url}/{self.alias}"
+
+    # -- transport with retries -------------------------------------------------------------------------
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one client call; retry connection errors, 429 and 5xx with backoff (bounded total wait)."""
+        from opensearchpy import exceptions as ex
+
+        waited, delay, attempt = 0.0, self.config.retry_initial_s, 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, **kwargs)
+            except (ex.ConnectionError, ex.TransportError) as e:
+                status = getattr(e, "status_code", None)
+                retryable = isinstance(e, ex.ConnectionError) or status in RETRY_STATUS
+                if retryable and waited + delay <= self.config.retry_total_s:
+                    log.warning("%s on %s failed (%s); retrying in %.1f s", what, self.config.url,
+                                describe_cause(e, self.config), delay)
+                    time.sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 10.0)
+                    continue
+                tries = f" after {attempt} attempts over {waited:.1f} s" if attempt > 1 else ""
+                raise StoreError(
+                    f"OpenSearch at {self.config.url}: {what} failed{tries}: {describe_cause(e, self.config)}"
+                ) from None
+            except ex.ImproperlyConfigured as e:
+                raise StoreError(f"OpenSearch at {self.config.url}: {what}: bad client settings: "
+                                 f"{self.config.scrub(str(e))}") from None
+
+    def _checked(self, kind: str, body: Any) -> Any:
+        try:
+            return check_request(kind, body)
+        except RequestCheckError as e:
+            raise StoreError(f"OpenSearch at {self.config.url}: {e}") from None
+
+    # -- layout -----------------------------------------------------------------------------------------
+    def _alias_targets(self) -> list[str]:
+        try:
+            got = self.call(f"reading alias {self.alias!r}", self._get_alias)
+        except _NotFound:
+            return []
+        return sorted(got)
+
+    def _get_alias(self) -> dict[str, Any]:
+        from opensearchpy import NotFoundError
+
+        try:
+            return self.client.indices.get_alias(name=self.alias)
+        except NotFoundError:
+            if self.client.indices.exists(index=self.alias):
+                raise StoreError(
+                    f"OpenSearch at {self.config.url}: {self.alias!r} is a plain index, not an fgplugin alias; "
+                    "pick another --index name (fgplugin creates <name>-<model version> behind the alias <name>)"
+                ) from None
+            raise _NotFound() from None
+
+    def _index_meta(self, index: str) -> dict[str, Any]:
+        got = self.call(f"reading the mapping of {index!r}", self.client.indices.get_mapping, index=index)
+        body = got.get(index) or next(iter(got.values()), {})
+        return ((body.get("mappings") or {}).get("_meta") or {}).get("fgplugin") or {}
+
+    def _load(self, force: bool = False) -> None:
+        if self._loaded and not force:
+            return
+        targets = self._alias_targets()
+        if len(targets) > 1:
+            raise StoreError(f"OpenSearch at {self.config.url}: alias {self.alias!r} points at several indices "
+                             f"({', '.join(targets)}); fgplugin expects one")
+        if targets:
+            self._read_index = targets[0]
+            self._read_meta = self._index_meta(targets[0])
+            self._read_layout = layout_from_meta(self._read_meta, f"OpenSearch index {targets[0]!r}")
+        else:
+            self._read_index, self._read_layout, self._read_meta = None, None, {}
+        self._loaded = True
+
+    @property
+    def layout(self) -> IndexLayout | None:
+        """The layout queries see (the alias's index); None when nothing is indexed yet."""
+        self._load()
+        return self._read_layout
+
+    def get_layout(self) -> IndexLayout | None:
+        return self.layout
+
+    @property
+    def pending_promotion(self) -> bool:
+        """True when writes go to a new model's index that the alias does not serve yet."""
+        self._load()
+        return self.write_index is not None and self.write_index != self._read_index
+
+    def _need_read(self) -> tuple[str, IndexLayout]:
+        self._load()
+        if self._read_index is None or self._read_layout is None:
+            raise StoreError(f"{self.url} holds no index yet; build one with `fgplugin index --store {self.url.rsplit('/', 1)[0]}`")
+        return self._read_index, self._read_layout
+
+    def _need_write(self) -> tuple[str, IndexLayout]:
+        if self.write_index is None or self.write_layout is None:
+            raise StoreError(f"{self.url}: call ensure_index(layout) before writing")
+        return self.write_index, self.write_layout
+
+    def _data_index(self) -> tuple[str, IndexLayout]:
+        """Where id-level reads (versions, get_vectors, count, delete) go: the write index if set."""
+        if self.write_index is not None:
+            return self._need_write()
+        return self._need_read()
+
+    def ensure_index(self, layout: IndexLayout) -> None:
+        """Create the versioned index (and the alias, the first time) or check the existing one fits."""
+        if sorted(layout.dims) != sorted(layout.attributes):
+            raise StoreError(f"layout dims cover {sorted(layout.dims)} but the schema's attributes are {layout.attributes}")
+        self._load(force=True)
+        target = versioned_index_name(self.alias, layout.model_version)
+        read = self._read_layout
+        if read is not None and read.schema.fingerprint() != layout.schema.fingerprint():
+            raise StoreError(
+                f"{self.url} serves schema {read.schema.name!r} (fingerprint {read.schema.fingerprint()}, attributes "
+                f"{', '.join(read.attributes)}); the model's schema is {layout.schema.name!r} (fingerprint "
+                f"{layout.schema.fingerprint()}, attributes {', '.join(layout.attributes)}); index into another "
+                "--index name"
+            )
+        exists = self.call(f"checking index {target!r}", self.client.indices.exists, index=target)
+        if not exists:
+            body = build_index_body(layout, engine=self.engine, **self.index_options)
+            if self._read_index is None:
+                body["aliases"] = {self.alias: {}}
+            self.call(f"creating index {target!r}", self.client.indices.create, index=target,
+                      body=self._checked("indices.create", body))
+            log.info("created OpenSearch index %s on %s", target, self.config.url)
+        else:
+            old = layout_from_meta(self._index_meta(target), f"OpenSearch index {target!r}")
+            self._check_compatible(target, old, layout)
+            new_fields = {f: t for f, t in layout.metadata_types.items() if f not in old.metadata_types}
+            if new_fields:
+                merged = IndexLayout(old.schema, old.dims, {**old.metadata_types, **new_fields}, old.model_version)
+                props = build_properties(merged, engine=self.engine)
+                body = {"_meta": {"fgplugin": {**self._index_meta(target), **layout_meta(merged)}},
+                        "properties": {f: props[f] for f in new_fields}}
+                self.call(f"adding fields to {target!r}", self.client.indices.put_mapping, index=target,
+                          body=self._checked("indices.put_mapping", body))
+            if self._read_index is None:  # an index left without its alias (e.g. a failed swap): attach it
+                self.call("adding the alias", self.client.indices.update_aliases,
+                          body=alias_swap_body(self.alias, target))
+        self.put_script()
+        self.write_index = target
+        self.write_layout = layout_from_meta(self._index_meta(target), f"OpenSearch index {target!r}")
+        self._load(force=True)
+
+    def _check_compatible(self, index: str, old: IndexLayout, new: IndexLayout) -> None:
+        where = f"OpenSearch index {index!r} at {self.config.url}"
+        hint = "delete that index or index into another --index name"
+        if old.schema.fingerprint() != new.schema.fingerprint():
+            raise StoreError(f"{where} was built for schema fingerprint {old.schema.fingerprint()}; the model's is "
+                             f"{new.schema.fingerprint()}; {hint}")
+        if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
+            raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
+        for f, t in new.metadata_types.items():
+            if f in old.metadata_types and old.metadata_types[f] != t:
+                raise StoreError(f"{where} maps metadata field {f!r} as {old.metadata_types[f]}; the catalog now has "
+                                 f"it as {t}; {hint}")
+
+    def put_script(self) -> None:
+        """Store the weighted-cosine painless script (idempotent)."""
+        if self.script_id is None:
+            return
+        self.call("storing the scoring script", self.client.put_script, id=self.script_id,
+                  body=self._checked("put_script", stored_script_body()))
+
+    def promote(self, *, delete_old: bool = False) -> dict[str, Any]:
+        """Point the alias at the write index in one atomic ``_aliases`` request (no downtime)."""
+        target, _ = self._need_write()
+        self._load(force=True)
+        old = [self._read_index] if self._read_index and self._read_index != target else []
+        if old or self._read_index is None:
+            self.call(f"swapping alias {self.alias!r} to {target!r}", self.client.indices.update_aliases,
+                      body=alias_swap_body(self.alias, target, old))
+            log.info("alias %s now serves %s (was %s)", self.alias, target, ", ".join(old) or "nothing")
+        if delete_old:
+            for i in old:
+                self.call(f"deleting old index {i!r}", self.client.indices.delete, index=i)
+        self._load(force=True)
+        return {"alias": self.alias, "index": target, "previous": old, "deleted": old if delete_old else []}
+
+    # -- free-form metadata (kept in the index mapping's _meta) -----------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        self._load()
+        return (self._read_meta.get("extra") or {}).get(key, default)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        index, _ = self._need_write()
+        meta = self._index_meta(index)
+        meta["extra"] = {**(meta.get("extra") or {}), key: value}
+        self.call("writing index metadata", self.client.indices.put_mapping, index=index,
+                  body=self._checked("indices.put_mapping", {"_meta": {"fgplugin": meta}}))
+        self._load(force=True)
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def prepare_document(self, doc: Document, layout: IndexLayout) -> dict[str, Any]:
+        """The ``_source`` for ``doc``; raises ValueError with the cause for a document the index can't take."""
+        if not isinstance(doc.id, str) or not doc.id:
+            raise ValueError("document id must be a non-empty string")
+        if len(doc.id.encode()) > 512:
+            raise ValueError("document id is longer than OpenSearch's 512-byte limit")
+        extra = set(doc.vectors) - set(layout.attributes)
+        if extra:
+            raise ValueError(f"vector for unknown attribute(s) {', '.join(sorted(map(repr, extra)))}; "
+                             f"the index has {', '.join(layout.attributes)}")
+        src: dict[str, Any] = {"model_version": doc.model_version or layout.model_version}
+        if doc.image is not None:
+            src["image"] = str(doc.image)
+        blocks, present = [], False
+        for a in layout.attributes:
+            v = doc.vectors.get(a)
+            if v is None:
+                blocks.append(np.zeros(layout.dims[a], dtype=np.float32))  # missing: a zero block in emb_all
+                continue
+            v = np.asarray(v, dtype=np.float32)
+            if v.shape != (layout.dims[a],):
+                raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"vector for attribute {a!r} has non-finite values (NaN or inf)")
+            n = float(np.linalg.norm(v.astype(np.float64)))
+            if n == 0.0:
+                raise ValueError(f"vector for attribute {a!r} is all zeros; cosine similarity is undefined")
+            if abs(n - 1.0) > UNIT_TOLERANCE:
+                v = (v / n).astype(np.float32)
+            src[emb_field(a)] = v.tolist()
+            blocks.append(v)
+            present = True
+        if present:
+            src[ALL_FIELD] = np.concatenate(blocks).tolist()
+        for f, value in (doc.metadata or {}).items():
+            if f not in layout.metadata_types:
+                known = ", ".join(sorted(layout.metadata_types)) or "(none)"
+                raise ValueError(f"metadata field {f!r} is not in the index (known: {known})")
+            t = layout.metadata_types[f]
+            try:
+                value = coerce(value, t)
+                if t == "float" and value is not None and not math.isfinite(value):
+                    raise ValueError(f"{value!r} is not a finite number")
+                if t == "date" and value is not None:
+                    value = iso_utc(value)
+            except ValueError as e:
+                raise ValueError(f"metadata field {f!r}: {e} (type {t})") from None
+            if value is not None:
+                src[f] = value
+        return src
+
+    def upsert(self, docs: list[Document]) -> UpsertResult:
+        """Index or replace documents; every rejection comes back as a Failure (none is dropped)."""
+        index, layout = self._need_write()
+        result = UpsertResult()
+        good: dict[str, dict[str, Any]] = {}
+        for doc in docs:
+            try:
+                src = self.prepare_document(doc, layout)
+            except ValueError as e:
+                result.failed.append(Failure(str(doc.id), "store", str(e), kind="rejected"))
+                continue
+            good.pop(doc.id, None)  # the last copy of a repeated id wins
+            good[doc.id] = src
+        actions = [{"_op_type": "index", "_index": index, "_id": i, "_source": s} for i, s in good.items()]
+        self._bulk(actions, result, what=f"indexing into {index!r}")
+        return result
+
+    def _bulk(self, actions: list[dict[str, Any]], result: UpsertResult, *, what: str) -> list[dict[str, Any]]:
+        """Send ``actions`` in chunks; fill ``result``; return the per-item responses of the successes."""
+        from opensearchpy import helpers
+
+        size = max(1, int(self.config.bulk_chunk_size))
+        oks: list[dict[str, Any]] = []
+        for start in range(0, len(actions), size):
+            pending = {a["_id"]: a for a in actions[start:start + size]}
+            self._checked("bulk", _bulk_lines(pending.values()))
+
+            def send() -> None:
+                kwargs: dict[str, Any] = {}
+                if self.refresh_writes:
+                    kwargs["refresh"] = self.refresh_writes
+                for ok, item in helpers.streaming_bulk(
+                    self.client, list(pending.values()), chunk_size=size, raise_on_error=False,
+                    raise_on_exception=True, max_retries=self.config.bulk_max_retries,
+                    initial_backoff=self.config.bulk_initial_backoff, max_backoff=30, **kwargs,
+                ):
+                    (op, info), = item.items()
+                    id_ = str(info.get("_id"))
+                    pending.pop(id_, None)  # settled: a retry after a transport error resends only the rest
+                    if op == "delete" and info.get("status") == 404:
+                        continue  # deleting a missing id: nothing to do, not a failure
+                    if ok:
+                        oks.append(info)
+                        if op != "delete":
+                            result.ok.append(id_)
+                    else:
+                        result.failed.append(_item_failure(id_, info, self.config))
+
+            # A transport failure mid-chunk (even during the helper's 429 retries) resends only the
+            # documents not yet settled; index operations are idempotent per id.
+            self.call(what, _until_settled, send, pending)
+        return oks
+
+    def delete(self, ids: Iterable[str]) -> int:
+        index, _ = self._data_index()
+        idl = list(dict.fromkeys(str(i) for i in ids))
+        if not idl:
+            return 0
+        result = UpsertResult()
+        oks = self._bulk([{"_op_type": "delete", "_index": index, "_id": i} for i in idl], result,
+                         what=f"deleting from {index!r}")
+        if result.failed:
+            f = result.failed[0]
+            raise StoreError(f"OpenSearch at {self.config.url}: deleting {len(result.failed)} document(s) failed: "
+                             f"{f.id}: {f.reason}")
+        return sum(1 for o in oks if o.get("result") == "deleted")
+
+    def refresh(self) -> None:
+        """Make recent writes visible to search (tests; the index command need not call it)."""
+        index, _ = self._data_index()
+        self.call(f"refreshing {index!r}", self.client.indices.refresh, index=index)
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def _mget(self, index: str, ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), MGET_CHUNK):
+            body = self._checked("mget", {"ids": list(ids[start:start + MGET_CHUNK])})
+            got = self.call(f"reading documents from {index!r}", self.client.mget, index=index, body=body,
+                            _source_includes=fields)
+            for d in got.get("docs", []):
+                if d.get("found"):
+                    out[str(d["_id"])] = d.get("_source") or {}
+        return out
+
+    def get_vectors(self, ids: Iterable[str], attributes: Iterable[str] | None = None,
+                    *, index: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """id -> attribute -> vector for the ids that exist (missing attributes are left out)."""
+        idx, layout = (index, self._need_read()[1]) if index else self._data_index()
+        attrs = layout.schema.check_names(attributes) if attributes is not None else layout.attributes
+        idl = list(dict.fromkeys(str(i) for i in ids))
+        if not idl:
+            return {}
+        docs = self._mget(idx, idl, [emb_field(a) for a in attrs])
+        return {
+            i: {a: np.asarray(src[emb_field(a)], dtype=np.float32) for a in attrs if src.get(emb_field(a)) is not None}
+            for i, src in docs.items()
+        }
+
+    def image_of(self, id_: str) -> str | None:
+        index, _ = self._need_read()
+        return self._mget(index, [str(id_)], ["image"]).get(str(id_), {}).get("image")
+
+    def exists(self, id_: str) -> bool:
+        index, _ = self._need_read()
+        return str(id_) in self._mget(index, [str(id_)], ["model_version"])
+
+    def versions(self) -> dict[str, str]:
+        """id -> model_version of every document in the write index (or the alias's)."""
+        from opensearchpy import helpers
+
+        index, _ = self._data_index()
+        query = self._checked("search", {"_source": ["model_version"], "query": {"match_all": {}}})
+
+        def scan() -> dict[str, str]:
+            return {str(h["_id"]): str((h.get("_source") or {}).get("model_version", ""))
+                    for h in helpers.scan(self.client, index=index, query=query, size=1000, scroll="2m")}
+
+        return self.call(f"listing documents of {index!r}", scan)
+
+    def count(self) -> int:
+        """Documents in the write index (or the alias's); 0 when nothing is indexed yet."""
+        if self.write_index is None:
+            self._load()  # connection and auth problems raise here
+            if self._read_index is None:
+                return 0
+        index, _ = self._data_index()
+        return int(self.call(f"counting {index!r}", self.client.count, index=index)["count"])
+
+    def search(self, spec: QuerySpec) -> SearchResult:
+        """Top-k by the weighted cosine sum in ``spec.mode`` (exact, ann or ann+rescore), via the alias."""
+        index, layout = self._need_read()
+        spec.validate(layout.schema, layout.dims)
+        if spec.image is not None:
+            raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
+        attrs = list(spec.attributes)
+        if spec.like_id is not None:
+            got = self.get_vectors([spec.like_id], attrs, index=self.alias)
+            if spec.like_id not in got:
+                raise QueryError(f"no document with id {spec.like_id!r} in {self.url}")
+            missing = [a for a in attrs if a not in got[spec.like_id]]
+            if missing:
+                raise QueryError(f"document {spec.like_id!r} has no vector for {', '.join(missing)}")
+            qv = got[spec.like_id]
+        else:
+            qv = {a: np.asarray(spec.vectors[a], dtype=np.float32) for a in attrs}  # type: ignore[index]
+        body = to_opensearch(spec, layout, query_vectors=qv, stored_script_id=self.script_id)
+        resp = self.call(f"searching {self.alias!r}", self.client.search, index=self.alias, body=body)
+        shards = resp.get("_shards") or {}
+        if shards.get("failed"):
+            reasons = [f.get("reason", {}).get("reason", "?") for f in shards.get("failures", [])[:2]]
+            raise StoreError(f"OpenSearch at {self.config.url}: search failed on {shards['failed']} shard(s): "
+                             f"{self.config.scrub('; '.join(map(str, reasons)))}")
+        hits = parse_hits(resp, spec, layout, query_vectors=qv)
+        return SearchResult(hits=hits, mode=spec.mode, total_candidates=total_candidates(resp, spec))
+
+    def stats(self) -> dict[str, Any]:
+        index, layout = self._need_read()
+        return {"store": self.url, "index": index, "documents": self.count(), "attributes": layout.attributes,
+                "dims": layout.dims, "metadata_types": layout.metadata_types, "model_version": layout.model_version}
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing a pool must never mask the caller's error
+            pass
+
+    def __enter__(self) -> "OpenSearchStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _NotFound(Exception):
+    pass
+
+
+def _until_settled(send: Callable[[], None], pending: dict[str, Any]) -> None:
+    send()
+    if pending:  # the helper always reports every action; anything left means a protocol surprise
+        raise StoreError(f"bulk response did not report {len(pending)} document(s), e.g. {next(iter(pending))!r}")
+
+
+def _bulk_lines(actions: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The NDJSON lines streaming_bulk will send for ``actions`` (for check_request)."""
+    lines: list[dict[str, Any]] = []
+    for a in actions:
+        meta = {"_id": a["_id"]}
+        if "_index" in a:
+            meta["_index"] = a["_index"]
+        lines.append({a["_op_type"]: meta})
+        if a["_op_type"] != "delete":
+            lines.append(a["_source"])
+    return lines
+
+
+def _item_failure(id_: str, info: Mapping[str, Any], cfg: OpenSearchConfig) -> Failure:
+    """kind: throttled (429 after all retries), rejected (other 4xx: the document is bad), http (5xx)."""
+    err = info.get("error")
+    status = info.get("status")
+    if isinstance(err, dict):
+        reason = f"{err.get('type', 'error')}: {err.get('reason', '')}"
+        cause = err.get("caused_by")
+        if isinstance(cause, dict) and cause.get("reason"):
+            reason += f" (caused by {cause.get('type', 'error')}: {cause['reason']})"
+    else:
+        reason = str(err or "failed")
+    if status == 429:
+        kind = "throttled"
+        reason += " (still rejected after the bulk retries)"
+    elif isinstance(status, int) and 400 <= status < 500:
+        kind = "rejected"
+    else:
+        kind = "http"
+    reason = cfg.scrub(" ".join(f"HTTP {status}: {reason}".split()))[:1000]
+    return Failure(id_, "store", reason, kind=kind)
