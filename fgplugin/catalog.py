@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -199,9 +200,12 @@ def coerce(value: Any, type_: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{value!r} is not a number")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number") from None
+        if not math.isfinite(f):  # NaN/inf would break JSON output and range filters
+            raise ValueError(f"{value!r} is not a finite number")
+        return f
     if type_ == "date":
         s = str(value)
         try:

@@ -211,6 +211,14 @@ def _toml_value(v: Any) -> str:
     return json.dumps(v)
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    # Metadata field names come from catalog columns and may hold spaces or dots: quote those.
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
 def _to_toml(d: dict[str, Any]) -> str:
     lines = [f"name = {_toml_value(d['name'])}", ""]
     for name, spec in d["attributes"].items():
@@ -219,6 +227,6 @@ def _to_toml(d: dict[str, Any]) -> str:
         lines.append("")
     if d.get("metadata"):
         lines.append("[metadata]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in d["metadata"].items()]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d["metadata"].items()]
         lines.append("")
     return "\n".join(lines)
