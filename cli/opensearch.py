@@ -29,7 +29,7 @@ def setup(
         None, "--attribute", "-a", help="NAME or NAME=WEIGHT for the search pipeline's query (repeat; default: all, 1.0)."),
     filter_: Optional[List[str]] = typer.Option(None, "--filter", "-f", help="Filter of the search pipeline's query."),
     k: int = typer.Option(20, "--k", help="Hits the search pipeline's query returns."),
-    mode: str = typer.Option("exact", "--mode", help="exact | ann | ann+rescore (ann needs every attribute at 1.0)."),
+    mode: str = typer.Option("exact", "--mode", help="exact | ann | ann+rescore (the ann modes need every attribute at weight 1)."),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog whose metadata fields the query returns "
                                            "(with --apply they are read from the index)."),
     serve_token: Optional[str] = typer.Option(None, "--serve-token", envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,

@@ -278,8 +278,8 @@ def query_template(card: Mapping[str, Any], options: WiringOptions) -> tuple[str
     sent = _sentinels(card)
     body = to_opensearch(spec, layout, query_vectors={a: sent[a] for a in spec.attributes})
     refs = {emb_field(a): sent[a] for a in spec.attributes}
-    # ann modes send concat(w_a * q_a): the service's emb_all is exactly that when every attribute is
-    # chosen with weight 1 (unit blocks, schema order).
+    # ann modes send concat(w_a * q_a) (zero blocks for attributes left out): the service's emb_all is
+    # exactly that only when every attribute is chosen with weight 1 (unit blocks, schema order).
     if all(spec.attributes.get(a) == 1.0 for a in card["attributes"]):
         refs[ALL_FIELD] = np.concatenate([sent[a] for a in card["attributes"]])
     used: list[str] = []
@@ -288,8 +288,8 @@ def query_template(card: Mapping[str, Any], options: WiringOptions) -> tuple[str
     if stray:
         raise WiringError(
             f"mode {spec.mode!r} with weights {spec.attributes} sends a vector the encoder does not return "
-            f"({', '.join(stray)}); ann over emb_all needs every attribute at weight 1, otherwise use mode "
-            "exact or ann+rescore"
+            f"({', '.join(stray)}): modes ann and ann+rescore search emb_all with concat(w_a * q_a), which the "
+            "encoder's emb_all equals only when every attribute is chosen at weight 1; use mode exact otherwise"
         )
     text = json.dumps(marked, separators=(",", ":"))
     names = list(dict.fromkeys(used))
