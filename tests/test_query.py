@@ -203,3 +203,31 @@ def test_scores_equal_the_opensearch_script_semantics(store_dir, tmp_path):
     assert [h.id for h in res.hits] == [e[1] for e in expected]
     np.testing.assert_allclose([h.score for h in res.hits], [e[0] for e in expected], atol=1e-5)
     copy.close()
+
+
+def test_image_query_end_to_end_with_a_real_export(tmp_path_factory, runner):
+    """index with a (tiny, untrained) export, then query by one item's image: that item comes first with
+    cosine 1, and the query finds the encoder through the model path the index run recorded."""
+    synth = pytest.importorskip("fgplugin.synth")
+    from test_encoder import tiny_export  # built once per session, shared with the encoder tests
+
+    from fgplugin.catalog import load_catalog
+
+    schema = synth.synth_schema()
+    export = tiny_export(tmp_path_factory.getbasetemp(), schema)
+    data = tmp_path_factory.mktemp("e2e")
+    catalog = synth.generate(data, 12, seed=5, size=64, workers=1, progress=False)
+    store = f"embedded:{data / 'store'}"
+    r = runner.invoke(app, ["index", "--catalog", str(catalog), "--model", str(export), "--store", store,
+                            "--workers", "1", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    cat = load_catalog(catalog, schema)
+    item = cat.items[3]
+    a, b = schema.names[:2]
+    src = cat.image_source(item)
+    r = runner.invoke(app, ["query", "--store", store, "--image", src, "--attr", a, "--attr", f"{b}=0.5",
+                            "-k", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.stdout)["hits"][0]
+    assert top["id"] == item.id
+    assert top["cosines"][a] == pytest.approx(1.0, abs=1e-4) and top["score"] == pytest.approx(1.5, abs=1e-4)
