@@ -26,6 +26,10 @@ def index(
     ),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Reprocess only the items in the errors file."),
     prune: bool = typer.Option(False, "--prune", help="Delete documents whose ids are no longer in the catalog."),
+    promote: Optional[bool] = typer.Option(
+        None, "--promote/--no-promote",
+        help="OpenSearch, new model version: switch the alias to the new index (default: once it holds every item).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (no progress bar)."),
 ) -> None:
     """Index a catalog: skips items already current, reports every failure; exit 1 if anything is not indexed."""
@@ -60,7 +64,7 @@ def index(
         report = index_catalog(
             cat, encoder, st, batch_size=batch_size, workers=workers, errors_path=errors_path,
             retry_errors=retry_errors, prune=prune, progress=not as_json,
-            limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model,
+            limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote,
         )
     finally:
         st.close()

@@ -12,7 +12,10 @@ One run:
 5. reports every item that was not indexed: catalog rows that do not validate (stage ``catalog``),
    images that cannot be read or decoded, model failures, and store rejections, each in the errors
    file with id, stage, kind, reason and time;
-6. with ``prune=True`` deletes documents whose ids are no longer in the catalog.
+6. with ``prune=True`` deletes documents whose ids are no longer in the catalog;
+7. on a store that builds a new model version's index beside the one it serves (OpenSearch: an alias
+   over versioned indices), switches the alias to the new index once every catalog item is in it
+   (``promote=None``), always (``True``) or never (``False``).
 
 The errors file (JSONL, one object per line) always describes what is currently not indexed: lines
 are appended as failures happen (so a killed run loses none), and the file is rewritten compactly at
@@ -110,6 +113,8 @@ class IndexReport:
     stale_removed: int = 0  # old-model documents deleted because re-encoding failed
     orphans: int = 0  # in the store, not in the catalog (deleted with prune)
     pruned: int = 0
+    promoted: str | None = None  # the index a store's alias was switched to, if any
+    not_promoted: str | None = None  # why a new model version's index does not serve queries yet
     errors_path: str | None = None
     errors_in_file: int = 0
     aborted: str | None = None
@@ -145,6 +150,8 @@ class IndexReport:
             "stale_removed": self.stale_removed,
             "orphans": self.orphans,
             "pruned": self.pruned,
+            "promoted": self.promoted,
+            "not_promoted": self.not_promoted,
             "errors_path": self.errors_path,
             "errors_in_file": self.errors_in_file,
             "aborted": self.aborted,
@@ -175,6 +182,10 @@ def report_table(report: IndexReport) -> Table:
         t.add_row("pruned (not in catalog)", str(report.pruned))
     elif report.orphans:
         t.add_row("[yellow]in store, not in catalog (--prune)", str(report.orphans))
+    if report.promoted:
+        t.add_row("[green]now serving", report.promoted)
+    if report.not_promoted:
+        t.add_row("[yellow]not serving yet", report.not_promoted)
     if report.errors_path and report.errors_in_file:
         t.add_row("errors file", f"{report.errors_path} ({report.errors_in_file} lines)")
     rate = report.indexed / report.elapsed_s if report.elapsed_s > 0 else 0.0
@@ -228,6 +239,7 @@ def index_catalog(
     progress: bool | Console = True,
     limits: ImageLimits = DEFAULT_LIMITS,
     model_path: str | Path | None = None,
+    promote: bool | None = None,
     on_batch: Callable[[EncodedBatch], None] | None = None,
 ) -> IndexReport:
     """Bring ``store`` up to date with ``catalog`` encoded by ``encoder`` (an ExportedEncoder).
@@ -236,8 +248,8 @@ def index_catalog(
     invalid rows are reported, not indexed). ``errors_path``: the errors JSONL (None: failures are only
     in the report). ``model_path``: recorded in the store's meta (``model_path``) where the store
     supports it, so image queries find the encoder; defaults to ``encoder.path``. ``progress``: show a
-    rich progress bar (on stderr, or on the Console given). ``on_batch``: called after each batch is
-    written.
+    rich progress bar (on stderr, or on the Console given). ``promote``: see step 7 of the module
+    docstring. ``on_batch``: called after each batch is written.
     """
     t_start = time.perf_counter()
     if not isinstance(catalog, Catalog):
@@ -354,6 +366,15 @@ def index_catalog(
     report.orphans = len(orphans)
     if prune and orphans and not report.aborted:
         report.pruned = store.delete(orphans)
+    if getattr(store, "pending_promotion", False):
+        if promote or (promote is None and report.ok):
+            report.promoted = str(store.promote()["index"])
+        else:
+            report.not_promoted = (
+                f"the new model's index {getattr(store, 'write_index', '')} is not complete; queries still use the "
+                "previous one (fix the failures and rerun, or pass --promote)"
+                if promote is None else "promotion was turned off"
+            )
     if err_file is not None:
         report.errors_path = str(err_file)
         report.errors_in_file = write_errors(

@@ -261,3 +261,52 @@ def test_schema_mismatch_is_refused(env, tmp_path):
     with DuckDBStore(tmp_path / "store2") as st, pytest.raises(ModelCardError, match="trained for schema"):
         index_catalog(load_catalog(catalog, other), enc, st, progress=False)
     assert not (tmp_path / "store" / "fgplugin.duckdb").exists()  # refused before the store was opened
+
+
+def test_opensearch_store_errors_file_named_after_the_index_rejections_and_promotion(env, tmp_path, monkeypatch):
+    from fake_opensearch import FakeOpenSearch
+
+    from fgplugin.opensearch.store import OpenSearchStore
+
+    enc, export, catalog_path = env
+    rows = [json.loads(line) for line in catalog_path.read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(catalog_path.parent / r["image"])
+    gone = tmp_path / "gone.jpg"
+    rows.append({**rows[0], "id": "gone", "image": str(gone)})
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(catalog_path.parent / "schema.toml", tmp_path / "schema.toml")
+    rejected = rows[3]["id"]
+    monkeypatch.chdir(tmp_path)  # the errors file of an OpenSearch store goes to the working folder
+    args = ["--catalog", catalog, "--model", export, "--index", "shop", "--batch-size", 8, "--json"]
+    with FakeOpenSearch() as fake:
+        fake.reject[rejected] = "failed to parse field [emb_colour]"
+        r = run_cli(*args, "--store", f"opensearch:{fake.url}")
+        assert r.exit_code == 1, r.output
+        rep = report_of(r)
+        assert rep["indexed"] == N - 1
+        assert rep["failed_by_cause"] == {"read/missing": 1, "store/rejected": 1}
+        errors = tmp_path / "shop.errors.jsonl"
+        assert rep["errors_path"] == str(errors)
+        entries = {e["id"]: e for e in map(json.loads, errors.read_text().splitlines())}
+        assert set(entries) == {"gone", rejected} and "emb_colour" in entries[rejected]["reason"]
+        assert (entries[rejected]["stage"], entries["gone"]["stage"]) == ("store", "read")
+
+        del fake.reject[rejected]  # the cluster takes it now; the file appears too
+        shutil.copy(rows[1]["image"], gone)
+        r = run_cli(*args, "--store", f"opensearch:{fake.url}", "--retry-errors")
+        assert r.exit_code == 0, r.output
+        assert report_of(r)["indexed"] == 2 and not errors.exists()
+
+        # A retrained model fills a new index beside the served one, then the alias moves to it.
+        v2 = copy.copy(enc)
+        v2.version = "0" * 64
+        st = OpenSearchStore.from_url(fake.url, index="shop")
+        old_index = next(iter(fake.aliases["shop"]))
+        rep = index_catalog(catalog, v2, st, batch_size=16, progress=False)
+        assert (rep.indexed, rep.skipped_current) == (N + 1, 0)
+        assert rep.promoted == "shop-000000000000" and fake.aliases["shop"] == {"shop-000000000000"}
+        assert old_index != "shop-000000000000" and len(fake.indices[old_index]["docs"]) == N + 1
+        assert set(st.versions().values()) == {v2.version} and len(st.versions()) == N + 1
+        st.close()
