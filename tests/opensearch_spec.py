@@ -13,7 +13,7 @@ it catches wrong types, missing required keys and two fields in one knn clause, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,17 @@ def _pointer(s: str) -> str:
 class ApiSpec:
     root: Path
     registry: Registry
+    _validators: dict = field(default_factory=dict, repr=False)
 
     def uri(self, relative: str) -> str:
         return (self.root / "spec" / relative).resolve().as_uri()
 
     def validator(self, kind: str) -> jsonschema.Draft202012Validator:
+        if kind not in self._validators:
+            self._validators[kind] = self._make_validator(kind)
+        return self._validators[kind]
+
+    def _make_validator(self, kind: str) -> jsonschema.Draft202012Validator:
         ns, name, ctype = REQUEST_BODIES[kind]
         ref = f"{self.uri('namespaces/' + ns)}#/components/requestBodies/{_pointer(name)}/content/{_pointer(ctype)}/schema"
         return jsonschema.Draft202012Validator({"$ref": ref}, registry=self.registry)
@@ -80,7 +86,7 @@ def load_api_spec(root: Path = SPEC_DIR) -> ApiSpec:
             with open(p, encoding="utf-8") as f:
                 doc = yaml.load(f, Loader=_Loader)
             resources.append((p.resolve().as_uri(), DRAFT202012.create_resource(doc)))
-    return ApiSpec(root, Registry().with_resources(resources))
+    return ApiSpec(root, Registry().with_resources(resources).crawl())
 
 
 def story_payloads(root: Path, pattern: str = "tests/default/_core/search/knn/**/*.yaml") -> list[tuple[str, str, str, Any]]:
