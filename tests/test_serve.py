@@ -375,3 +375,41 @@ def test_saturation_gives_429_and_shutdown_drains(encoder, images):
         srv.__exit__(None, None, None)
     t.join(10)
     assert result["r"].status_code == 200
+
+
+def test_cli_serves_on_a_port_and_stops_cleanly(encoder, images):
+    """`fgplugin serve --model EXPORT --port P` is one command; SIGTERM runs uvicorn's graceful shutdown
+    (lifespan shutdown drains the batcher), after which uvicorn re-raises the signal as its exit status."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fgplugin_cli.app", "serve", "--model", str(encoder.path), "--port", str(port),
+         "--device", "cpu", "--allow-host", "images.example.com", "--log-level", "info"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/encode", json={"image": _b64(images[0])}, timeout=30)
+        assert r.status_code == 200 and r.json()[VERSION_KEY] == encoder.version
+        _check_vectors(encoder, r.json(), _expected(encoder, [images[0]]), 0)
+        r = httpx.post(f"{url}/encode", json={"url": "http://elsewhere.test/a.png"}, timeout=30)
+        assert r.status_code == 403  # --allow-host reached the service
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out and "Traceback" not in out, out
