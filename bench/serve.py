@@ -8,7 +8,7 @@ decode + preprocess + model call on batches of C images in one thread (the best 
 if batching were perfect and HTTP free). served/in-process is the serving efficiency; 1 minus it is
 the overhead.
 
-    .venv/bin/python bench/serve.py                       # tiny untrained export, CPU
+    .venv/bin/python bench/serve.py                       # untrained asen_v2, 112 px, CPU
     .venv/bin/python bench/serve.py --model runs/export --requests 400
 """
 
@@ -53,12 +53,15 @@ def sample_images(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def tiny_export(out: Path) -> Path:
-    """An untrained small export (resnet18 trunk, 64 px), as the tests use."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from export_fixture import build_tiny_export  # noqa: E402
+def untrained_export(out: Path, variant: str, image_size: int) -> Path:
+    """An untrained export of the demo's model shape (speed does not depend on the weights)."""
+    from fgplugin.export import export_model
+    from fgplugin.models import build_model, load_config, save_checkpoint
+    from fgplugin.synth import synth_schema
 
-    return build_tiny_export(out)
+    model = build_model(load_config(variant, {"trunk": "resnet18", "image_size": image_size}), synth_schema())
+    save_checkpoint(out.parent / "ckpt", model)
+    return export_model(out.parent / "ckpt", out)
 
 
 def free_port() -> int:
@@ -118,7 +121,9 @@ async def served(url: str, blobs: list[bytes], c: int, requests: int) -> tuple[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="export folder (default: build a tiny untrained one)")
+    ap.add_argument("--model", help="export folder (default: an untrained --variant at --image-size)")
+    ap.add_argument("--variant", default="asen_v2")
+    ap.add_argument("--image-size", type=int, default=112, help="input size of the default model (the demo's)")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
     ap.add_argument("--max-batch", type=int, default=32)
@@ -132,7 +137,7 @@ def main() -> None:
     from fgplugin.export import ExportedEncoder
 
     tmp = tempfile.TemporaryDirectory(prefix="fg-bench-serve-")
-    model = Path(args.model) if args.model else tiny_export(Path(tmp.name) / "export")
+    model = Path(args.model) if args.model else untrained_export(Path(tmp.name) / "export", args.variant, args.image_size)
     encoder = ExportedEncoder.load(model, device="cpu")
     blobs = sample_images(64)
     console.print(f"model {encoder.version[:12]} ({encoder.card.get('variant')}, {encoder.preprocess.image_size} px, "
