@@ -610,33 +610,36 @@ def generate(
     job = partial(_render_and_save, seed=seed, size=size, images_dir=str(images_dir))
     results: list[tuple[int, dict, dict, dict] | None] = [None] * n
 
+    # Workers are forked where the platform can (Linux): no re-import of the caller's __main__, so
+    # generate() works from any script or notebook. They render with numpy and PIL only (never
+    # torch), and the pool exists before the progress bar starts its refresh thread.
+    pool = None
+    if workers > 1:
+        methods = mp.get_all_start_methods()
+        pool = mp.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
     bar = None
     if progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
         bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn(), transient=False)
-    task = bar.add_task(f"rendering {n} garments", total=n) if bar else None
-    if bar:
+        task = bar.add_task(f"rendering {n} garments", total=n)
         bar.start()
     try:
-        if workers <= 1:
+        if pool is None:
             stream = map(job, range(n))
-            pool = None
         else:
-            # spawn: safe even when the caller has torch (and its threads) loaded.
-            pool = mp.get_context("spawn").Pool(workers)
             stream = pool.imap_unordered(job, range(n), chunksize=max(1, min(32, n // (8 * workers))))
         for res in stream:
             results[res[0]] = res
             if bar:
                 bar.advance(task)
-        if pool:
-            pool.close()
-            pool.join()
     finally:
         if bar:
             bar.stop()
+        if pool:
+            pool.terminate() if any(r is None for r in results) else pool.close()
+            pool.join()
 
     schema = synth_schema()
     schema.save(out / "schema.toml")

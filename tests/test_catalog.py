@@ -277,3 +277,13 @@ def test_cli_data_check(folder):
     assert json.loads(no_img.output)["rows"] == 2
     missing = CliRunner().invoke(app, ["data", "check", str(folder / "none.jsonl")])
     assert missing.exit_code == 2 and "catalog file not found" in missing.output
+
+
+def test_cli_data_split(folder):
+    _schema().save(folder / "schema.toml")
+    cat = _jsonl(folder / "c.jsonl", [{"id": f"i{k}", "image": f"img/{k % 4}.jpg"} for k in range(50)])
+    result = CliRunner().invoke(app, ["data", "split", str(cat), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    s = Splits.load(folder / "splits.json")
+    assert s == make_splits([f"i{k}" for k in range(50)], seed=3)
+    assert "train 35, valid 1+4, test 2+8" in " ".join(result.output.split())

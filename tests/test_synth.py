@@ -18,7 +18,7 @@ from fgplugin.splits import Splits
 from fgplugin.synth import NOT_VISIBLE, _render, generate, load_boxes, render_item, synth_schema
 from fgplugin_cli.app import app
 
-N = 400
+N = 300
 SCHEMA = synth_schema()
 SHAPE = ["sleeve_length", "neckline", "collar", "hem_length", "pocket"]
 GLOBAL = ["colour", "pattern"]
@@ -77,7 +77,7 @@ def test_changing_one_attribute_changes_pixels_only_inside_its_box():
     """Render an item, then the same item with one attribute set to another value: the pixels that
     change must lie in that attribute's box (of either render), and something must change."""
     checked = Counter()
-    for index in range(24):
+    for index in range(16):
         base, geo = _render(index, 11)
         a_px = _pixels(base)
         for attr in SCHEMA:
@@ -96,7 +96,7 @@ def test_changing_one_attribute_changes_pixels_only_inside_its_box():
             frac = (diff & inside).sum() / diff.sum()
             assert frac > 0.9, f"item {index}: {attr.name} -> {other}: only {frac:.0%} of changed pixels in its box"
             checked[attr.name] += 1
-    assert all(checked[a] >= 15 for a in SCHEMA.names), checked
+    assert all(checked[a] >= 10 for a in SCHEMA.names), checked
 
 
 def test_neck_attributes_share_a_region_but_not_their_pixels():
@@ -212,7 +212,7 @@ def test_schema_catalog_and_splits_are_written(dataset, catalog):
     parts = [splits.train, splits.valid_query, splits.valid_candidate, splits.test_query, splits.test_candidate]
     allids = [i for p in parts for i in p]
     assert sorted(allids) == sorted(catalog.ids) and len(set(allids)) == N
-    assert len(splits.train) == 280 and len(splits.valid_query) + len(splits.valid_candidate) == 40
+    assert len(splits.train) == 210 and len(splits.valid_query) + len(splits.valid_candidate) == 30
     assert len(splits.test_query) * 4 == len(splits.test_candidate)
     gen = json.loads((dataset / "generator.json").read_text())
     assert gen["seed"] == 3 and gen["n"] == N
