@@ -120,3 +120,161 @@ def test_roi_iou():
     pred = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 0, 0]])
     gt = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]])
     assert roi_iou(pred, gt).tolist() == pytest.approx([1.0, 50 / 150, 0.0, 0.0])
+
+
+# -- evaluate() on models -------------------------------------------------------------------------------
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from fgplugin.attention_viz import GT_COLOUR, PANEL, save_attention  # noqa: E402
+from fgplugin.catalog import load_catalog  # noqa: E402
+from fgplugin.errors import FgpluginError, ModelCardError  # noqa: E402
+from fgplugin.evaluation import evaluate  # noqa: E402
+from fgplugin.images import load_image  # noqa: E402
+from fgplugin.preprocess import Preprocess  # noqa: E402
+from fgplugin.splits import Splits  # noqa: E402
+from fgplugin.synth import generate, load_boxes, synth_schema  # noqa: E402
+
+SIZE = 64  # model input; the generated images are 96 px, so every box is rescaled
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synth"), 60, seed=1, size=96, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(synth):
+    cat = load_catalog(synth, synth_schema())
+    return cat, Splits.load(synth.parent / "splits.json"), load_boxes(synth.parent)
+
+
+def _key(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest()
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in model that recognises each catalog image (by the hash of its preprocessed tensor)
+    and answers from ground truth: one-hot label vectors, ground-truth ROI boxes, peaked maps. It
+    tests evaluate()'s plumbing (ids, labels, box scaling) with known right answers."""
+
+    def __init__(self, cat, boxes, *, labels=None, roi="truth"):
+        super().__init__()
+        self.schema, self.config = cat.schema, None
+        pre = self.preprocess()
+        lab = cat.label_matrix() if labels is None else labels
+        self.by_key = {}
+        for row, it in enumerate(cat.items):
+            img = load_image(it.image, base_dir=cat.base_dir)
+            sx, sy = SIZE / img.size[0], SIZE / img.size[1]
+            b = {a: None if v is None else (v[0] * sx, v[1] * sy, v[2] * sx, v[3] * sy)
+                 for a, v in boxes[it.id].items()}
+            self.by_key[_key(pre(img))] = (lab[row], b)
+        self.roi = roi
+
+    def preprocess(self):
+        return Preprocess(SIZE)
+
+    def embed_all(self, x):
+        width = max(a.num_classes for a in self.schema)
+        out = torch.zeros(len(x), len(self.schema), width)
+        for i in range(len(x)):
+            lab, _ = self.by_key[_key(x[i])]
+            for a, v in enumerate(lab):
+                if v >= 0:
+                    out[i, a, v] = 1.0
+        return out
+
+    def attention(self, x, attr_idx):
+        boxes, maps = torch.zeros(len(x), 4), torch.zeros(len(x), SIZE, SIZE)  # 1-px cells
+        for i in range(len(x)):
+            name = self.schema.names[int(attr_idx[i])]
+            box = self.by_key[_key(x[i])][1][name]
+            boxes[i] = torch.tensor(box if self.roi == "truth" else (0.0, 0.0, SIZE, SIZE))
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            maps[i, int(cy), int(cx)] = 1.0
+        return maps, boxes
+
+
+def test_evaluate_scores_a_perfect_model_perfectly(data):
+    cat, splits, boxes = data
+    rep = evaluate(Oracle(cat, boxes), cat, splits, n_triplets=300, boxes=boxes)
+    visible = [a for a, n in rep.queries_per_attribute.items() if n > 0]
+    assert visible and all(rep.per_attribute_map[a] == pytest.approx(1.0) for a in visible)
+    assert rep.overall_weighted == pytest.approx(1.0) and rep.triplet_accuracy == 1.0
+    assert rep.n_triplets == 300
+    q, c = splits.part("test")
+    assert (rep.n_queries, rep.n_candidates) == (len(q), len(c))
+    # Queries per attribute are the test queries whose label is visible.
+    lab = {it.id: it.labels for it in cat}
+    hidden = synth_schema()["pocket"].not_visible
+    assert rep.queries_per_attribute["pocket"] == sum(lab[i]["pocket"] not in (None, hidden) for i in q)
+    # ROI: truth boxes scaled from 96 px images to the 64 px input give IoU 1 and peaks inside.
+    assert rep.roi["mean_iou"] == pytest.approx(1.0, abs=1e-5) and rep.roi["peak_in_box"] == 1.0
+    assert 0.0 < rep.roi["box_area_fraction"] < 1.0
+    assert rep.encode_ms_per_image > 0 and rep.forward_ms_per_image > 0
+    json.dumps(rep.to_dict())  # JSON-ready
+
+
+def test_evaluate_with_shuffled_labels_is_at_chance_and_whole_image_rois_score_box_area(data):
+    cat, splits, boxes = data
+    rng = np.random.default_rng(0)
+    shuffled = cat.label_matrix()[rng.permutation(len(cat))]
+    rep = evaluate(Oracle(cat, boxes, labels=shuffled, roi="whole"), cat, splits, n_triplets=300, boxes=boxes)
+    # One-hot vectors of wrong labels: many exact ties, broken pessimistically, so at or below chance.
+    assert rep.overall_weighted <= rep.chance["overall_weighted"] + 0.05
+    roi = rep.roi
+    assert roi["mean_iou"] == pytest.approx(roi["box_area_fraction"], abs=1e-5)  # whole image: IoU = box area share
+
+
+def test_evaluate_refuses_a_model_of_another_schema(data):
+    cat, splits, boxes = data
+    oracle = Oracle(cat, boxes)
+    s = synth_schema()
+    oracle.schema = type(s)(s.attributes[:2], name="other")
+    with pytest.raises(ModelCardError, match="is not the catalog's"):
+        evaluate(oracle, cat, splits)
+
+
+SMALL = {"trunk": "resnet_tiny", "local_trunk": "resnet_tiny", "image_size": SIZE, "local_size": 32,
+         "embed_dim": 32, "attr_embed_dim": 16, "asa_dim": 16, "local_asa_dim": 16}
+
+
+def test_eval_cli_on_a_run_folder_with_attention_overlays(synth, data, tmp_path):
+    from fgplugin.models import build_model, load_config, save_checkpoint
+    from fgplugin_cli.app import app
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run" / "best", build_model(load_config("asen_v2", SMALL), synth_schema()))
+    out = tmp_path / "att"
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--catalog", str(synth),
+                                   "--json", "--triplets", "100", "--device", "cpu",
+                                   "--save-attention", str(out), "--attention-images", "2"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["variant"] == "asen_v2" and set(rep["per_attribute_map"]) == set(synth_schema().names)
+    assert 0.0 <= rep["roi"]["mean_iou"] <= 1.0 and 0.0 <= rep["roi"]["peak_in_box"] <= 1.0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    sheet = np.asarray(Image.open(pngs[0]).convert("RGB"))
+    assert sheet.shape[1] == PANEL * (len(synth_schema()) + 1)
+    assert (np.abs(sheet.astype(int) - GT_COLOUR).sum(-1) < 60).any()  # ground-truth boxes are drawn
+
+    cat, splits, boxes = data
+    torch.manual_seed(0)
+    csn = build_model(load_config("csn", SMALL), synth_schema())
+    with pytest.raises(FgpluginError, match="no attention"):
+        save_attention(csn, cat, splits.test_query, tmp_path / "none", boxes=boxes)
+
+
+def test_eval_cli_reports_bad_arguments_clearly(synth, tmp_path):
+    from fgplugin_cli.app import app
+
+    res = CliRunner().invoke(app, ["eval", "--catalog", str(synth)])
+    assert res.exit_code == 2 and "exactly one of --checkpoint" in res.output
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path), "--catalog", str(synth)])
+    assert res.exit_code == 2 and "no checkpoint here" in res.output

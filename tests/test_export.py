@@ -1,0 +1,207 @@
+"""Exports: identical vectors to the in-memory model, a complete model card, refusals, no training code.
+
+Round-trip tolerance: max abs difference <= 1e-5 between the export and the in-memory model on the
+same float32 input (measured: exactly 0 on CPU for torch.export programs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fgplugin.catalog import load_catalog
+from fgplugin.errors import ModelCardError
+from fgplugin.export import CARD_FILE, WEIGHTS_FILE, ExportedEncoder, compute_version, export_model
+from fgplugin.images import load_image
+from fgplugin.models import build_model, load_config, save_checkpoint
+from fgplugin.schema import Attribute, AttributeSchema
+from fgplugin.splits import Splits
+from fgplugin.synth import generate, synth_schema
+from fgplugin_cli.app import app
+
+ATOL = 1e-5
+SMALL = {"trunk": "resnet_tiny", "local_trunk": "resnet_tiny", "image_size": 64, "local_size": 32,
+         "embed_dim": 32, "attr_embed_dim": 16, "asa_dim": 16, "local_asa_dim": 16, "agmlan_channels": 16}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synth"), 60, seed=3, size=80, progress=False)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, synth):
+    """{variant: (in-memory model, export dir, loaded export)}: asen_v2 through the CLI with --catalog,
+    csn through the API."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for variant in ("asen_v2", "csn"):
+        torch.manual_seed(0)
+        model = build_model(load_config(variant, SMALL), synth_schema()).eval()
+        run = root / f"run-{variant}"
+        save_checkpoint(run / "best", model)
+        dest = root / f"export-{variant}"
+        if variant == "asen_v2":
+            res = CliRunner().invoke(app, ["export", "--checkpoint", str(run), "--out", str(dest),
+                                           "--catalog", str(synth), "--triplets", "200"])
+            assert res.exit_code == 0, res.output
+            assert "exported asen_v2" in res.output
+        else:
+            export_model(run / "best", dest)
+        out[variant] = (model, dest, ExportedEncoder.load(dest, schema=synth_schema(), device="cpu"))
+    return out
+
+
+def _images(synth: Path, n: int):
+    cat = load_catalog(synth, synth_schema())
+    return [load_image(it.image, base_dir=cat.base_dir) for it in cat.items[:n]]
+
+
+@pytest.mark.parametrize("variant", ["asen_v2", "csn"])
+def test_export_reproduces_the_in_memory_model(exports, synth, variant):
+    model, path, enc = exports[variant]
+    assert enc.attributes == model.schema.names and enc.dims == model.dims
+    assert enc.preprocess == model.preprocess()
+    images = _images(synth, 5)
+    batch = enc.preprocess.batch(images)
+    with torch.no_grad():
+        expected = model.embed_all(batch).numpy()
+    for x, ref in ((batch, expected), (batch[:1], expected[:1])):  # batch sizes the trace never saw
+        got = enc.encode_tensors(x)
+        for i, name in enumerate(enc.attributes):
+            assert got[name].dtype == np.float32 and got[name].shape == (len(x), enc.dims[name])
+            assert np.abs(got[name] - ref[:, i, : enc.dims[name]]).max() <= ATOL
+            assert np.allclose(np.linalg.norm(got[name], axis=1), 1.0, atol=1e-5)
+    from_pil = enc.encode_images(images, batch_size=2)
+    for i, name in enumerate(enc.attributes):
+        assert np.abs(from_pil[name] - expected[:, i, : enc.dims[name]]).max() <= ATOL
+
+
+def test_model_card_records_what_serving_needs(exports, synth):
+    model, path, _ = exports["asen_v2"]
+    card = json.loads((path / CARD_FILE).read_text())
+    assert card["format"] == "fgplugin-encoder" and card["format_version"] == 1
+    assert card["variant"] == "asen_v2" and card["config"]["trunk"] == "resnet_tiny"
+    assert card["schema_fingerprint"] == synth_schema().fingerprint()
+    assert card["attributes"] == synth_schema().names
+    assert card["preprocess"] == model.preprocess().to_dict()
+    assert card["encoder"]["kind"] == "torch.export"
+    assert card["version"] == compute_version(path, card)
+    # Training data summary and the metrics of the evaluation run by `export --catalog`.
+    cat = load_catalog(synth, synth_schema())
+    train_ids = set(Splits.load(synth.parent / "splits.json").train)
+    assert card["training"]["n_items"] == len(cat) and card["training"]["n_train"] == len(train_ids)
+    colours = card["training"]["label_counts"]["colour"]
+    assert sum(colours.values()) == len(train_ids)
+    assert colours["red"] == sum(1 for it in cat if it.id in train_ids and it.labels["colour"] == "red")
+    metrics = card["metrics"]
+    assert set(metrics["per_attribute_map"]) == set(synth_schema().names)
+    assert 0.0 < metrics["overall_weighted"] <= 1.0 and metrics["n_triplets"] == 200
+    assert metrics["roi"]["per_attribute"]  # generated data has boxes and asen_v2 has attention
+    scales = card["storage"]["int8"]["scale"]
+    assert all(127.0 <= s < 127.0 / 0.05 for s in scales.values())  # 127 / max |component| seen
+    # The safetensors weights are the model's: a fresh model loaded from them gives the same vectors.
+    from safetensors.torch import load_model
+
+    fresh = build_model(load_config("asen_v2", SMALL), synth_schema()).eval()
+    load_model(fresh, str(path / WEIGHTS_FILE), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.embed_all(x), model.embed_all(x))
+
+
+def test_eval_of_an_export_matches_the_recorded_metrics(exports, synth):
+    _, path, _ = exports["asen_v2"]
+    res = CliRunner().invoke(app, ["eval", "--model", str(path), "--catalog", str(synth), "--json",
+                                   "--triplets", "200", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    card = json.loads((path / CARD_FILE).read_text())
+    assert report["overall_weighted"] == pytest.approx(card["metrics"]["overall_weighted"], abs=1e-6)
+    assert report["per_attribute_map"] == pytest.approx(card["metrics"]["per_attribute_map"], abs=1e-6)
+    assert report["roi"] is None  # an export keeps only the encoder
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(path, dest)
+    return dest
+
+
+def test_loading_refuses_another_schema(exports):
+    _, path, _ = exports["csn"]
+    s = synth_schema()
+    other = AttributeSchema(s.attributes[:-1] + (Attribute("pattern", ("solid", "dots")),), name=s.name)
+    with pytest.raises(ModelCardError, match=r"values differ for: pattern"):
+        ExportedEncoder.load(path, schema=other)
+    fewer = AttributeSchema(s.attributes[:3], name=s.name)
+    with pytest.raises(ModelCardError, match=r"missing from the given schema: .*pocket"):
+        ExportedEncoder.load(path, schema=fewer)
+
+
+def test_loading_refuses_unknown_formats_and_tampering(exports, tmp_path):
+    _, path, _ = exports["csn"]
+    d = _copy(path, tmp_path)
+    card_file = d / CARD_FILE
+    card = json.loads(card_file.read_text())
+
+    def write(c):
+        card_file.write_text(json.dumps(c))
+
+    write({**card, "format_version": 99})
+    with pytest.raises(ModelCardError, match="format_version 99 is not supported"):
+        ExportedEncoder.load(d)
+    write({**card, "format": "something-else"})
+    with pytest.raises(ModelCardError, match="expected 'fgplugin-encoder'"):
+        ExportedEncoder.load(d)
+    write({**card, "dims": {**card["dims"], "colour": 8}})  # edited without re-hashing
+    with pytest.raises(ModelCardError, match="modified after it was written"):
+        ExportedEncoder.load(d)
+    write(card)
+    raw = bytearray((d / WEIGHTS_FILE).read_bytes())
+    raw[-1] ^= 0xFF
+    (d / WEIGHTS_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ModelCardError, match="modified after it was written"):
+        ExportedEncoder.load(d)
+    (d / CARD_FILE).unlink()
+    with pytest.raises(ModelCardError, match="not an fgplugin export"):
+        ExportedEncoder.load(d)
+
+
+def test_export_refuses_to_overwrite_a_folder_that_is_not_an_export(exports, tmp_path):
+    _, path, _ = exports["csn"]
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ModelCardError, match="not an fgplugin export"):
+        export_model(path.parent / "run-csn" / "best", tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_an_export_loads_in_a_fresh_process_without_training_code(exports, synth, tmp_path):
+    model, path, _ = exports["asen_v2"]
+    batch = model.preprocess().batch(_images(synth, 3))
+    torch.save(batch, tmp_path / "batch.pt")
+    probe = f"""
+import json, sys, numpy as np, torch
+from fgplugin.export import ExportedEncoder
+enc = ExportedEncoder.load({str(path)!r}, device="cpu")
+out = enc.encode_tensors(torch.load({str(tmp_path / 'batch.pt')!r}))
+np.savez({str(tmp_path / 'out.npz')!r}, **out)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("fgplugin"))))
+"""
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m.startswith(("fgplugin.models", "fgplugin.training"))], loaded
+    got = np.load(tmp_path / "out.npz")
+    with torch.no_grad():
+        expected = model.embed_all(batch).numpy()
+    for i, name in enumerate(model.schema.names):
+        assert np.abs(got[name] - expected[:, i, : model.dims[name]]).max() <= ATOL
