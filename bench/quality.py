@@ -37,7 +37,7 @@ from fgplugin.catalog import Catalog, find_schema, load_catalog
 from fgplugin.schema import AttributeSchema
 from fgplugin.splits import Splits, make_splits
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs get the whole table
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VARIANTS = ("asen_v2", "asen", "csn", "ag_mlan", "global", "mtc")
@@ -107,7 +107,7 @@ def run_one(variant: str, cat: Catalog, splits_path: Path, boxes: dict | None, r
                    progress=True)
     train_seconds = spent_before + result.seconds
     partial.write_text(json.dumps({"seconds": train_seconds}))
-    model, _ = load_checkpoint(result.checkpoint, map_location="cpu")
+    model, state = load_checkpoint(result.checkpoint, map_location="cpu")
     report = evaluate(model, cat, Splits.load(splits_path), part="test", n_triplets=n_triplets, boxes=boxes,
                       device=device, progress=True)
     out = {
@@ -117,6 +117,9 @@ def run_one(variant: str, cat: Catalog, splits_path: Path, boxes: dict | None, r
         "stopped": result.stopped,
         "train_seconds": train_seconds,
         "best_valid_map": result.best_map,
+        # The evaluated checkpoint is the best on validation (papers' model selection); its step shows
+        # e.g. whether ASEN_v2's best came before its stage 2 (then it equals ASEN's stage-1 model).
+        "checkpoint_step": state.get("step"),
         "report": report.to_dict(),
     }
     cached.write_text(json.dumps(out, indent=2))
@@ -132,6 +135,7 @@ def _metrics(run: dict[str, Any]) -> dict[str, float | None]:
         "map": r["overall_weighted"], "map_mean": r["overall_mean"], "chance": r["chance"]["overall_weighted"],
         "triplet": r["triplet_accuracy"], "roi_iou": roi.get("mean_iou"), "peak_in_box": roi.get("peak_in_box"),
         "box_area": roi.get("box_area_fraction"), "train_s": run["train_seconds"],
+        "checkpoint_step": run.get("checkpoint_step"),
         "encode_ms": r["encode_ms_per_image"], "forward_ms": r["forward_ms_per_image"],
     })
     m.update({f"chance:{k}": v for k, v in r["chance"]["per_attribute"].items()})
@@ -154,29 +158,38 @@ def _cell(agg: dict, key: str, scale: float = 100.0, fmt: str = "{:.1f}") -> str
     if m is None:
         return "-"
     text = fmt.format(m * scale)
-    return text + (f" ± {fmt.format(s * scale)}" if s is not None else "")
+    return text + (f"±{fmt.format(s * scale)}" if s is not None else "")
 
 
 def table(data_name: str, attributes: list[str], results: dict[str, dict], title_extra: str) -> Table:
-    t = Table(title=f"{data_name}: test MAP % per attribute, overall, triplet accuracy, ROI ({title_extra})")
-    t.add_column("variant")
-    for a in attributes:
-        t.add_column(a, justify="right")
-    for col in ("MAP (w)", "triplet %", "ROI IoU %", "peak in box %", "train s", "encode ms/img"):
-        t.add_column(col, justify="right")
+    """One column per variant (mean±std over seeds), one row per metric; chance in the last column."""
+    t = Table(title=f"{data_name}: test retrieval, {title_extra}")
+    t.add_column("metric")
+    for v in results:
+        t.add_column(v, justify="right")
+    t.add_column("chance", justify="right", style="dim")
+    ref = next(iter(results.values()), None)
     best = max((agg["mean"].get("map") or 0.0 for agg in results.values()), default=0.0)
-    for v, agg in results.items():
-        star = agg["mean"].get("map") == best
-        t.add_row(f"[bold]{v}[/]" if star else v, *[_cell(agg, f"map:{a}") for a in attributes],
-                  (f"[bold]{_cell(agg, 'map')}[/]" if star else _cell(agg, "map")), _cell(agg, "triplet"),
-                  _cell(agg, "roi_iou"), _cell(agg, "peak_in_box"), _cell(agg, "train_s", 1.0, "{:.0f}"),
-                  _cell(agg, "encode_ms", 1.0, "{:.2f}"))
-    if results:
-        any_agg = next(iter(results.values()))
-        t.add_section()
-        t.add_row("[dim]chance[/]", *[f"[dim]{_cell(any_agg, f'chance:{a}')}[/]" for a in attributes],
-                  f"[dim]{_cell(any_agg, 'chance')}[/]", "[dim]50.0[/]", f"[dim]{_cell(any_agg, 'box_area')}[/]",
-                  f"[dim]{_cell(any_agg, 'box_area')}[/]", "", "")
+
+    def row(label: str, key: str, chance: str = "", scale: float = 100.0, fmt: str = "{:.1f}", bold_best=False):
+        cells = [_cell(agg, key, scale, fmt) for agg in results.values()]
+        if bold_best:
+            cells = [f"[bold]{c}[/]" if agg["mean"].get("map") == best else c for c, agg in zip(cells, results.values())]
+        t.add_row(label, *cells, chance)
+
+    for a in attributes:
+        row(f"MAP % {a}", f"map:{a}", _cell(ref, f"chance:{a}") if ref else "")
+    t.add_section()
+    row("MAP % (weighted)", "map", _cell(ref, "chance") if ref else "", bold_best=True)
+    row("MAP % (mean)", "map_mean")
+    row("triplet acc %", "triplet", "50.0")
+    row("ROI IoU %", "roi_iou", _cell(ref, "box_area") if ref else "")
+    row("peak in box %", "peak_in_box", _cell(ref, "box_area") if ref else "")
+    t.add_section()
+    row("best-valid step", "checkpoint_step", "", 1.0, "{:.0f}")
+    row("train s", "train_s", "", 1.0, "{:.0f}")
+    row("encode ms/img", "encode_ms", "", 1.0, "{:.2f}")  # decode + preprocess + forward
+    row("model ms/img", "forward_ms", "", 1.0, "{:.2f}")
     return t
 
 
@@ -223,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if value is not None:
             common[key] = value
     common.update(parse_overrides(a.set))
-    synth_size = a.synth_size or a.image_size or 224
+    synth_size = a.synth_size or max(64, a.image_size or 224)  # the generator draws at 64 px or more
     a.work.mkdir(parents=True, exist_ok=True)
     budget_text = ", ".join(x for x in (f"{a.steps} steps" if a.steps else "", f"budget {a.budget}" if a.budget else "") if x)
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "overrides": common, "datasets": {}}
