@@ -74,7 +74,7 @@ HEM_BAND = 0.06
 NECK_ZONE = (-0.47, -0.13, 0.47, 0.39)  # holds every neckline x collar combination
 POCKET_ZONE = (-0.40, 0.47, 0.40, 0.76)  # holds every pocket style
 MAX_ROTATION_DEG = 6.0
-SCALE_RANGE = (0.31, 0.39)  # W as a fraction of the image side
+SCALE_RANGE = (0.33, 0.41)  # W as a fraction of the image side
 SLEEVE_ANGLE_DEG = (55.0, 62.0)  # sleeves point down and out (a flat lay), angle from vertical
 
 REGIONS = {
@@ -410,8 +410,8 @@ def _render(index: int, seed: int, size: int = 224, overrides: dict[str, str] | 
                 draw.rectangle([x0, yy, x1, yy + step], fill=col)
 
     line_w = max(1, int(round(0.025 * w * ss)))
-    outline = _contrast(base, 0.6)
-    pattern_colour = _contrast(base, 0.5)
+    outline = _contrast(base, 0.75)
+    pattern_colour = _contrast(base, 0.4)  # quieter than the parts' details
 
     # The fabric: base colour plus the pattern, in garment coordinates (it turns with the garment).
     fabric = Image.new("RGB", (S, S), base)
@@ -452,7 +452,7 @@ def _render(index: int, seed: int, size: int = 224, overrides: dict[str, str] | 
             md.polygon(frame.pts(poly, ss), fill=255)
         _paste(canvas, fabric, mask)
         for poly, cuff in sleeves:
-            draw.polygon(frame.pts(cuff, ss), fill=_contrast(base, 0.3))
+            draw.polygon(frame.pts(cuff, ss), fill=_contrast(base, 0.55))
             draw.polygon(frame.pts(poly, ss), outline=outline, width=line_w)
     # The torso is the longest (calf) shape cut at the hem line, so its sides rasterise the same
     # whatever the hem length: a hem cut off by the frame then changes no visible pixel.
@@ -466,22 +466,22 @@ def _render(index: int, seed: int, size: int = 224, overrides: dict[str, str] | 
     mask = Image.new("L", (S, S), 0)
     ImageDraw.Draw(mask).polygon(longest, outline=255, width=line_w)
     _paste(canvas, outline, ImageChops.darker(mask, above_hem))
-    draw.polygon(frame.pts(_hem_band(true["hem_length"]), ss), fill=_contrast(base, 0.3), outline=outline,
+    draw.polygon(frame.pts(_hem_band(true["hem_length"]), ss), fill=_contrast(base, 0.55), outline=outline,
                  width=line_w)
     if true["sleeve_length"] == "sleeveless":  # a bound armhole: positive evidence of no sleeve
         for s in (1, -1):
             draw.line(frame.pts([(s * SHOULDER[0], SHOULDER[1]), (s * ARMPIT[0], ARMPIT[1])], ss),
-                      fill=_contrast(base, 0.45), width=2 * line_w)
+                      fill=_contrast(base, 0.7), width=2 * line_w)
 
     # Neck: the opening shows the dark (or light) inside of the back, then the collar around it.
     cut, hw = _neck_cut(true["neckline"])
-    draw.polygon(frame.pts(cut, ss), fill=_contrast(base, 0.55), outline=outline, width=line_w)
+    draw.polygon(frame.pts(cut, ss), fill=_contrast(base, 0.9), outline=outline, width=line_w)
     for poly in _collar(true["collar"], hw):
-        draw.polygon(frame.pts(poly, ss), fill=_contrast(base, 0.3), outline=outline, width=line_w)
+        draw.polygon(frame.pts(poly, ss), fill=_contrast(base, 0.6), outline=outline, width=line_w)
 
     # Pockets.
     for poly, role in _pockets(true["pocket"]):
-        fill = {"fill": _contrast(base, 0.18), "flap": _contrast(base, 0.45), "slit": outline}[role]
+        fill = {"fill": _contrast(base, 0.45), "flap": _contrast(base, 0.8), "slit": outline}[role]
         draw.polygon(frame.pts(poly, ss), fill=fill, outline=outline, width=line_w)
         if role == "flap":
             bx = sum(p[0] for p in poly[:2]) / 2
