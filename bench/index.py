@@ -15,6 +15,7 @@ fields written into a fresh embedded store by the index worker's batch size and 
 
     .venv/bin/python bench/index.py                 # default config, 256 images, 100k store items
     .venv/bin/python bench/index.py --model EXPORT --images 1024 --workers 4
+    .venv/bin/python bench/index.py --set trunk=resnet18 --skip-store
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ console = Console()
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "fashion-product-images" / "images"
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    from fgplugin.models import parse_overrides as parse
+
+    return parse(pairs)
+
+
 def default_export(tmp: Path, variant: str, overrides: dict) -> Path:
     """Export an untrained model of the default config (for the synthetic schema)."""
     from fgplugin.export import export_model
     from fgplugin.models import build_model, load_config, save_checkpoint
     from fgplugin.synth import synth_schema
 
-    config = load_config(variant, {"pretrained": False, **overrides})
+    config = load_config(variant, overrides)
     model = build_model(config, synth_schema())
     save_checkpoint(tmp / "ckpt", model)
     return export_model(tmp / "ckpt", tmp / "export")
@@ -129,6 +136,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="Export folder (default: export the default config, untrained).")
     ap.add_argument("--variant", default="asen_v2")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Config override for the default export, e.g. --set trunk=resnet18 (repeatable).")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
@@ -148,7 +157,7 @@ def main() -> None:
     try:
         if not args.skip_encode:
             with console.status("preparing the export and images"):
-                export = args.model or default_export(tmp, args.variant, {})
+                export = args.model or default_export(tmp, args.variant, parse_overrides(args.set))
                 enc = ExportedEncoder.load(export)
                 paths, source = bench_images(tmp, args.images)
             dims = enc.dims
