@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               f"(chance {100 * res['report']['chance']['overall_weighted']:.1f}) "
                               f"in {time.monotonic() - t:.0f}s", highlight=False)
         results = {v: aggregate(runs) for v, runs in per_variant.items()}
-        settings = f"{len(cat)} items, seeds {a.seeds}, {budget_text or 'paper epochs'}"
+        sp0 = Splits.load(seeded_splits(cat, a.work, data_name, seeds[0], n_sub))
+        n_used = len(sp0.train) + sum(len(x) for x in sp0.part("valid") + sp0.part("test"))
+        settings = f"{n_used} items ({len(sp0.test_query)} test queries), seeds {a.seeds}, {budget_text or 'paper epochs'}"
         console.print(table(data_name, cat.schema.names, results, settings))
         out["datasets"][data_name] = {
             "catalog": str(cat.path), "items": len(cat), "attributes": cat.schema.names,
