@@ -80,8 +80,14 @@ def in_process(encoder, blobs: list[bytes], c: int, seconds: float) -> tuple[flo
 
     lat: list[float] = []
     n = 0
-    t_end = time.perf_counter() + seconds
     i = 0
+    # Warm-up: the first calls at a new batch size are much slower (kernel selection, allocations).
+    t_warm = time.perf_counter() + 1.0
+    for k in range(100):
+        encoder.encode_tensors(encoder.preprocess.batch([decode(b, "bench") for b in blobs[:c]]))
+        if k >= 4 and time.perf_counter() > t_warm:
+            break
+    t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end or not lat:
         batch = [blobs[(i + j) % len(blobs)] for j in range(c)]
         i += c
@@ -108,7 +114,7 @@ async def served(url: str, blobs: list[bytes], c: int, requests: int) -> tuple[f
 
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        warm = iter(range(2 * c))
+        warm = iter(range(6 * c))  # as in-process: let the server's model warm up at these batch sizes
         await asyncio.gather(*(worker(client, warm, False) for _ in range(c)))
         calls0 = (await client.get("/health")).json()["model_calls"]
         todo = iter(range(requests))
@@ -128,7 +134,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
-    ap.add_argument("--seconds", type=float, default=3.0, help="in-process timing per level")
+    ap.add_argument("--seconds", type=float, default=3.0, help="in-process timing per level and round")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternate served / in-process this many times per level and keep each side's best "
+                         "(both then see the same background load)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
 
@@ -143,7 +152,7 @@ def main() -> None:
     console.print(f"model {encoder.version[:12]} ({encoder.card.get('variant')}, {encoder.preprocess.image_size} px, "
                   f"{len(encoder.attributes)} attributes); {len(blobs)} images "
                   f"({'shared photos' if SHARED_IMAGES.is_dir() else 'synthetic'}); torch threads "
-                  f"{torch.get_num_threads()}, {os.cpu_count()} CPUs")
+                  f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
     port = free_port()
     cmd = [sys.executable, "-m", "fgplugin_cli.app", "serve", "--model", str(model), "--port", str(port),
@@ -168,8 +177,15 @@ def main() -> None:
                     "in-process img/s (batch=C)", "in-proc p50 ms", "served / in-process"):
             table.add_column(col, justify="right")
         for c in levels:
-            ips, lat, calls = asyncio.run(served(url, blobs, c, args.requests))
-            ref_ips, ref_lat = in_process(encoder, blobs, c, args.seconds)
+            best_srv: tuple[float, list[float], int] | None = None
+            best_ref: tuple[float, list[float]] | None = None
+            for _ in range(args.rounds):
+                srv = asyncio.run(served(url, blobs, c, args.requests))
+                ref = in_process(encoder, blobs, c, args.seconds)
+                best_srv = srv if best_srv is None or srv[0] > best_srv[0] else best_srv
+                best_ref = ref if best_ref is None or ref[0] > best_ref[0] else best_ref
+            assert best_srv is not None and best_ref is not None
+            (ips, lat, calls), (ref_ips, ref_lat) = best_srv, best_ref
             table.add_row(str(c), f"{ips:.1f}", f"{1000 * pct(lat, 50):.1f}", f"{1000 * pct(lat, 95):.1f}",
                           f"{args.requests / max(calls, 1):.1f}", f"{ref_ips:.1f}",
                           f"{1000 * pct(ref_lat, 50):.1f}", f"{ips / ref_ips:.2f}")
