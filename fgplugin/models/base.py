@@ -1,0 +1,104 @@
+"""The interface every model variant implements (evaluation, export and the encoder rely on it)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..preprocess import Preprocess
+from ..schema import AttributeSchema
+from .config import ModelConfig
+
+
+class AttributeModel(nn.Module):
+    """An image -> one L2-normalised vector per attribute model.
+
+    - ``dims[name]``: the meaningful size of attribute ``name``'s vector; ``embed_all`` pads every
+      attribute to D = max(dims) with zeros (so ``out[:, i, :dims[name]]`` is the vector).
+    - ``embed_all`` runs each trunk once per batch and has no data-dependent Python control flow,
+      so ``torch.jit.trace`` / ``torch.export`` capture it.
+    - ``training_losses`` gives the variant's own objective on a triplet batch (see fgplugin.training).
+    """
+
+    config: ModelConfig
+    schema: AttributeSchema
+    dims: dict[str, int]
+    training_stages: tuple[int, ...] = (1,)  # ASEN_v2 has two: 1 (global branch) and 2 (joint)
+
+    def __init__(self, config: ModelConfig, schema: AttributeSchema):
+        super().__init__()
+        self.config = config
+        self.schema = schema
+        self.num_attributes = len(schema)
+
+    @property
+    def dim(self) -> int:
+        """D: the common (padded) vector size of ``embed_all``."""
+        return max(self.dims.values())
+
+    def preprocess(self) -> Preprocess:
+        return self.config.preprocess()
+
+    def embed_all(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, A, D]: every attribute's L2-normalised vector."""
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor, attr_idx: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S], [B] -> [B, D]: the vector of attribute ``attr_idx[i]`` for image i."""
+        out = self.embed_all(images)
+        return out[torch.arange(out.shape[0], device=out.device), attr_idx.to(out.device)]
+
+    def attention(self, images: torch.Tensor, attr_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(attention map [B, h, w] in [0, 1] or None, ROI box [B, 4] (x0, y0, x1, y1) in input pixels or None)."""
+        return None, None
+
+    def training_losses(self, images: torch.Tensor, attr: torch.Tensor, labels: torch.Tensor, stage: int = 1) -> dict[str, torch.Tensor]:
+        """The variant's objective on a triplet batch.
+
+        ``images`` [3T, 3, S, S]: anchors, then positives, then negatives; ``attr`` [T] the triplets'
+        attribute; ``labels`` [3T, A] class indices (-1 = unknown) of the same images.
+        Returns {"loss": total, ...named parts (detached copies are logged)}.
+        """
+        raise NotImplementedError
+
+    def triplet_term(self, embed: "Callable[[torch.Tensor], torch.Tensor]", attr: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The metric loss on a triplet batch, as ``config.train.mining`` says.
+
+        ``embed(idx [N, K]) -> [N, K, E]`` embeds every image under K attributes. Returns (loss, each
+        image's embedding under its own triplet's attribute [N, E]).
+        """
+        from ..training import losses as L
+
+        t = self.config.train
+        n = labels.shape[0]
+        own = attr.repeat(3)
+        if t.mining == "batch_all":
+            idx = torch.arange(self.num_attributes, device=labels.device).expand(n, -1)
+            e = embed(idx)
+            return L.batch_all_triplet_loss(e, labels, t.margin), e[torch.arange(n, device=e.device), own]
+        e = embed(own.reshape(-1, 1))[:, 0]
+        return L.triplet_ranking_loss(*L.split_triplets(e), margin=t.margin), e
+
+    def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
+        """Optimiser parameter groups for a training stage (default: everything at ``lr`` / config lr)."""
+        lr = self.config.train.lr if lr is None else lr
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "name": "all"}]
+
+    def start_stage(self, stage: int) -> None:
+        """Hook called when training enters ``stage`` (ASEN_v2 switches its local branch on)."""
+
+    def extra_repr(self) -> str:
+        return f"variant={self.config.variant}, trunk={self.config.trunk}, attributes={self.num_attributes}, D={self.dim}"
+
+
+def l2n(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-12)
+
+
+def pad_to(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Zero-pad the last dim of ``x`` to ``d`` (no-op when already ``d``)."""
+    return F.pad(x, (0, d - x.shape[-1])) if x.shape[-1] < d else x

@@ -1,0 +1,175 @@
+"""Training checkpoints: ``weights.safetensors`` + ``config.json`` (+ ``optimizer.pt`` to resume).
+
+config.json holds the ModelConfig, the schema (and its fingerprint), the per-attribute dims and the
+training state (step, stage, history). A checkpoint is written to a temporary folder and renamed
+into place, so an interrupted save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import FgpluginError, ModelCardError
+from ..schema import AttributeSchema
+from .base import AttributeModel
+from .config import ModelConfig
+
+FORMAT = "fgplugin-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def save_checkpoint(
+    dir: str | Path,
+    model: AttributeModel,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: dict[str, Any] | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+) -> Path:
+    """Write ``model`` (and optionally the optimiser/scheduler/scaler states) to ``dir``; returns ``dir``."""
+    from safetensors.torch import save_model
+
+    out = Path(dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fgplugin_version": __version__,
+            "variant": model.config.variant,
+            "config": model.config.to_dict(),
+            "schema": model.schema.to_dict(),
+            "schema_fingerprint": model.schema.fingerprint(),
+            "dims": dict(model.dims),
+            "state": state or {},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        if optimizer is not None:
+            torch.save({
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }, tmp / OPTIMIZER_FILE)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def read_checkpoint_meta(dir: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint, format-checked."""
+    d = Path(dir)
+    f = d / CONFIG_FILE
+    if not f.is_file():
+        raise ModelCardError(f"{d}: no {CONFIG_FILE}; not an fgplugin checkpoint")
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelCardError(f"{f}: not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelCardError(f"{f}: not an fgplugin checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelCardError(f"{f}: checkpoint format_version {meta.get('format_version')!r} is not supported "
+                             f"(this fgplugin reads {FORMAT_VERSION})")
+    for key in ("config", "schema"):
+        if key not in meta:
+            raise ModelCardError(f"{f}: checkpoint lacks {key!r}")
+    return meta
+
+
+def load_checkpoint(
+    dir: str | Path, *, map_location: str | torch.device = "cpu", schema: AttributeSchema | None = None
+) -> tuple[AttributeModel, dict[str, Any]]:
+    """(model in eval mode, training state) from a checkpoint folder.
+
+    Refuses (ModelCardError) a checkpoint whose schema does not match its fingerprint or the given
+    ``schema``, whose config is invalid, or whose weights do not fit the architecture the config builds.
+    Trunk weight files named in the config are not needed: the checkpoint holds every weight.
+    """
+    from safetensors.torch import load_model
+
+    from . import build_model
+
+    d = Path(dir)
+    meta = read_checkpoint_meta(d)
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+        own = AttributeSchema.from_dict(meta["schema"], source=f"{d / CONFIG_FILE}")
+    except (FgpluginError, TypeError) as e:
+        raise ModelCardError(f"{d}: invalid checkpoint config: {e}") from None
+    if meta.get("schema_fingerprint") not in (None, own.fingerprint()):
+        raise ModelCardError(f"{d}: the checkpoint's schema does not match its recorded fingerprint")
+    if schema is not None and schema.fingerprint() != own.fingerprint():
+        raise ModelCardError(
+            f"{d}: checkpoint was trained for schema {own.name!r} ({', '.join(own.names)}; fingerprint "
+            f"{own.fingerprint()}), not {schema.name!r} ({', '.join(schema.names)}; fingerprint {schema.fingerprint()})"
+        )
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelCardError(f"{d}: checkpoint is missing {WEIGHTS_FILE}")
+    build_cfg = dataclasses.replace(config, trunk_weights=None, local_trunk_weights=None)
+    model = build_model(build_cfg, own)
+    model.config = config
+    try:
+        load_model(model, str(weights), strict=True, device=str(map_location))
+    except Exception as e:  # noqa: BLE001 - missing/unexpected keys, wrong shapes, corrupt file
+        msg = " ".join(str(e).split())[:400]
+        raise ModelCardError(f"{d}: weights do not fit the {config.variant} model its config describes ({msg})") from None
+    if dict(meta.get("dims") or model.dims) != model.dims:
+        raise ModelCardError(f"{d}: recorded dims {meta.get('dims')} differ from the model's {model.dims}")
+    model.to(map_location).eval()
+    return model, dict(meta.get("state") or {})
+
+
+def load_training_state(dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                        scaler: Any = None, *, map_location: str | torch.device = "cpu") -> bool:
+    """Restore optimiser (and scheduler/scaler) state saved beside a checkpoint; False if none was saved."""
+    f = Path(dir) / OPTIMIZER_FILE
+    if not f.is_file():
+        return False
+    try:
+        saved = torch.load(f, map_location=map_location, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler") is not None:
+            scaler.load_state_dict(saved["scaler"])
+    except Exception as e:  # noqa: BLE001
+        raise ModelCardError(f"{f}: cannot restore the optimiser state ({type(e).__name__}: {e})") from None
+    return True
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_training_state", "read_checkpoint_meta",
+           "WEIGHTS_FILE", "CONFIG_FILE", "OPTIMIZER_FILE"]

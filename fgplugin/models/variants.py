@@ -1,0 +1,346 @@
+"""The model variants: one set of parts (trunks, attention, heads), each variant a configuration.
+
+- ``asen_v2``: ASEN_v2 — global branch (trunk to stride 16, ASA, ACA) and a local branch on a square
+  zoom of the ASA region (batched ``roi_align``); vector = [sqrt(0.6) g, sqrt(0.4) l] (both unit).
+- ``asen``: the global branch alone (ASEN, AAAI 2020).
+- ``csn``: Conditional Similarity Networks — one embedding, a (learned or fixed disjoint) mask per attribute.
+- ``ag_mlan``: multi-level fusion (layer2 + layer3), per-attribute classification through layer4,
+  ASA -> spatial attention -> ACA embedding with a ReLU mask per attribute, uncertainty-weighted losses.
+- ``global``: one attribute-agnostic embedding (the same vector for every attribute).
+- ``mtc``: a multi-task attribute classifier; each head's softmax posterior is that attribute's vector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schema import AttributeSchema
+from ..training import losses as L
+from .attention import (
+    AttributeChannelAttention,
+    AttributeSpatialAttention,
+    PooledSpatialAttention,
+    crop_rois,
+    minmax_normalise,
+    roi_boxes,
+)
+from .base import AttributeModel, l2n, pad_to
+from .config import ConfigError, ModelConfig
+from .trunks import build_trunk
+
+
+class StagedFeatures(nn.Module):
+    """The first ``n`` stages of a trunk (later stages are dropped: no dead weights in checkpoints)."""
+
+    def __init__(self, trunk: nn.Module, n: int):
+        super().__init__()
+        self.stages = nn.ModuleList(list(trunk.stages)[:n])
+        self.channels = list(trunk.channels)[:n]
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(2, 3))
+
+
+class ASENBranch(nn.Module):
+    """Trunk features -> ASA (attention-weighted sum) -> ACA -> linear embedding, for K attributes per image."""
+
+    def __init__(self, features: StagedFeatures, attr_dim: int, asa_dim: int, reduction: int, embed_dim: int):
+        super().__init__()
+        c = features.out_channels
+        self.features = features
+        self.asa = AttributeSpatialAttention(c, attr_dim, asa_dim)
+        self.aca = AttributeChannelAttention(c, attr_dim, reduction)
+        self.fc = nn.Linear(c, embed_dim)
+
+    def forward(self, images: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """``images`` [B, 3, S, S], ``a`` [B, K, e] -> (embeddings [B, K, E], ASA weights [B, K, hw], (h, w))."""
+        x = self.features(images)
+        pooled, w = self.asa(x, a)
+        return self.fc(self.aca(pooled, a)), w, (x.shape[-2], x.shape[-1])
+
+
+class ASEN(AttributeModel):
+    """ASEN (``local=False``) and ASEN_v2 (``local=True``)."""
+
+    def __init__(self, config: ModelConfig, schema: AttributeSchema, local: bool):
+        super().__init__(config, schema)
+        c = config
+        self.local = local
+        self.attr_embedding = nn.Embedding(len(schema), c.attr_embed_dim)
+        self.global_branch = ASENBranch(StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage),
+                                        c.attr_embed_dim, c.asa_dim, c.aca_reduction, c.embed_dim)
+        if local:
+            # The attribute embedding is shared by both branches, as in the reference code.
+            self.local_branch = ASENBranch(
+                StagedFeatures(build_trunk(c.local_trunk, c.local_trunk_weights), c.feature_stage),
+                c.attr_embed_dim, c.local_asa_dim, c.aca_reduction, c.embed_dim)
+            # Weight of the global cosine: 1 until stage 2 trains the local branch, then global_share.
+            self.register_buffer("share", torch.tensor(1.0))
+            self.training_stages = (1, 2)
+        self.dims = {n: (2 if local else 1) * c.embed_dim for n in schema.names}
+
+    # -- parts --------------------------------------------------------------------------------
+    def _global(self, images: torch.Tensor, idx: torch.Tensor):
+        return self.global_branch(images, self.attr_embedding(idx))
+
+    def _local(self, images: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, hw: tuple[int, int]):
+        """Local embeddings [B, K, E] and boxes [B*K, 4] from the global ASA weights ``w`` [B, K, h*w]."""
+        b, k = idx.shape
+        maps = w.detach().reshape(b * k, hw[0], hw[1])
+        boxes = roi_boxes(maps, self.config.image_size, self.config.roi_threshold)
+        owner = torch.arange(b, device=images.device).repeat_interleave(k)
+        crops = crop_rois(images, boxes, self.config.local_size, owner)
+        emb, _, _ = self.local_branch(crops, self.attr_embedding(idx.reshape(b * k, 1)))
+        return emb.reshape(b, k, -1), boxes
+
+    def _combine(self, g: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        s = self.share
+        return l2n(torch.cat([torch.sqrt(s) * l2n(g), torch.sqrt(1 - s) * l2n(l)], dim=-1))
+
+    def _vectors(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        g, w, hw = self._global(images, idx)
+        if not self.local:
+            return l2n(g)
+        l, _ = self._local(images, idx, w, hw)
+        return self._combine(g, l)
+
+    # -- interface ----------------------------------------------------------------------------
+    def embed_all(self, images: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
+        return self._vectors(images, idx)
+
+    def embed(self, images: torch.Tensor, attr_idx: torch.Tensor) -> torch.Tensor:
+        return self._vectors(images, attr_idx.to(images.device).reshape(-1, 1))[:, 0]
+
+    def attention(self, images: torch.Tensor, attr_idx: torch.Tensor):
+        idx = attr_idx.to(images.device).reshape(-1, 1)
+        _, w, (h, wd) = self._global(images, idx)
+        maps = w[:, 0].reshape(-1, h, wd)
+        boxes = roi_boxes(maps, self.config.image_size, self.config.roi_threshold)
+        return minmax_normalise(maps), boxes
+
+    def training_losses(self, images, attr, labels, stage=1):
+        t = self.config.train
+        kept: dict[str, Any] = {}
+
+        def embed(idx):
+            g, w, hw = self._global(images, idx)
+            kept.update(w=w, hw=hw, idx=idx)
+            return g
+
+        loss_g, g = self.triplet_term(embed, attr, labels)
+        if not self.local or stage == 1:
+            return {"loss": loss_g, "global": loss_g}
+        own = attr.repeat(3)
+        w = kept["w"]
+        if kept["idx"].shape[1] > 1:  # batch_all embedded every attribute: keep each image's own
+            w = w[torch.arange(w.shape[0], device=w.device), own]
+        l, _ = self._local(images, own.reshape(-1, 1), w.reshape(w.shape[0], 1, -1), kept["hw"])
+        l = l[:, 0]
+        loss_l = L.triplet_ranking_loss(*L.split_triplets(l), margin=t.margin)
+        align = L.alignment_loss(g, l)
+        total = loss_g + t.local_weight * loss_l + t.align_weight * align
+        return {"loss": total, "global": loss_g, "local": loss_l, "align": align}
+
+    def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
+        t = self.config.train
+        global_params = list(self.attr_embedding.parameters()) + list(self.global_branch.parameters())
+        if stage == 1:
+            return [{"params": global_params, "lr": t.lr if lr is None else lr, "name": "global"}]
+        # Stage 2 (as asenpp): local branch at the fast rate, global branch and attributes at the slow one.
+        return [{"params": list(self.local_branch.parameters()), "lr": t.stage2_lr_local, "name": "local"},
+                {"params": global_params, "lr": t.stage2_lr_global, "name": "global"}]
+
+    def start_stage(self, stage: int) -> None:
+        if self.local and stage >= 2:
+            self.share.fill_(self.config.global_share)
+
+
+class CSN(AttributeModel):
+    """Conditional Similarity Networks: embedding * mask[attribute]."""
+
+    def __init__(self, config: ModelConfig, schema: AttributeSchema):
+        super().__init__(config, schema)
+        c = config
+        a, e = len(schema), c.embed_dim
+        if e < a:
+            raise ConfigError(f"csn: embed_dim {e} must be at least the number of attributes ({a}) for disjoint masks")
+        self.features = StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage)
+        self.fc = nn.Linear(self.features.out_channels, e)
+        block = e // a
+        disjoint = torch.zeros(a, e)
+        for i in range(a):
+            disjoint[i, i * block:(i + 1) * block] = 1.0
+        if c.csn_mask == "fixed":
+            self.register_buffer("masks", disjoint)
+        elif c.csn_mask_init == "disjoint":
+            self.masks = nn.Parameter(disjoint.clamp_min(0.1))  # the code's "prein": 1 on the block, 0.1 elsewhere
+        else:
+            self.masks = nn.Parameter(torch.empty(a, e).normal_(0.9, 0.7))
+        self.dims = {n: e for n in schema.names}
+
+    def _mask(self) -> torch.Tensor:
+        return F.relu(self.masks) if self.config.csn_mask == "learned" else self.masks
+
+    def _embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(_pool(self.features(images)))
+
+    def embed_all(self, images):
+        return l2n(self._embedding(images).unsqueeze(1) * self._mask().unsqueeze(0))
+
+    def training_losses(self, images, attr, labels, stage=1):
+        t = self.config.train
+        x = self._embedding(images)
+        masks = self._mask()
+        trip, _ = self.triplet_term(lambda idx: x.unsqueeze(1) * masks[idx], attr, labels)
+        m = masks[attr]  # [T, E]: the masks the sampled triplets use
+        embed_norm, mask_norm = L.csn_norm_penalties(x, m, attr.shape[0])
+        total = trip + t.embed_norm_weight * embed_norm + t.mask_norm_weight * mask_norm
+        return {"loss": total, "triplet": trip, "embed_norm": embed_norm, "mask_norm": mask_norm}
+
+
+class _Heads(nn.Module):
+    """One linear classifier per attribute over its visible values (a single matmul, split)."""
+
+    def __init__(self, in_features: int, sizes: list[int]):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.fc = nn.Linear(in_features, sum(sizes))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(self.fc(x), self.sizes, dim=-1))
+
+
+class AGMLAN(AttributeModel):
+    """Attribute-guided multi-level attention network."""
+
+    def __init__(self, config: ModelConfig, schema: AttributeSchema):
+        super().__init__(config, schema)
+        c = config
+        trunk = build_trunk(c.trunk, c.trunk_weights)
+        c8, c16, c32 = trunk.channels
+        self.s8, self.s16, self.s32 = trunk.stages[0], trunk.stages[1], trunk.stages[2]
+        # layer2 (stride 8) projected to layer3's channels and resized to its grid, then added.
+        self.proj = nn.Sequential(nn.Conv2d(c8, c16, 1, bias=False), nn.BatchNorm2d(c16))
+        self.heads = _Heads(c32, [a.num_classes for a in schema])
+        cm = c.agmlan_channels
+        self.reduce = nn.Sequential(nn.Conv2d(2 * c16, cm, 1, bias=False), nn.BatchNorm2d(cm), nn.ReLU(inplace=True))
+        self.attr_embedding = nn.Embedding(len(schema), c.attr_embed_dim)
+        self.asa = AttributeSpatialAttention(cm, c.attr_embed_dim, c.asa_dim)
+        self.spatial = PooledSpatialAttention()
+        self.aca = AttributeChannelAttention(cm, c.attr_embed_dim, c.aca_reduction)
+        self.fc = nn.Linear(cm, c.embed_dim)
+        self.masks = nn.Parameter(torch.empty(len(schema), c.embed_dim).normal_(0.9, 0.7))
+        self.log_vars = nn.Parameter(torch.zeros(2))  # task uncertainty: classification, triplet
+        self.dims = {n: c.embed_dim for n in schema.names}
+
+    def _fused(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f8 = self.s8(images)
+        f16 = self.s16(f8)
+        fused = f16 + F.adaptive_avg_pool2d(self.proj(f8), f16.shape[-2:])
+        return fused, f16
+
+    def _embed(self, fused: torch.Tensor, f16: torch.Tensor, idx: torch.Tensor):
+        x = self.reduce(torch.cat([fused, f16], dim=1))
+        a = self.attr_embedding(idx)  # [B, K, e]
+        w = self.asa.weights(x, a)  # [B, K, hw]
+        att = w * self.spatial(x, w)
+        pooled = torch.bmm(att, x.flatten(2).transpose(1, 2))  # [B, K, C]
+        e = self.fc(self.aca(pooled, a)) * F.relu(self.masks[idx])
+        return l2n(e), att, (x.shape[-2], x.shape[-1])
+
+    def embed_all(self, images):
+        fused, f16 = self._fused(images)
+        idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
+        return self._embed(fused, f16, idx)[0]
+
+    def embed(self, images, attr_idx):
+        fused, f16 = self._fused(images)
+        return self._embed(fused, f16, attr_idx.to(images.device).reshape(-1, 1))[0][:, 0]
+
+    def attention(self, images, attr_idx):
+        fused, f16 = self._fused(images)
+        _, att, (h, w) = self._embed(fused, f16, attr_idx.to(images.device).reshape(-1, 1))
+        return minmax_normalise(att[:, 0].reshape(-1, h, w)), None
+
+    def training_losses(self, images, attr, labels, stage=1):
+        fused, f16 = self._fused(images)
+        logits = self.heads(_pool(self.s32(fused)))
+        cls = L.multitask_cross_entropy(logits, labels)
+        trip, _ = self.triplet_term(lambda idx: self._embed(fused, f16, idx)[0], attr, labels)
+        total = L.uncertainty_weighted([cls, trip], self.log_vars)
+        return {"loss": total, "classification": cls, "triplet": trip}
+
+
+class GlobalEmbedding(AttributeModel):
+    """One attribute-agnostic embedding, repeated for every attribute."""
+
+    def __init__(self, config: ModelConfig, schema: AttributeSchema):
+        super().__init__(config, schema)
+        c = config
+        self.features = StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage)
+        self.fc = nn.Linear(self.features.out_channels, c.embed_dim)
+        self.dims = {n: c.embed_dim for n in schema.names}
+
+    def _embedding(self, images):
+        return l2n(self.fc(_pool(self.features(images))))
+
+    def embed_all(self, images):
+        return self._embedding(images).unsqueeze(1).expand(-1, self.num_attributes, -1).contiguous()
+
+    def training_losses(self, images, attr, labels, stage=1):
+        e = self._embedding(images).unsqueeze(1)
+        loss, _ = self.triplet_term(lambda idx: e.expand(-1, idx.shape[1], -1), attr, labels)
+        return {"loss": loss, "triplet": loss}
+
+
+class MultiTaskClassifier(AttributeModel):
+    """A softmax head per attribute; the posterior (L2-normalised) is the attribute's vector."""
+
+    def __init__(self, config: ModelConfig, schema: AttributeSchema):
+        super().__init__(config, schema)
+        c = config
+        self.features = StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage)
+        self.heads = _Heads(self.features.out_channels, [a.num_classes for a in schema])
+        self.dims = {a.name: a.num_classes for a in schema}
+
+    def logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.heads(_pool(self.features(images)))
+
+    def embed_all(self, images):
+        d = self.dim
+        return torch.stack([pad_to(l2n(torch.softmax(lg.float(), dim=-1)), d) for lg in self.logits(images)], dim=1)
+
+    def training_losses(self, images, attr, labels, stage=1):
+        loss = L.multitask_cross_entropy(self.logits(images), labels)
+        return {"loss": loss, "classification": loss}
+
+
+def build_variant(config: ModelConfig, schema: AttributeSchema) -> AttributeModel:
+    v = config.variant
+    if v in ("asen_v2", "asen"):
+        return ASEN(config, schema, local=v == "asen_v2")
+    if v == "csn":
+        return CSN(config, schema)
+    if v == "ag_mlan":
+        return AGMLAN(config, schema)
+    if v == "global":
+        return GlobalEmbedding(config, schema)
+    if v == "mtc":
+        return MultiTaskClassifier(config, schema)
+    raise ConfigError(f"unknown variant {v!r}")
+

