@@ -23,7 +23,6 @@ score, ties by id.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,7 +30,7 @@ import numpy as np
 from ..errors import QueryError
 from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, Term, Terms, coerce_filters,
                           combined_query_vector)
-from ..stores.base import IndexLayout
+from ..stores.base import IndexLayout, to_utc
 from .checks import MAX_K, RequestCheckError, check_request
 from .mapping import ALL_FIELD, emb_field
 from .scripts import SCRIPT_ID, script_params, script_to_weighted_cosine, weighted_cosine_script
@@ -60,15 +59,7 @@ def iso_utc(value: Any) -> str:
     OpenSearch's ``strict_date_optional_time`` refuses Python's ``2024-01-01 10:00`` form, and the
     embedded store also compares in UTC.
     """
-    if isinstance(value, dt.datetime):
-        d = value
-    elif isinstance(value, dt.date):
-        d = dt.datetime(value.year, value.month, value.day)
-    else:
-        d = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
-    if d.tzinfo is not None:
-        d = d.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return d.isoformat() + "Z"
+    return to_utc(value).isoformat() + "Z"
 
 
 def _value(v: Any, type_: str | None) -> Any:

@@ -17,17 +17,16 @@ with exponential backoff up to ``retry_total_s`` of waiting, then raise a StoreE
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-import math
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..catalog import coerce
 from ..errors import QueryError, StoreError
 from ..query.spec import QuerySpec, SearchResult
-from ..stores.base import Document, Failure, IndexLayout, UpsertResult
+from ..stores.base import Document, Failure, IndexLayout, UpsertResult, typed_metadata
 from .checks import RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, load_config, make_client
 from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
@@ -322,21 +321,9 @@ class OpenSearchStore:
             present = True
         if present:
             src[ALL_FIELD] = np.concatenate(blocks).tolist()
-        for f, value in (doc.metadata or {}).items():
-            if f not in layout.metadata_types:
-                known = ", ".join(sorted(layout.metadata_types)) or "(none)"
-                raise ValueError(f"metadata field {f!r} is not in the index (known: {known})")
-            t = layout.metadata_types[f]
-            try:
-                value = coerce(value, t)
-                if t == "float" and value is not None and not math.isfinite(value):
-                    raise ValueError(f"{value!r} is not a finite number")
-                if t == "date" and value is not None:
-                    value = iso_utc(value)
-            except ValueError as e:
-                raise ValueError(f"metadata field {f!r}: {e} (type {t})") from None
+        for f, value in typed_metadata(layout, doc.metadata).items():
             if value is not None:
-                src[f] = value
+                src[f] = iso_utc(value) if isinstance(value, dt.datetime) else value
         return src
 
     def upsert(self, docs: list[Document]) -> UpsertResult:

@@ -7,11 +7,14 @@ vectors (so a resumed or repeated index run skips what is already current).
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..catalog import coerce
 from ..query.spec import QuerySpec, SearchResult
 from ..schema import AttributeSchema
 
@@ -82,3 +85,42 @@ class Store(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def to_utc(value: Any) -> dt.datetime:
+    """An ISO date (string, date or datetime) -> naive UTC datetime (a date without a zone is UTC).
+
+    Both stores compare dates in UTC, so a filter means the same thing on each.
+    """
+    if isinstance(value, dt.datetime):
+        d = value
+    elif isinstance(value, dt.date):
+        d = dt.datetime(value.year, value.month, value.day)
+    else:
+        d = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    if d.tzinfo is not None:
+        d = d.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return d
+
+
+def typed_metadata(layout: IndexLayout, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Coerce a document's metadata to the layout's field types (dates as naive UTC datetimes).
+
+    Raises ValueError naming the field and the cause: the stores turn it into a per-document Failure.
+    """
+    out: dict[str, Any] = {}
+    for f, value in (metadata or {}).items():
+        if f not in layout.metadata_types:
+            known = ", ".join(sorted(layout.metadata_types)) or "(none)"
+            raise ValueError(f"metadata field {f!r} is not in the index (known: {known})")
+        t = layout.metadata_types[f]
+        try:
+            value = coerce(value, t)
+            if t == "float" and value is not None and not math.isfinite(value):
+                raise ValueError(f"{value!r} is not a finite number")
+            if t == "date" and value is not None:
+                value = to_utc(value)
+        except ValueError as e:
+            raise ValueError(f"metadata field {f!r}: {e} (type {t})") from None
+        out[f] = value
+    return out

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -33,12 +32,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import duckdb
 import numpy as np
 
-from ..catalog import coerce
 from ..errors import QueryError, StoreError
 from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Term, Terms,
                           coerce_filters)
 from ..schema import METADATA_TYPES, AttributeSchema
-from .base import Document, Failure, IndexLayout, UpsertResult
+from .base import Document, Failure, IndexLayout, UpsertResult, to_utc, typed_metadata
 
 DB_FILE = "fgplugin.duckdb"
 FORMAT_VERSION = 1
@@ -65,19 +63,6 @@ def emb_col(attribute: str) -> str:
 
 def meta_col(field: str) -> str:
     return _q(f"m_{field}")
-
-
-def to_utc(value: Any) -> dt.datetime:
-    """An ISO date (string or datetime) -> naive UTC datetime (a date without a zone is UTC)."""
-    if isinstance(value, dt.datetime):
-        d = value
-    elif isinstance(value, dt.date):
-        d = dt.datetime(value.year, value.month, value.day)
-    else:
-        d = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
-    if d.tzinfo is not None:
-        d = d.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return d
 
 
 def _from_sql(value: Any, type_: str) -> Any:
@@ -276,21 +261,7 @@ class DuckDBStore:
             if v.shape != (layout.dims[a],):
                 raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
             vecs[a] = v
-        meta: dict[str, Any] = {}
-        for f, value in (doc.metadata or {}).items():
-            if f not in layout.metadata_types:
-                known = ", ".join(sorted(layout.metadata_types)) or "(none)"
-                raise ValueError(f"metadata field {f!r} is not in the index (known: {known})")
-            t = layout.metadata_types[f]
-            try:
-                value = coerce(value, t)
-                if t == "float" and value is not None and not math.isfinite(value):
-                    raise ValueError(f"{value!r} is not a finite number")
-                if t == "date" and value is not None:
-                    value = to_utc(value)
-            except ValueError as e:
-                raise ValueError(f"metadata field {f!r}: {e} (type {t})") from None
-            meta[f] = value
+        meta = typed_metadata(layout, doc.metadata)
         return vecs, meta
 
     @staticmethod
