@@ -98,7 +98,8 @@ def test_every_variant_learns_well_above_chance(runs, variant):
     colour, chance_colour = m["per_attribute"]["colour"], ch["per_attribute"]["colour"]
     assert colour > chance_colour + 0.15, (variant, colour, chance_colour)
     assert m["overall_weighted"] > ch["overall_weighted"] + 0.02, (variant, m["overall_weighted"], ch["overall_weighted"])
-    losses = [h["loss"] for h in result.history]
+    # ASEN_v2's total loss gains the local and alignment terms in stage 2: compare its global triplet part.
+    losses = [h["global" if variant == "asen_v2" else "loss"] for h in result.history]
     assert losses[-1] < losses[0], (variant, losses)
     if variant == "asen_v2":  # both stages ran; the second trained the local branch jointly
         assert {h["stage"] for h in result.history} == {1, 2} and "align" in result.history[-1]
@@ -171,7 +172,7 @@ def test_resume_continues_the_step_count_and_the_same_trajectory(data, small_spl
 
 def test_budget_stops_early_and_the_run_resumes(data, small_splits, tmp_path):
     catalog, _ = data
-    cfg = load_config("asen_v2", {**TINY, "steps": 8})
+    cfg = load_config("asen_v2", {**TINY, "steps": 8, "cache": "off"})  # images decoded per step
     stopped = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", progress=False, budget_s=1e-3)
     assert stopped.stopped == "budget" and stopped.steps == 1
     assert (stopped.last / "weights.safetensors").is_file() and (stopped.last / "optimizer.pt").is_file()
