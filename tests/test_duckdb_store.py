@@ -11,7 +11,7 @@ import pytest
 from fgplugin.errors import QueryError, StoreError, UnknownAttributeError
 from fgplugin.query.spec import Bool, Exists, QuerySpec, Range, Term, Terms, coerce_filters, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout, Store
+from fgplugin.stores.base import Document, Fingerprint, IndexLayout, Store
 from fgplugin.stores.duckdb_store import DB_FILE, DuckDBStore
 from fgplugin.stores.open import open_store, parse_store_url
 
@@ -402,4 +402,70 @@ def test_reader_in_the_writers_process_sees_its_writes(tmp_path):
     with pytest.raises(StoreError, match="read-only"):
         r.delete(["d0"])
     r.close()
+    w.close()
+
+
+# -- fingerprints ----------------------------------------------------------------------------------------
+def test_fingerprints_round_trip_beside_versions(tmp_path):
+    rng = np.random.default_rng(3)
+    s = DuckDBStore(tmp_path / "s")
+    s.ensure_index(SMALL)
+    keyed = small_doc(1, rng, price=1.0)
+    keyed.image_key, keyed.meta_key = "1.png|10|123", "abc"
+    plain = small_doc(2, rng)  # written without a fingerprint: unknown
+    assert s.upsert([keyed, plain]).ok == ["d1", "d2"]
+    assert s.fingerprints() == {"d1": Fingerprint("v1", "1.png|10|123", "abc"), "d2": Fingerprint("v1", None, None)}
+    assert s.versions() == {"d1": "v1", "d2": "v1"}
+    doc = s.get_documents(["d1"])["d1"]
+    assert (doc.image_key, doc.meta_key, doc.metadata) == ("1.png|10|123", "abc", {"price": 1.0})
+    replaced = small_doc(1, rng, version="v2", price=2.0)
+    replaced.image_key, replaced.meta_key = "1.png|11|456", "def"
+    s.upsert([replaced])
+    assert s.fingerprints()["d1"] == Fingerprint("v2", "1.png|11|456", "def")
+    s.close()
+
+
+def make_old_layout(directory) -> None:
+    """Rewrite a store's ``docs`` table as fgplugin wrote it before documents carried fingerprints."""
+    import duckdb
+
+    con = duckdb.connect(str(directory / DB_FILE))
+    cols = [c for (c,) in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'docs' ORDER BY ordinal_position"
+    ).fetchall() if c not in ("image_key", "meta_key")]
+    types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                             "WHERE table_name = 'docs'").fetchall())
+    quoted = [f'"{c}"' for c in cols]
+    defs = ", ".join(f"{q} {types[c]}" + (" PRIMARY KEY" if c == "id" else "") for q, c in zip(quoted, cols))
+    con.execute(f"CREATE TABLE old_docs ({defs})")
+    con.execute(f"INSERT INTO old_docs SELECT {', '.join(quoted)} FROM docs")
+    con.execute("DROP TABLE docs")
+    con.execute("ALTER TABLE old_docs RENAME TO docs")
+    con.close()
+
+
+def test_a_store_without_fingerprint_columns_opens_and_gets_them(tmp_path):
+    rng = np.random.default_rng(4)
+    s = DuckDBStore(tmp_path / "s")
+    s.ensure_index(SMALL)
+    docs = [small_doc(i, rng, price=float(i)) for i in range(3)]
+    s.upsert(docs)
+    s.close()
+    make_old_layout(tmp_path / "s")
+
+    r = DuckDBStore(tmp_path / "s", read_only=True)  # a reader leaves the file as it is
+    assert r.fingerprints() == {f"d{i}": Fingerprint("v1", None, None) for i in range(3)}
+    assert r.versions() == {f"d{i}": "v1" for i in range(3)} and r.get_documents(["d2"])["d2"].metadata == {"price": 2.0}
+    cols = {c for (c,) in r.con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'docs'").fetchall()}
+    assert not cols & {"image_key", "meta_key"}
+    r.close()
+
+    w = DuckDBStore(tmp_path / "s")  # a writer adds the columns, empty (unknown)
+    assert w.fingerprints() == {f"d{i}": Fingerprint("v1", None, None) for i in range(3)}
+    w.ensure_index(SMALL)
+    new = small_doc(0, rng, price=5.0)
+    new.image_key, new.meta_key = "0.png|1|2", "k"
+    assert w.upsert([new]).ok == ["d0"]
+    assert w.fingerprints()["d0"] == Fingerprint("v1", "0.png|1|2", "k") and w.count() == 3
+    np.testing.assert_array_equal(w.get_vectors(["d1"])["d1"]["sleeve"], docs[1].vectors["sleeve"])
     w.close()

@@ -19,7 +19,7 @@ from fgplugin.opensearch.scripts import SCRIPT_ID, SCRIPT_SOURCE
 from fgplugin.opensearch.store import OpenSearchStore
 from fgplugin.query.spec import QuerySpec, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout, Store
+from fgplugin.stores.base import Document, Fingerprint, IndexLayout, Store
 from fgplugin.stores.duckdb_store import DuckDBStore
 
 DIMS = {"sleeve": 8, "neckline": 6, "colour": 4}
@@ -248,6 +248,42 @@ def test_a_new_model_builds_beside_the_old_and_swaps_the_alias_atomically(fake):
     s3.ensure_index(dataclasses.replace(LAYOUT, model_version="7777"))
     assert s3.promote(delete_old=True)["deleted"] == ["fgswap-9999ffff8888"]
     assert "fgswap-9999ffff8888" not in fake.indices
+
+
+def test_fingerprints_round_trip_beside_versions(fake):
+    s = OpenSearchStore(config(fake, index="fgprint"))
+    s.ensure_index(LAYOUT)
+    keyed, plain = make_docs(seed=3)[:2]
+    keyed = dataclasses.replace(keyed, image_key="img/0.jpg|10|123", meta_key="abc")
+    assert not s.upsert([keyed, plain]).failed
+    assert s.fingerprints() == {keyed.id: Fingerprint(V1, "img/0.jpg|10|123", "abc"), plain.id: Fingerprint(V1)}
+    assert s.versions() == {keyed.id: V1, plain.id: V1}
+    src = fake.indices["fgprint-1111aaaa2222"]["docs"][keyed.id]
+    assert (src["image_key"], src["meta_key"]) == ("img/0.jpg|10|123", "abc") and "image_key" not in fake.indices[
+        "fgprint-1111aaaa2222"]["docs"][plain.id]
+
+
+def test_an_index_without_fingerprint_fields_gets_them(fake):
+    from fgplugin.opensearch.mapping import build_index_body
+
+    body = build_index_body(LAYOUT)  # as an older fgplugin created it: no image_key / meta_key
+    for f in ("image_key", "meta_key"):
+        del body["mappings"]["properties"][f]
+    fake.indices["fgold-1111aaaa2222"] = {"settings": body["settings"], "mappings": body["mappings"], "docs": {}}
+    fake.aliases["fgold"] = {"fgold-1111aaaa2222"}
+    old = make_docs(seed=4)[:3]
+    s = OpenSearchStore(config(fake, index="fgold"))
+    s.ensure_index(LAYOUT)
+    assert not s.upsert(old).failed
+    props = fake.indices["fgold-1111aaaa2222"]["mappings"]["properties"]
+    assert props["image_key"] == props["meta_key"] == {"type": "keyword", "index": False, "doc_values": False}
+    assert fake.bodies("indices.put_mapping")[-1] == {"properties": {f: props[f] for f in ("image_key", "meta_key")}}
+    assert s.fingerprints() == {d.id: Fingerprint(V1) for d in old}  # unknown: the index worker re-indexes them
+    res = s.upsert([dataclasses.replace(old[0], image_key="k", meta_key="m")])  # strict mapping takes them now
+    assert res.ok == [old[0].id] and s.fingerprints()[old[0].id] == Fingerprint(V1, "k", "m")
+    n = len(fake.bodies("indices.put_mapping"))
+    OpenSearchStore(config(fake, index="fgold")).ensure_index(LAYOUT)
+    assert len(fake.bodies("indices.put_mapping")) == n  # added once
 
 
 def test_a_plain_index_under_the_alias_name_is_refused(fake):

@@ -8,7 +8,11 @@ One document per catalog item:
 - the metadata fields, typed from ``layout.metadata_types``: keyword, text, float -> ``double`` (the
   same precision as the embedded store, so range boundaries agree), integer -> ``long``, boolean,
   date (ISO 8601; values are sent in UTC);
-- ``model_version`` (keyword) and ``image`` (keyword, not indexed: display and re-encoding only).
+- ``model_version`` (keyword) and ``image`` (keyword, not indexed: display and re-encoding only);
+- ``image_key`` and ``meta_key`` (keywords, not indexed): the document's fingerprint, read back by the
+  index worker to tell current documents from ones whose image or metadata changed in the catalog
+  (``fgplugin.stores.base.Fingerprint``). An index created before these fields existed gets them added
+  to its mapping by ``OpenSearchStore.ensure_index``.
 
 ``dynamic: strict`` makes the server refuse any field not in the mapping instead of guessing a type.
 The layout (schema, dims, metadata types, model version) rides in the mapping's ``_meta.fgplugin``, so a
@@ -36,7 +40,8 @@ from .checks import ENGINES, RequestCheckError, check_request
 
 FORMAT_VERSION = 1
 SPACE_TYPE = "innerproduct"  # vectors are unit length: inner product == cosine, no re-normalisation
-RESERVED_FIELDS = ("model_version", "image", "emb_all")
+FINGERPRINT_FIELDS = ("image_key", "meta_key")
+RESERVED_FIELDS = ("model_version", "image", *FINGERPRINT_FIELDS, "emb_all")
 FIELD_TYPES: dict[str, dict[str, Any]] = {
     "keyword": {"type": "keyword"},
     "text": {"type": "text"},
@@ -125,10 +130,16 @@ def vector_property(dim: int, engine: str, m: int, ef_construction: int) -> dict
     }
 
 
+def fingerprint_properties() -> dict[str, Any]:
+    """The fingerprint fields: stored in ``_source`` only (read back by id or scroll, never searched)."""
+    return {f: {"type": "keyword", "index": False, "doc_values": False} for f in FINGERPRINT_FIELDS}
+
+
 def build_properties(layout: IndexLayout, *, engine: str = "faiss", m: int = 16, ef_construction: int = 128) -> dict[str, Any]:
     props: dict[str, Any] = {
         "model_version": {"type": "keyword"},
         "image": {"type": "keyword", "index": False, "doc_values": False},
+        **fingerprint_properties(),
     }
     for a in layout.attributes:
         props[emb_field(a)] = vector_property(layout.dims[a], engine, m, ef_construction)

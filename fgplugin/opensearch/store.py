@@ -4,7 +4,8 @@ Layout on the cluster: queries read the alias ``index`` (default ``fgplugin``); 
 versioned index ``<alias>-<model_version[:12]>`` (``mapping.py``). ``ensure_index``:
 - no alias yet: creates the versioned index with the alias in one request, and stores the scoring script;
 - the alias points at this model version's index: checks the layout fits (schema, vector sizes,
-  metadata types; new metadata fields are added to the mapping);
+  metadata types; new metadata fields are added to the mapping, and so are the fingerprint fields
+  ``image_key``/``meta_key`` in an index created before they existed);
 - the alias points at an older model's index: creates the new index beside it; writes go there, reads
   still hit the old one until ``promote()`` swaps the alias atomically (``pending_promotion`` tells).
 
@@ -26,12 +27,13 @@ import numpy as np
 
 from ..errors import QueryError, StoreError
 from ..query.spec import QuerySpec, SearchResult
-from ..stores.base import Document, Failure, IndexLayout, UpsertResult, typed_metadata
+from ..stores.base import Document, Failure, Fingerprint, IndexLayout, UpsertResult, typed_metadata
 from .checks import RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, load_config, make_client
 from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
-from .mapping import (ALL_FIELD, alias_swap_body, build_index_body, build_properties, check_index_name, emb_field,
-                      layout_from_meta, layout_meta, versioned_index_name)
+from .mapping import (ALL_FIELD, FINGERPRINT_FIELDS, alias_swap_body, build_index_body, build_properties,
+                      check_index_name, emb_field, fingerprint_properties, layout_from_meta, layout_meta,
+                      versioned_index_name)
 from .scripts import SCRIPT_ID, stored_script_body
 
 log = logging.getLogger("fgplugin.opensearch")
@@ -145,10 +147,13 @@ class OpenSearchStore:
                 ) from None
             raise _NotFound() from None
 
-    def _index_meta(self, index: str) -> dict[str, Any]:
+    def _index_mappings(self, index: str) -> dict[str, Any]:
         got = self.call(f"reading the mapping of {index!r}", self.client.indices.get_mapping, index=index)
         body = got.get(index) or next(iter(got.values()), {})
-        return ((body.get("mappings") or {}).get("_meta") or {}).get("fgplugin") or {}
+        return body.get("mappings") or {}
+
+    def _index_meta(self, index: str) -> dict[str, Any]:
+        return (self._index_mappings(index).get("_meta") or {}).get("fgplugin") or {}
 
     def _load(self, force: bool = False) -> None:
         if self._loaded and not force:
@@ -230,6 +235,11 @@ class OpenSearchStore:
                         "properties": {f: props[f] for f in new_fields}}
                 self.call(f"adding fields to {target!r}", self.client.indices.put_mapping, index=target,
                           body=self._checked("indices.put_mapping", body))
+            have = self._index_mappings(target).get("properties") or {}
+            missing = {f: p for f, p in fingerprint_properties().items() if f not in have}
+            if missing:  # an index created before documents carried fingerprints
+                self.call(f"adding fingerprint fields to {target!r}", self.client.indices.put_mapping, index=target,
+                          body=self._checked("indices.put_mapping", {"properties": missing}))
             if self._read_index is None:  # an index left without its alias (e.g. a failed swap): attach it
                 self.call("adding the alias", self.client.indices.update_aliases,
                           body=alias_swap_body(self.alias, target))
@@ -300,6 +310,9 @@ class OpenSearchStore:
         src: dict[str, Any] = {"model_version": doc.model_version or layout.model_version}
         if doc.image is not None:
             src["image"] = str(doc.image)
+        for f in FINGERPRINT_FIELDS:
+            if getattr(doc, f) is not None:
+                src[f] = str(getattr(doc, f))
         blocks, present = [], False
         for a in layout.attributes:
             v = doc.vectors.get(a)
@@ -442,6 +455,24 @@ class OpenSearchStore:
         def scan() -> dict[str, str]:
             return {str(h["_id"]): str((h.get("_source") or {}).get("model_version", ""))
                     for h in helpers.scan(self.client, index=index, query=query, size=1000, scroll="2m")}
+
+        return self.call(f"listing documents of {index!r}", scan)
+
+    def fingerprints(self) -> dict[str, Fingerprint]:
+        """id -> Fingerprint(model_version, image_key, meta_key) of every document in the write index (or
+        the alias's); keys are None where a document has none (written before fingerprints existed)."""
+        from opensearchpy import helpers
+
+        index, _ = self._data_index()
+        query = self._checked("search", {"_source": ["model_version", *FINGERPRINT_FIELDS], "query": {"match_all": {}}})
+
+        def scan() -> dict[str, Fingerprint]:
+            out = {}
+            for h in helpers.scan(self.client, index=index, query=query, size=1000, scroll="2m"):
+                src = h.get("_source") or {}
+                out[str(h["_id"])] = Fingerprint(str(src.get("model_version", "")), src.get("image_key"),
+                                                 src.get("meta_key"))
+            return out
 
         return self.call(f"listing documents of {index!r}", scan)
 

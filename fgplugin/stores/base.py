@@ -1,20 +1,27 @@
 """The one small interface every vector store implements.
 
 Data flows one way: catalog -> encoder -> store -> query. A store keeps, per document (id = catalog
-id): one unit vector per attribute, the typed metadata, and the model version that produced the
-vectors (so a resumed or repeated index run skips what is already current).
+id): one unit vector per attribute, the typed metadata, the model version that produced the vectors
+and a fingerprint of what the document was built from (``image_key``: the image source, plus size and
+mtime for a local file; ``meta_key``: a hash of the metadata as stored). A resumed or repeated index
+run skips what is already current, re-encodes documents whose model or image changed, and rewrites
+only the metadata of documents whose catalog metadata changed (``fgplugin.indexer``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..catalog import coerce
+from ..images import is_url
 from ..query.spec import QuerySpec, SearchResult
 from ..schema import AttributeSchema
 
@@ -44,6 +51,18 @@ class Document:
     metadata: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     image: str | None = None  # where the vectors came from (kept for display and re-encoding)
+    image_key: str | None = None  # fingerprint of the image the vectors came from (see ``image_key``)
+    meta_key: str | None = None  # fingerprint of ``metadata`` (see ``metadata_key``)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a stored document was built from; None keys mean unknown (documents written without them,
+    e.g. by an older fgplugin), which the index worker treats as out of date."""
+
+    model_version: str
+    image_key: str | None = None
+    meta_key: str | None = None
 
 
 @dataclass
@@ -76,6 +95,9 @@ class Store(Protocol):
 
     def versions(self) -> Mapping[str, str]:
         """id -> model_version of every stored document (for resume and prune)."""
+
+    def fingerprints(self) -> Mapping[str, Fingerprint]:
+        """id -> Fingerprint of every stored document (the index worker's view of what is current)."""
 
     def count(self) -> int:
         ...
@@ -124,3 +146,38 @@ def typed_metadata(layout: IndexLayout, metadata: Mapping[str, Any] | None) -> d
             raise ValueError(f"metadata field {f!r}: {e} (type {t})") from None
         out[f] = value
     return out
+
+
+# -- document fingerprints -------------------------------------------------------------------------
+def image_key(source: str) -> str:
+    """The image part of a document's fingerprint: the source string and, for a local file, its size and
+    mtime in nanoseconds (one cheap ``stat``), so a file replaced in place is re-encoded. A URL is
+    keyed by the URL alone (fetching it to compare would cost what re-encoding costs); a file that
+    cannot be stat'ed is keyed ``<path>|missing`` (its re-encoding then fails and is reported)."""
+    if is_url(source):
+        return source
+    try:
+        st = os.stat(source)
+    except OSError:
+        return f"{source}|missing"
+    return f"{source}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _canonical(value: Any) -> Any:
+    return {"$date": value.isoformat()} if isinstance(value, dt.datetime) else value
+
+
+def metadata_key(layout: IndexLayout, metadata: Mapping[str, Any] | None) -> str:
+    """The metadata part of a document's fingerprint: a stable hash of the metadata as the stores keep it
+    (typed by ``typed_metadata``, dates in UTC, missing values dropped, fields in sorted order).
+
+    Attribute labels are not part of it: the stores do not keep them (they only train and evaluate).
+    Metadata that does not type-check is hashed as given (the store will reject the document anyway).
+    """
+    try:
+        typed = typed_metadata(layout, metadata)
+    except ValueError:
+        typed = dict(metadata or {})
+    canon = {k: _canonical(v) for k, v in sorted(typed.items()) if v is not None}
+    text = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()

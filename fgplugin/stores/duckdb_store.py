@@ -1,9 +1,12 @@
 """The embedded store (default): one DuckDB file in a directory, exact weighted-cosine search in SQL.
 
-Layout: table ``docs`` with ``id`` (primary key), ``model_version``, ``image``, one ``FLOAT[d]`` column
-``emb_<attribute>`` per attribute (unit vectors) and one typed column ``m_<field>`` per metadata field;
-table ``fg_meta`` (key -> JSON value) records the schema, the vector sizes, the metadata types, the
-current model version and free keys such as ``model_path``.
+Layout: table ``docs`` with ``id`` (primary key), ``model_version``, ``image``, the document's
+fingerprint ``image_key`` and ``meta_key`` (``fgplugin.stores.base.Fingerprint``), one ``FLOAT[d]``
+column ``emb_<attribute>`` per attribute (unit vectors) and one typed column ``m_<field>`` per metadata
+field; table ``fg_meta`` (key -> JSON value) records the schema, the vector sizes, the metadata types,
+the current model version and free keys such as ``model_path``. A store written before the fingerprint
+columns existed gets them (empty: "unknown", so the index worker re-indexes those documents) when it is
+next opened for writing; read-only it opens as it is.
 
 Scoring is the same as the OpenSearch exact script (see ``fgplugin.opensearch``): for each chosen
 attribute a the script adds ``w_a * (1 + cos_a)`` when the document has the vector and 0 when it does
@@ -36,7 +39,7 @@ from ..errors import QueryError, StoreError
 from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Term, Terms,
                           coerce_filters)
 from ..schema import METADATA_TYPES, AttributeSchema
-from .base import Document, Failure, IndexLayout, UpsertResult, to_utc, typed_metadata
+from .base import Document, Failure, Fingerprint, IndexLayout, UpsertResult, to_utc, typed_metadata
 
 DB_FILE = "fgplugin.duckdb"
 FORMAT_VERSION = 1
@@ -48,6 +51,7 @@ NO_ANN_NOTE = (
     "the embedded DuckDB store has no ANN index (DuckDB's vss extension cannot be installed offline); "
     "ran an exact search"
 )
+FINGERPRINT_COLUMNS = ("image_key", "meta_key")  # added after format 1 shipped: ALTERed into older stores
 MISSING_COSINE = -1.0  # what a missing attribute vector counts as (see the module docstring)
 UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised on upsert
 
@@ -108,6 +112,12 @@ class DuckDBStore:
             self._sql("SET disabled_compression_methods = 'alp,alprd,chimp,patas'")
             self._sql("CREATE TABLE IF NOT EXISTS fg_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
         self._layout: IndexLayout | None = self._read_layout()
+        self._has_fingerprints = False
+        if not read_only and self._has_table("docs") and not self._fingerprint_columns():
+            with self._lock:  # a store written before the fingerprint columns existed: add them (empty)
+                for c in FINGERPRINT_COLUMNS:
+                    self._sql(f"ALTER TABLE docs ADD COLUMN IF NOT EXISTS {c} VARCHAR")
+            self._has_fingerprints = True
 
     def __repr__(self) -> str:
         return f"DuckDBStore({str(self.directory)!r}, read_only={self.read_only})"
@@ -131,6 +141,15 @@ class DuckDBStore:
     # -- meta -------------------------------------------------------------------------------------
     def _has_table(self, name: str) -> bool:
         return bool(self._sql("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])[0][0])
+
+    def _fingerprint_columns(self) -> bool:
+        """Whether ``docs`` has the fingerprint columns (not in a store of an older fgplugin opened read-only)."""
+        if not self._has_fingerprints:
+            got = self._cursor().execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'docs' AND column_name IN (?, ?)",
+                list(FINGERPRINT_COLUMNS)).fetchall()[0][0]
+            self._has_fingerprints = got == len(FINGERPRINT_COLUMNS)
+        return self._has_fingerprints
 
     def get_meta(self, key: str, default: Any = None) -> Any:
         if not self._has_table("fg_meta"):
@@ -189,6 +208,7 @@ class DuckDBStore:
         with self._lock:
             if old is None:
                 cols = ["id VARCHAR PRIMARY KEY", "model_version VARCHAR", "image VARCHAR"]
+                cols += [f"{c} VARCHAR" for c in FINGERPRINT_COLUMNS]
                 cols += [f"{emb_col(a)} FLOAT[{int(layout.dims[a])}]" for a in layout.attributes]
                 cols += [f"{meta_col(f)} {SQL_TYPES[t]}" for f, t in layout.metadata_types.items()]
                 self._sql("BEGIN")
@@ -318,9 +338,12 @@ class DuckDBStore:
             "id": objects(d.id for d, _, _ in rows),
             "model_version": objects(d.model_version or layout.model_version for d, _, _ in rows),
             "image": objects(d.image for d, _, _ in rows),
+            "image_key": objects(d.image_key for d, _, _ in rows),
+            "meta_key": objects(d.meta_key for d, _, _ in rows),
         }
-        select = ["id::VARCHAR AS id", "model_version::VARCHAR AS model_version", "image::VARCHAR AS image"]
-        cols = ["id", "model_version", "image"]
+        select = ["id::VARCHAR AS id", "model_version::VARCHAR AS model_version", "image::VARCHAR AS image",
+                  "image_key::VARCHAR AS image_key", "meta_key::VARCHAR AS meta_key"]
+        cols = ["id", "model_version", "image", "image_key", "meta_key"]
         for i, a in enumerate(attrs):
             stage[f"e{i}"] = objects(v.get(a) for _, v, _ in rows)
             select.append(f"e{i}::FLOAT[{layout.dims[a]}] AS e{i}")
@@ -399,28 +422,33 @@ class DuckDBStore:
         return rows[0][0] if rows else None
 
     def get_documents(self, ids: Sequence[str]) -> dict[str, Document]:
-        """Full documents (vectors, metadata, version, image) for the ids that exist."""
-        layout = self._need_layout()
+        """Full documents (vectors, metadata, version, image, fingerprint) for the ids that exist."""
         vecs = self.get_vectors(ids)
         meta = self._metadata(list(vecs))
         return {
-            i: Document(i, vecs[i], meta[i][0], model_version=meta[i][1], image=meta[i][2]) for i in vecs
+            i: Document(i, vecs[i], meta[i][0], model_version=meta[i][1].model_version, image=meta[i][2],
+                        image_key=meta[i][1].image_key, meta_key=meta[i][1].meta_key) for i in vecs
         }
 
-    def _metadata(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], str, str | None]]:
+    def _fingerprint_sql(self) -> str:
+        return "model_version, image_key, meta_key" if self._fingerprint_columns() else \
+            "model_version, NULL AS image_key, NULL AS meta_key"
+
+    def _metadata(self, ids: list[str]) -> dict[str, tuple[dict[str, Any], Fingerprint, str | None]]:
         layout = self._need_layout()
         if not ids:
             return {}
         fields = list(layout.metadata_types)
         mcols = "".join(f", {meta_col(f)}" for f in fields)
+        fp = self._fingerprint_sql()
         cur = self._cursor()
         cur.register("fg_ids", {"id": np.array(ids, dtype=object)})
         rows = cur.execute(
-            f"SELECT id, model_version, image{mcols} FROM docs WHERE id IN (SELECT id FROM fg_ids)"
+            f"SELECT id, image, {fp}{mcols} FROM docs WHERE id IN (SELECT id FROM fg_ids)"
         ).fetchall()
         cur.close()
         return {
-            r[0]: (self._meta_dict(fields, r[3:]), r[1], r[2]) for r in rows
+            r[0]: (self._meta_dict(fields, r[5:]), Fingerprint(r[2], r[3], r[4]), r[1]) for r in rows
         }
 
     def _meta_dict(self, fields: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
@@ -430,6 +458,12 @@ class DuckDBStore:
     def versions(self) -> dict[str, str]:
         self._need_layout()
         return dict(self._cursor().execute("SELECT id, model_version FROM docs").fetchall())
+
+    def fingerprints(self) -> dict[str, Fingerprint]:
+        """id -> Fingerprint(model_version, image_key, meta_key); keys are None where unknown."""
+        self._need_layout()
+        rows = self._cursor().execute(f"SELECT id, {self._fingerprint_sql()} FROM docs").fetchall()
+        return {r[0]: Fingerprint(r[1], r[2], r[3]) for r in rows}
 
     def count(self) -> int:
         if self.layout is None:
