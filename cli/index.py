@@ -32,7 +32,8 @@ def index(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (no progress bar)."),
 ) -> None:
-    """Index a catalog: skips items already current, reports every failure; exit 1 if anything is not indexed."""
+    """Index a catalog: skips items already current, re-encodes changed images, rewrites changed metadata,
+    reports every failure; exit 1 if anything is not indexed."""
     from dataclasses import replace
 
     from fgplugin.catalog import find_schema, load_catalog

@@ -3,12 +3,21 @@
 One run:
 
 1. checks that the export was trained for the catalog's schema and creates (or checks) the index;
-2. skips items the store already holds with this model version (``store.versions()``), so a run
-   killed at any point and started again finishes the job without duplicates or gaps (upserts
-   replace by id, and each batch is written as soon as it is encoded);
-3. skips items that failed before with the same image source (they are in the errors file; pass
-   ``retry_errors=True`` to reprocess exactly those);
-4. encodes the rest in batches (:func:`fgplugin.encoder.iter_encoded`) and upserts each batch;
+2. compares each catalog item with what the store holds for its id (``store.fingerprints()``: model
+   version, image key, metadata key; see :class:`fgplugin.stores.base.Fingerprint`). The image key is
+   the image source plus, for a local file, its size and mtime (one ``stat``), so a file replaced in
+   place counts as a new image; the metadata key hashes the metadata as the store keeps it:
+   - same model version, image key and metadata key: skipped as already current. So a run killed at
+     any point and started again finishes the job without duplicates or gaps (upserts replace by id,
+     and each batch is written as soon as it is encoded);
+   - same model version and image key, other metadata: the document is rewritten with the new
+     metadata and its stored vectors (read back by id), without re-encoding ("metadata updated");
+   - anything else (a new item, another model, another image source, a replaced file, or a document
+     without a fingerprint, e.g. written by an older fgplugin): re-encoded;
+3. skips items that failed before with the same image and metadata (they are in the errors file;
+   pass ``retry_errors=True`` to reprocess exactly those);
+4. writes the metadata updates, then encodes the rest in batches (:func:`fgplugin.encoder.iter_encoded`)
+   and upserts each batch;
 5. reports every item that was not indexed: catalog rows that do not validate (stage ``catalog``),
    images that cannot be read or decoded, model failures, and store rejections, each in the errors
    file with id, stage, kind, reason and time;
@@ -21,8 +30,11 @@ The errors file (JSONL, one object per line) always describes what is currently 
 are appended as failures happen (so a killed run loses none), and the file is rewritten compactly at
 the end without the items that have since succeeded or left the catalog.
 
-A document whose re-encoding with a new model fails is deleted rather than left with the old model's
-vectors: scores between vectors of different models are meaningless.
+A stored document that is out of date and fails to be brought up to date (its re-encoding with a new
+model or from a new image fails, or the store rejects its new metadata) is deleted rather than left
+stale: scores between vectors of different models are meaningless, and vectors or metadata the
+catalog no longer describes would answer queries wrongly. The item is then in the errors file like any
+other failure.
 """
 
 from __future__ import annotations
@@ -46,9 +58,10 @@ from .catalog import Catalog, Problem, load_catalog
 from .encoder import BatchTimings, EncodedBatch, iter_encoded
 from .errors import ImageError, ModelCardError, StoreError
 from .images import DEFAULT_LIMITS, ImageLimits
-from .stores.base import Document, Failure, IndexLayout, Store
+from .stores.base import Document, Failure, Fingerprint, IndexLayout, Store, image_key, metadata_key
 
 ERRORS_FILE = "errors.jsonl"
+METADATA_CHUNK = 500  # documents per get_vectors + upsert round of metadata-only updates
 
 
 # -- the errors file -------------------------------------------------------------------------------
@@ -56,9 +69,22 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def failure_entry(f: Failure, *, image: str | None, model_version: str) -> dict[str, Any]:
-    return {"id": f.id, "stage": f.stage, "kind": f.kind, "reason": f.reason, "image": image,
-            "model_version": model_version, "time": _now()}
+def failure_entry(f: Failure, *, image: str | None, model_version: str,
+                  keys: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One errors-file line; ``keys`` (image key, metadata key) tell a later run whether the item's
+    inputs changed since it failed (then it is tried again without ``retry_errors``)."""
+    e = {"id": f.id, "stage": f.stage, "kind": f.kind, "reason": f.reason, "image": image,
+         "model_version": model_version, "time": _now()}
+    if keys is not None:
+        e["image_key"], e["meta_key"] = keys
+    return e
+
+
+def _same_inputs(entry: dict[str, Any], src: str, keys: tuple[str, str]) -> bool:
+    """Whether an item failed before with the inputs it has now (entries of older runs: same source)."""
+    if "image_key" in entry:
+        return (entry.get("image_key"), entry.get("meta_key")) == keys
+    return entry.get("image") == src
 
 
 def problem_entry(p: Problem) -> dict[str, Any]:
@@ -105,12 +131,13 @@ class IndexReport:
     catalog_items: int = 0  # valid catalog rows
     to_index: int = 0  # items this run tried
     indexed: int = 0
-    skipped_current: int = 0  # already indexed with this model version
-    skipped_failed: int = 0  # failed before with the same image; see retry_errors
+    skipped_current: int = 0  # already indexed with this model version, image and metadata
+    metadata_updated: int = 0  # metadata rewritten, vectors kept (same model version and image)
+    skipped_failed: int = 0  # failed before with the same image and metadata; see retry_errors
     not_attempted: int = 0  # with retry_errors: new or stale items outside the errors file
     failures: list[Failure] = field(default_factory=list)  # this run's
     catalog_problems: list[Problem] = field(default_factory=list)
-    stale_removed: int = 0  # old-model documents deleted because re-encoding failed
+    stale_removed: int = 0  # out-of-date documents deleted because bringing them up to date failed
     orphans: int = 0  # in the store, not in the catalog (deleted with prune)
     pruned: int = 0
     promoted: str | None = None  # the index a store's alias was switched to, if any
@@ -141,6 +168,7 @@ class IndexReport:
             "catalog_items": self.catalog_items,
             "to_index": self.to_index,
             "indexed": self.indexed,
+            "metadata_updated": self.metadata_updated,
             "skipped_current": self.skipped_current,
             "skipped_previously_failed": self.skipped_failed,
             "not_attempted": self.not_attempted,
@@ -169,6 +197,7 @@ def report_table(report: IndexReport) -> Table:
     t.add_column("", justify="right")
     t.add_row("catalog items", str(report.catalog_items))
     t.add_row("[green]indexed", str(report.indexed))
+    t.add_row("[green]metadata updated", str(report.metadata_updated))
     t.add_row("skipped: already current", str(report.skipped_current))
     if report.skipped_failed:
         t.add_row("[yellow]skipped: failed before (--retry-errors)", str(report.skipped_failed))
@@ -177,7 +206,7 @@ def report_table(report: IndexReport) -> Table:
     for cause, n in report.failed_by_cause().items():
         t.add_row(f"[red]failed: {cause}", str(n))
     if report.stale_removed:
-        t.add_row("[red]old-model documents removed", str(report.stale_removed))
+        t.add_row("[red]out-of-date documents removed (update failed)", str(report.stale_removed))
     if report.pruned:
         t.add_row("pruned (not in catalog)", str(report.pruned))
     elif report.orphans:
@@ -264,74 +293,112 @@ def index_catalog(
     if path is not None and hasattr(store, "set_meta"):
         store.set_meta("model_path", str(Path(path).resolve()))
 
-    versions = dict(store.versions())
+    stored: dict[str, Fingerprint] = dict(store.fingerprints())
     catalog_ids = set(catalog.ids)
-    # Failures from earlier runs that still stand: not since indexed, still in the catalog.
-    errors = {i: e for i, e in read_errors(errors_path).items()
-              if i in catalog_ids and versions.get(i) != version}
-    err_file = Path(errors_path) if errors_path is not None else None
-    if err_file is not None:
-        err_file.parent.mkdir(parents=True, exist_ok=True)
-        # Start the file with what stands now, then append as failures happen: a killed run loses none.
-        write_errors(err_file, [problem_entry(p) for p in report.catalog_problems] + list(errors.values()))
+    prior = {i: e for i, e in read_errors(errors_path).items() if i in catalog_ids}
 
     items = catalog.by_id()
-    todo: list[tuple[str, str]] = []
+    todo: list[tuple[str, str]] = []  # (id, image source) to encode
+    meta_todo: list[str] = []  # ids whose metadata alone changed
     sources: dict[str, str] = {}
+    keys: dict[str, tuple[str, str]] = {}  # id -> (image key, metadata key) this run writes
+    # Failures from earlier runs that still stand: the item is in the catalog and not current.
+    errors: dict[str, dict[str, Any]] = {}
     early: list[Failure] = []
     for it in catalog:
-        if versions.get(it.id) == version:
-            report.skipped_current += 1
-            continue
         try:
             src = catalog.image_source(it)
         except ImageError as e:
             early.append(Failure(it.id, "read", str(e), kind="bad_url"))
             continue
-        known = errors.get(it.id)
+        ik, mk = image_key(src), metadata_key(layout, it.metadata)
+        fp = stored.get(it.id)
+        same_vectors = fp is not None and fp.model_version == version and fp.image_key == ik
+        if same_vectors and fp is not None and fp.meta_key == mk:
+            report.skipped_current += 1
+            continue
+        keys[it.id] = (ik, mk)
+        known = prior.get(it.id)
+        if known is not None:
+            errors[it.id] = known
         if retry_errors:
             if known is None:
                 report.not_attempted += 1
                 continue
-        elif known is not None and known.get("image") == src:
+        elif known is not None and _same_inputs(known, src, (ik, mk)):
             report.skipped_failed += 1
             continue
         sources[it.id] = src
-        todo.append((it.id, src))
-    report.to_index = len(todo) + len(early)
+        if same_vectors:
+            meta_todo.append(it.id)
+        else:
+            todo.append((it.id, src))
 
+    report.to_index = len(todo) + len(meta_todo) + len(early)
+
+    err_file = Path(errors_path) if errors_path is not None else None
+    if err_file is not None:
+        err_file.parent.mkdir(parents=True, exist_ok=True)
+        # Start the file with what stands now, then append as failures happen: a killed run loses none.
+        write_errors(err_file, [problem_entry(p) for p in report.catalog_problems] + list(errors.values()))
     err_fh = err_file.open("a", encoding="utf-8") if err_file is not None else None
 
     def record(failed: list[Failure]) -> None:
         for f in failed:
             report.failures.append(f)
-            e = failure_entry(f, image=sources.get(f.id), model_version=version)
+            e = failure_entry(f, image=sources.get(f.id), model_version=version, keys=keys.get(f.id))
             errors[f.id] = e
             if err_fh is not None:
                 err_fh.write(json.dumps(e, ensure_ascii=False, default=str) + "\n")
         if err_fh is not None and failed:
             err_fh.flush()
-        # An item that was indexed with an older model and now failed keeps no stale vectors.
-        stale = [f.id for f in failed if f.id in versions and versions[f.id] != version]
+        # Only out-of-date items are attempted: one that failed keeps no stale vectors or metadata.
+        stale = [f.id for f in failed if f.id in stored]
         if stale:
             report.stale_removed += store.delete(stale)
             for i in stale:
-                versions.pop(i, None)
+                stored.pop(i, None)
+
+    def written(ids: Iterable[str]) -> None:
+        for i in ids:
+            errors.pop(i, None)
+            stored[i] = Fingerprint(version, *keys[i])
+
+    def document(id_: str, vectors: dict[str, Any]) -> Document:
+        return Document(id_, vectors, dict(items[id_].metadata), model_version=version, image=sources[id_],
+                        image_key=keys[id_][0], meta_key=keys[id_][1])
 
     bar = _progress(progress if isinstance(progress, Console) else None) if progress else None
     try:
         record(early)
+        # Metadata-only changes: rewrite the documents with their stored vectors (no image is read).
+        for start in range(0, len(meta_todo), METADATA_CHUNK):
+            chunk = meta_todo[start:start + METADATA_CHUNK]
+            t0 = time.perf_counter()
+            try:
+                vectors = store.get_vectors(chunk)
+                # A document gone since the fingerprints were read is encoded instead.
+                todo.extend((i, sources[i]) for i in chunk if i not in vectors)
+                docs = [document(i, vectors[i]) for i in chunk if i in vectors]
+                result = store.upsert(docs) if docs else None
+            except StoreError as e:
+                report.aborted = str(e)
+                break
+            report.write_s += time.perf_counter() - t0
+            if result is not None:
+                report.metadata_updated += len(result.ok)
+                written(result.ok)
+                record(result.failed)
+        if report.aborted:
+            todo = []
         task = None
         if bar is not None:
             bar.start()
             task = bar.add_task("indexing", total=len(todo))
         for batch in iter_encoded(encoder, todo, batch_size=batch_size, workers=workers, limits=limits):
             report.timings.add(batch.timings)
-            docs = [
-                Document(id_, {a: batch.vectors[a][j] for a in encoder.attributes}, dict(items[id_].metadata),
-                         model_version=version, image=batch.sources[j])
-                for j, id_ in enumerate(batch.ids)
-            ]
+            docs = [document(id_, {a: batch.vectors[a][j] for a in encoder.attributes})
+                    for j, id_ in enumerate(batch.ids)]
             failed = list(batch.failures)
             if docs:
                 t0 = time.perf_counter()
@@ -346,9 +413,7 @@ def index_catalog(
                 report.write_s += time.perf_counter() - t0
                 report.indexed += len(result.ok)
                 failed += result.failed
-                for i in result.ok:
-                    errors.pop(i, None)
-                    versions[i] = version
+                written(result.ok)
             record(failed)
             if bar is not None and task is not None:
                 nfail = len(report.failures)
@@ -362,7 +427,7 @@ def index_catalog(
             err_fh.close()
 
     problem_ids = {p.item_id for p in report.catalog_problems if p.item_id is not None}
-    orphans = [i for i in versions if i not in catalog_ids and i not in problem_ids]
+    orphans = [i for i in stored if i not in catalog_ids and i not in problem_ids]
     report.orphans = len(orphans)
     if prune and orphans and not report.aborted:
         report.pruned = store.delete(orphans)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import http.server
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
 from fgplugin import synth
@@ -24,11 +27,13 @@ from fgplugin.catalog import load_catalog
 from fgplugin.errors import ModelCardError
 from fgplugin.export import ExportedEncoder
 from fgplugin.images import ImageLimits
-from fgplugin.indexer import index_catalog, read_errors
+from fgplugin.indexer import index_catalog, read_errors, report_table
+from fgplugin.query.spec import QuerySpec, parse_filter
 from fgplugin.schema import AttributeSchema
 from fgplugin.stores.duckdb_store import DuckDBStore
 from fgplugin_cli.app import app
 
+from opensearch_spec import api_spec  # noqa: F401 (session fixture)
 from test_encoder import tiny_export
 
 N = 24
@@ -310,3 +315,124 @@ def test_opensearch_store_errors_file_named_after_the_index_rejections_and_promo
         assert old_index != "shop-000000000000" and len(fake.indices[old_index]["docs"]) == N + 1
         assert set(st.versions().values()) == {v2.version} and len(st.versions()) == N + 1
         st.close()
+
+
+# -- re-running after the catalog changed ----------------------------------------------------------------
+def _edit_and_rerun(enc, catalog_path, tmp_path, open_store):
+    """Index a copy of the catalog; change one item's price, point another at a different image file,
+    rewrite a third's file in place (and touch a label and a date's spelling); re-run. Returns the store."""
+    data = tmp_path / "data"
+    shutil.copytree(catalog_path.parent, data)
+    catalog = data / "catalog.jsonl"
+    rows = [json.loads(line) for line in catalog.read_text().splitlines()]
+    st = open_store()
+    rep = index_catalog(catalog, enc, st, batch_size=8, workers=2, progress=False)
+    assert (rep.indexed, rep.metadata_updated, rep.skipped_current) == (N, 0, 0)
+    before = st.get_vectors([r["id"] for r in rows])
+
+    priced, repointed, replaced, relabelled, redated = (r["id"] for r in rows[:5])
+    rows[0]["price"] = 12345.5
+    rows[1]["image"] = rows[7]["image"]  # another existing file
+    shutil.copyfile(data / rows[8]["image"], data / rows[2]["image"])  # same path, new content
+    rows[3]["colour"] = next(c for c in enc.schema["colour"].values if c != rows[3]["colour"])  # labels are not stored
+    rows[4]["added"] += "T00:00:00Z"  # the same instant, spelled differently
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    encoded: list[str] = []
+    rep = index_catalog(catalog, enc, st, batch_size=8, workers=2, progress=False,
+                        on_batch=lambda b: encoded.extend(b.ids))
+    assert sorted(encoded) == sorted([repointed, replaced])  # the price change was not re-encoded
+    assert (rep.indexed, rep.metadata_updated, rep.skipped_current, rep.to_index) == (2, 1, N - 3, 3)
+    assert rep.ok and not rep.failures and rep.stale_removed == 0
+    d = rep.to_dict()
+    assert (d["indexed"], d["metadata_updated"], d["skipped_current"]) == (2, 1, N - 3)
+    console = Console(file=io.StringIO(), width=120)
+    console.print(report_table(rep))
+    assert re.search(r"metadata updated\W+1\b", console.file.getvalue())
+
+    after = st.get_vectors([r["id"] for r in rows])
+    direct = enc.encode_images([Image.open(data / rows[7]["image"]), Image.open(data / rows[8]["image"])])
+    for a in enc.attributes:
+        np.testing.assert_allclose(after[repointed][a], direct[a][0], atol=ATOL)  # the new image's vectors
+        np.testing.assert_allclose(after[replaced][a], direct[a][1], atol=ATOL)
+        assert not np.allclose(after[replaced][a], before[replaced][a], atol=1e-3)
+        for i in (priced, relabelled, redated, rows[9]["id"]):
+            np.testing.assert_array_equal(after[i][a], before[i][a])  # kept as they were
+    attr = enc.attributes[0]
+    hits = st.search(QuerySpec({attr: 1.0}, like_id=rows[10]["id"], filters=[parse_filter("price>10000")], k=5)).hits
+    assert [(h.id, h.metadata["price"]) for h in hits] == [(priced, 12345.5)]
+    assert st.image_of(repointed) == str(data / rows[7]["image"])  # the document names its new image
+
+    encoded.clear()
+    rep = index_catalog(catalog, enc, st, progress=False, on_batch=lambda b: encoded.extend(b.ids))
+    assert (rep.indexed, rep.metadata_updated, rep.skipped_current, encoded) == (0, 0, N, [])
+    return st
+
+
+def test_rerun_after_catalog_edits_updates_metadata_and_reencodes_changed_images(env, tmp_path):
+    enc, _, catalog_path = env
+    st = _edit_and_rerun(enc, catalog_path, tmp_path, lambda: DuckDBStore(tmp_path / "store"))
+    st.close()
+
+
+def test_rerun_after_catalog_edits_on_opensearch(env, tmp_path, api_spec):
+    from fake_opensearch import FakeOpenSearch
+
+    from fgplugin.opensearch.store import OpenSearchStore
+
+    enc, _, catalog_path = env
+    with FakeOpenSearch(api_spec.errors) as fake:
+        st = _edit_and_rerun(enc, catalog_path, tmp_path, lambda: OpenSearchStore.from_url(fake.url, index="shop"))
+        st.close()
+        assert fake.spec_errors == []
+        assert all({"image_key", "meta_key"} <= set(src) for src in fake.indices[next(iter(fake.aliases["shop"]))]["docs"].values())
+
+
+def test_a_store_from_before_fingerprints_is_reindexed(env, tmp_path):
+    from test_duckdb_store import make_old_layout
+
+    enc, _, catalog_path = env
+    few = catalog_path.parent / "few.jsonl"  # beside the images, so relative paths still resolve
+    few.write_text("".join(catalog_path.read_text().splitlines(keepends=True)[:6]))
+    st = DuckDBStore(tmp_path / "store")
+    index_catalog(few, enc, st, progress=False)
+    st.close()
+    make_old_layout(tmp_path / "store")  # no image_key / meta_key columns, as an older fgplugin wrote it
+
+    st = DuckDBStore(tmp_path / "store")
+    assert {fp.image_key for fp in st.fingerprints().values()} == {None}
+    rep = index_catalog(few, enc, st, progress=False)
+    assert (rep.indexed, rep.skipped_current, rep.metadata_updated, rep.ok) == (6, 0, 0, True)  # unknown: re-indexed
+    rep = index_catalog(few, enc, st, progress=False)
+    assert (rep.indexed, rep.skipped_current) == (0, 6)
+    st.close()
+
+
+def test_a_changed_image_that_fails_drops_the_stale_document_until_the_file_is_fixed(env, tmp_path):
+    enc, _, catalog_path = env
+    rows = [json.loads(line) for line in catalog_path.read_text().splitlines()[:4]]
+    for r in rows:
+        r["image"] = str(catalog_path.parent / r["image"])
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(catalog_path.parent / "schema.toml", tmp_path / "schema.toml")
+    errors = tmp_path / "errors.jsonl"
+    st = DuckDBStore(tmp_path / "store")
+    assert index_catalog(catalog, enc, st, errors_path=errors, progress=False).indexed == 4
+
+    later = tmp_path / "later.jpg"
+    rows[0]["image"] = str(later)  # not there yet
+    catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
+    assert [(f.id, f.kind) for f in rep.failures] == [(rows[0]["id"], "missing")]
+    assert rep.stale_removed == 1 and rows[0]["id"] not in st.versions()  # no vectors of the old image left
+    assert set(read_errors(errors)) == {rows[0]["id"]}
+    rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
+    assert (rep.skipped_failed, rep.to_index) == (1, 0)  # same inputs: not retried
+
+    shutil.copy(rows[1]["image"], later)  # the file appears: its key changes, so a plain rerun takes it
+    rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
+    assert (rep.indexed, rep.skipped_failed, rep.ok) == (1, 0, True) and not errors.exists()
+    np.testing.assert_allclose(st.get_vectors([rows[0]["id"]])[rows[0]["id"]][enc.attributes[0]],
+                               st.get_vectors([rows[1]["id"]])[rows[1]["id"]][enc.attributes[0]], atol=ATOL)
+    st.close()
