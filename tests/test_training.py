@@ -2,10 +2,11 @@
 are attribute-specific where the global baseline's are not, and the run mechanics (resume, budget,
 refusals, CLI) hold.
 
-Learning settings: the tiny torchvision-block ResNet (``resnet_tiny``) at 64 px, 80 steps of 24
-triplets, Adam 1e-3, in-batch triplets (``mining = "batch_all"``). From random initialisation, that
-is enough to learn the generated garments' colour well; the shape attributes need far longer runs
-(or ImageNet weights) than a unit-test budget allows, so they are not asserted here.
+Learning settings: the tiny torchvision-block ResNet (``resnet_tiny``) at 64 px, 300 steps of 24
+triplets, Adam 1e-3, in-batch triplets (``mining = "batch_all"``), about 20-30 s per variant on two
+CPU cores. From random initialisation that learns the generated garments' colour well and the
+coarsest shape attribute (hem length) clearly; the finer shape attributes (sleeves, neckline,
+collar, pocket) need far longer runs or ImageNet weights (see bench/quality.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fgplugin.training import parse_budget, train
 N_ITEMS = 1000
 LEARN = {"trunk": "resnet_tiny", "local_trunk": "resnet_tiny", "image_size": 64, "local_size": 32, "embed_dim": 64,
          "attr_embed_dim": 32, "asa_dim": 32, "local_asa_dim": 32, "agmlan_channels": 64,
-         "batch_size": 24, "steps": 80, "lr": 1e-3, "mining": "batch_all", "workers": 0}
+         "batch_size": 24, "steps": 300, "lr": 1e-3, "mining": "batch_all", "workers": 0}
 # Mechanics only (no learning asserted): as small as the trunks allow.
 TINY = {**LEARN, "image_size": 32, "local_size": 16, "embed_dim": 16, "batch_size": 4, "steps": 6,
         "mining": "sampled", "eval_every": 3}
@@ -98,12 +99,25 @@ def test_every_variant_learns_well_above_chance(runs, variant):
     colour, chance_colour = m["per_attribute"]["colour"], ch["per_attribute"]["colour"]
     assert colour > chance_colour + 0.15, (variant, colour, chance_colour)
     assert m["overall_weighted"] > ch["overall_weighted"] + 0.02, (variant, m["overall_weighted"], ch["overall_weighted"])
-    # ASEN_v2's total loss gains the local and alignment terms in stage 2: compare its global triplet part.
-    losses = [h["global" if variant == "asen_v2" else "loss"] for h in result.history]
-    assert losses[-1] < losses[0], (variant, losses)
+    # (No check on the loss curve: batch_all averages over the triplets still active, which stays near
+    # the margin as easy ones drop out; the MAP checks above are what says it learned.)
+    assert all(np.isfinite(h["loss"]) for h in result.history) and len(result.validations) >= 2
     if variant == "asen_v2":  # both stages ran; the second trained the local branch jointly
         assert {h["stage"] for h in result.history} == {1, 2} and "align" in result.history[-1]
         assert float(model.share) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("variant", ["asen", "asen_v2"])
+def test_asen_beats_the_global_baseline_on_a_shape_attribute(runs, variant):
+    """Hem length is a shape attribute: the global baseline's single space is dominated by colour and
+    ranks hems near chance; ASEN's hem_length space learns the hem."""
+    _, _, ev = runs(variant)
+    _, _, ev_global = runs("global")
+    hem = ev["map"]["per_attribute"]["hem_length"]
+    hem_global = ev_global["map"]["per_attribute"]["hem_length"]
+    chance = ev["chance"]["per_attribute"]["hem_length"]
+    assert hem > chance + 0.04, (variant, hem, chance)
+    assert hem > hem_global + 0.025, (variant, hem, hem_global, chance)
 
 
 @pytest.mark.parametrize("variant", ["asen", "asen_v2"])
