@@ -8,8 +8,10 @@ An export directory holds::
                          (encoder.pt, a TorchScript trace, if the model cannot be exported)
     weights.safetensors  the same weights as a plain state dict (inspectable without TorchScript)
     model_card.json      format tag and version, schema, dims, preprocessing, config, data, metrics,
-                         storage note, and ``version``: sha256 over encoder + weights + card (sans
-                         ``version``), checked on load so a tampered export is refused
+                         storage note; ``version``: sha256 over the weights and the vector-defining
+                         card fields (the same checkpoint re-exported keeps it, so stores do not
+                         re-encode); ``integrity``: sha256 over encoder + weights + whole card,
+                         checked on load so a tampered export is refused
 
 Loading needs only torch, torchvision (registers the ``roi_align`` op the ASEN_v2 local branch
 uses), this module, ``preprocess`` and ``schema``: no training or model code.
@@ -59,8 +61,16 @@ VERIFY_ATOL = 1e-4
 
 
 # -- hashing ---------------------------------------------------------------------------------------
-def _canonical(card: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in card.items() if k != "version"}
+# Two hashes. ``version`` identifies the vectors: the weights and the card fields that decide what an
+# image maps to. Re-exporting the same checkpoint (new date, fresh metrics) keeps it, so a store does
+# not re-encode a catalog for nothing. ``integrity`` covers every byte (encoder, weights, whole card)
+# and is checked on load, so a modified export is refused.
+VERSION_FIELDS = ("format", "format_version", "variant", "config", "schema", "attributes", "dims",
+                  "embedding_dim", "preprocess")
+
+
+def _canonical(card: dict[str, Any], keys: Sequence[str] | None = None) -> bytes:
+    body = {k: v for k, v in card.items() if k not in ("version", "integrity") and (keys is None or k in keys)}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
@@ -72,16 +82,31 @@ def _encoder_file(card: dict[str, Any]) -> str:
     return ENCODER_FILES[kind]
 
 
-def compute_version(export_dir: str | Path, card: dict[str, Any]) -> str:
-    """sha256 over the encoder file, the weights file and the card without its ``version``."""
-    d = Path(export_dir)
+def _hash_files(d: Path, names: Sequence[str], extra: bytes) -> str:
     h = hashlib.sha256()
-    for name in (_encoder_file(card), WEIGHTS_FILE):
+    for name in names:
         with (d / name).open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    h.update(_canonical(card))
+    h.update(extra)
     return h.hexdigest()
+
+
+def compute_version(export_dir: str | Path, card: dict[str, Any]) -> str:
+    """The model's identity: sha256 over the weights file and the card's vector-defining fields.
+
+    Exports written before ``integrity`` existed hashed everything into ``version``; those are still
+    verified that way.
+    """
+    d = Path(export_dir)
+    if "integrity" not in card:  # an older export
+        return _hash_files(d, (_encoder_file(card), WEIGHTS_FILE), _canonical(card))
+    return _hash_files(d, (WEIGHTS_FILE,), _canonical(card, VERSION_FIELDS))
+
+
+def compute_integrity(export_dir: str | Path, card: dict[str, Any]) -> str:
+    """sha256 over the encoder file, the weights file and the whole card (sans the two hashes)."""
+    return _hash_files(Path(export_dir), (_encoder_file(card), WEIGHTS_FILE), _canonical(card))
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -153,7 +178,9 @@ def _storage(names: Sequence[str], eval_report: "EvalReport | None") -> dict[str
 
 
 def _write_card(d: Path, card: dict[str, Any]) -> None:
+    card["integrity"] = ""  # marks the two-hash format (see compute_version)
     card["version"] = compute_version(d, card)
+    card["integrity"] = compute_integrity(d, card)
     (d / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n", encoding="utf-8")
 
 
@@ -312,12 +339,15 @@ class ExportedEncoder:
         for name in (encoder_file, WEIGHTS_FILE):
             if not (d / name).is_file():
                 raise ModelCardError(f"{d}: export is missing {name}")
-        actual = compute_version(d, card)
-        if actual != card["version"]:
-            raise ModelCardError(
-                f"{d}: contents do not match the card's version {card['version'][:12]} (got {actual[:12]}); "
-                "the export was modified after it was written, re-export it"
-            )
+        checks = [("version", compute_version(d, card))]
+        if "integrity" in card:
+            checks.append(("integrity", compute_integrity(d, card)))
+        for key, actual in checks:
+            if actual != card[key]:
+                raise ModelCardError(
+                    f"{d}: contents do not match the card's {key} {str(card[key])[:12]} (got {actual[:12]}); "
+                    "the export was modified after it was written, re-export it"
+                )
         own = AttributeSchema.from_dict(card["schema"], source=f"{d}/{CARD_FILE}")
         if own.fingerprint() != card.get("schema_fingerprint", own.fingerprint()):
             raise ModelCardError(f"{d}: card schema does not match its recorded fingerprint")
@@ -374,4 +404,4 @@ class ExportedEncoder:
         return f"ExportedEncoder({self.path}, variant={self.card.get('variant')}, version={self.version[:12]})"
 
 
-__all__ = ["ExportedEncoder", "export_model", "read_card", "compute_version", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["ExportedEncoder", "export_model", "read_card", "compute_version", "compute_integrity", "FORMAT", "FORMAT_VERSION"]

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fgplugin.catalog import load_catalog
 from fgplugin.errors import ModelCardError
-from fgplugin.export import CARD_FILE, WEIGHTS_FILE, ExportedEncoder, compute_version, export_model
+from fgplugin.export import CARD_FILE, WEIGHTS_FILE, ExportedEncoder, compute_integrity, compute_version, export_model
 from fgplugin.images import load_image
 from fgplugin.models import build_model, load_config, save_checkpoint
 from fgplugin.schema import Attribute, AttributeSchema
@@ -174,6 +174,33 @@ def test_loading_refuses_unknown_formats_and_tampering(exports, tmp_path):
     (d / CARD_FILE).unlink()
     with pytest.raises(ModelCardError, match="not an fgplugin export"):
         ExportedEncoder.load(d)
+
+
+def test_re_exporting_the_same_checkpoint_keeps_the_version_and_edits_are_caught(exports, tmp_path):
+    """version = the vectors' identity (weights + vector-defining card fields): the same checkpoint
+    exported again keeps it, so an index built with it stays current; integrity covers every byte."""
+    _, path, enc = exports["csn"]
+    again = export_model(path.parent / "run-csn" / "best", tmp_path / "again")
+    card, card2 = (json.loads((p / CARD_FILE).read_text()) for p in (path, again))
+    assert card2["version"] == card["version"] == enc.version
+    assert card2["version"] == compute_version(again, card2) and card2["integrity"] == compute_integrity(again, card2)
+    # A card edit that does not touch the vectors still fails the integrity check.
+    write = lambda c: (again / CARD_FILE).write_text(json.dumps(c))  # noqa: E731
+    write({**card2, "metrics": {"overall_weighted": 0.99}})
+    with pytest.raises(ModelCardError, match="integrity .* modified after it was written"):
+        ExportedEncoder.load(again)
+    write(card2)
+    enc_file = again / card2["encoder"]["file"]
+    raw = bytearray(enc_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    enc_file.write_bytes(bytes(raw))
+    with pytest.raises(ModelCardError, match="integrity .* modified after it was written"):
+        ExportedEncoder.load(again)
+    # Another model (different weights) is another version.
+    torch.manual_seed(1)
+    other = build_model(load_config("csn", SMALL), synth_schema()).eval()
+    save_checkpoint(tmp_path / "run-other" / "best", other)
+    assert ExportedEncoder.load(export_model(tmp_path / "run-other" / "best", tmp_path / "other")).version != enc.version
 
 
 def test_export_refuses_to_overwrite_a_folder_that_is_not_an_export(exports, tmp_path):
