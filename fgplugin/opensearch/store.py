@@ -27,7 +27,8 @@ import numpy as np
 
 from ..errors import QueryError, StoreError
 from ..query.spec import QuerySpec, SearchResult
-from ..stores.base import Document, Failure, Fingerprint, IndexLayout, UpsertResult, typed_metadata
+from ..stores.base import (Document, Failure, Fingerprint, IndexLayout, UpsertResult, reference_vectors,
+                           typed_metadata)
 from .checks import RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, load_config, make_client
 from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
@@ -491,17 +492,7 @@ class OpenSearchStore:
         spec.validate(layout.schema, layout.dims)
         if spec.image is not None:
             raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
-        attrs = list(spec.attributes)
-        if spec.like_id is not None:
-            got = self.get_vectors([spec.like_id], attrs, index=self.alias)
-            if spec.like_id not in got:
-                raise QueryError(f"no document with id {spec.like_id!r} in {self.url}")
-            missing = [a for a in attrs if a not in got[spec.like_id]]
-            if missing:
-                raise QueryError(f"document {spec.like_id!r} has no vector for {', '.join(missing)}")
-            qv = got[spec.like_id]
-        else:
-            qv = {a: np.asarray(spec.vectors[a], dtype=np.float32) for a in attrs}  # type: ignore[index]
+        qv = reference_vectors(spec, lambda ids, a: self.get_vectors(ids, a, index=self.alias), self.url)
         body = to_opensearch(spec, layout, query_vectors=qv, stored_script_id=self.script_id)
         resp = self.call(f"searching {self.alias!r}", self.client.search, index=self.alias, body=body)
         shards = resp.get("_shards") or {}

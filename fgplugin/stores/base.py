@@ -181,3 +181,20 @@ def metadata_key(layout: IndexLayout, metadata: Mapping[str, Any] | None) -> str
     canon = {k: _canonical(v) for k, v in sorted(typed.items()) if v is not None}
     text = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def reference_vectors(spec: QuerySpec, get_vectors: Any, where: str) -> dict[str, np.ndarray]:
+    """The query's per-attribute vectors: the stored ones of ``spec.like_id`` (via ``get_vectors(ids,
+    attrs)``) or ``spec.vectors``. ``where`` names the store in errors."""
+    from ..errors import QueryError
+
+    attrs = list(spec.attributes)
+    if spec.like_id is None:
+        return {a: np.asarray(spec.vectors[a], dtype=np.float32) for a in attrs}  # type: ignore[index]
+    got = get_vectors([spec.like_id], attrs)
+    if spec.like_id not in got:
+        raise QueryError(f"no document with id {spec.like_id!r} in {where}")
+    missing = [a for a in attrs if a not in got[spec.like_id]]
+    if missing:
+        raise QueryError(f"document {spec.like_id!r} has no vector for {', '.join(missing)}")
+    return got[spec.like_id]

@@ -39,7 +39,7 @@ from ..errors import QueryError, StoreError
 from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Term, Terms,
                           coerce_filters)
 from ..schema import METADATA_TYPES, AttributeSchema
-from .base import Document, Failure, Fingerprint, IndexLayout, UpsertResult, to_utc, typed_metadata
+from .base import Document, Failure, Fingerprint, IndexLayout, UpsertResult, reference_vectors, to_utc, typed_metadata
 
 DB_FILE = "fgplugin.duckdb"
 FORMAT_VERSION = 1
@@ -496,16 +496,7 @@ class DuckDBStore:
             raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
         filters = coerce_filters(spec.filters, layout.metadata_types)
         attrs = list(spec.attributes)
-        if spec.like_id is not None:
-            got = self.get_vectors([spec.like_id], attrs)
-            if spec.like_id not in got:
-                raise QueryError(f"no document with id {spec.like_id!r} in {self.url}")
-            missing = [a for a in attrs if a not in got[spec.like_id]]
-            if missing:
-                raise QueryError(f"document {spec.like_id!r} has no vector for {', '.join(missing)}")
-            qv = got[spec.like_id]
-        else:
-            qv = {a: np.asarray(spec.vectors[a], dtype=np.float32) for a in attrs}  # type: ignore[index]
+        qv = reference_vectors(spec, self.get_vectors, self.url)
 
         where, params = compile_where(filters, layout.metadata_types)
         if spec.like_id is not None and spec.exclude_self:
