@@ -11,7 +11,7 @@ depend on the weights), or ``--model EXPORT``, on real 224x224 product photos fr
 
 Store: ``--store-items`` documents with random unit vectors (the model's dims) and three metadata
 fields written into a fresh embedded store by the index worker's batch size and by 1000, then the
-``versions()`` scan a resumed run starts with.
+``fingerprints()`` scan a resumed run starts with.
 
     .venv/bin/python bench/index.py                 # default config, 256 images, 100k store items
     .venv/bin/python bench/index.py --model EXPORT --images 1024 --workers 4
@@ -125,8 +125,8 @@ def bench_store(tmp: Path, n: int, dims: dict[str, int], batch_sizes: tuple[int,
         assert st.count() == n
         rows.append((f"upsert, {bs} per batch", n, elapsed))
         t = time.perf_counter()
-        v = st.versions()
-        rows.append((f"versions() scan (resume check), after batches of {bs}", len(v), time.perf_counter() - t))
+        v = st.fingerprints()
+        rows.append((f"fingerprints() scan (resume check), after batches of {bs}", len(v), time.perf_counter() - t))
         st.close()
         shutil.rmtree(d)
     return rows
