@@ -298,3 +298,45 @@ def test_losses_on_hand_made_vectors():
     logits = [torch.tensor([[10.0, -10.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])]
     labels = torch.tensor([[0, -1], [-1, -1]])
     assert float(L.multitask_cross_entropy(logits, labels)) == pytest.approx(0.0, abs=1e-6)  # only the sure one counts
+
+
+def test_proxy_classifier_scores_hand_made_vectors_and_ignores_unknown_labels():
+    from fgplugin.training.losses import ProxyClassifier
+
+    head = ProxyClassifier([2, 3], dim=2, scale=3.0).requires_grad_(False)
+    with torch.no_grad():  # attribute 0: proxies on the axes; attribute 1: three directions
+        head.proxies[0].copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        head.proxies[1].copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    emb = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[0.0, 3.0], [5.0, 5.0]]])  # [N=2, K=2, E=2]
+    idx = torch.tensor([[0, 1], [0, 1]])
+    labels = torch.tensor([[0, 1], [1, -1]])  # the second image's attribute 1 is unknown: ignored
+    # attribute 0: both on their own proxy (cos 1 vs 0): CE = log(1 + e^-3) each;
+    # attribute 1: one item, cos (0, 1, 0) with label 1: CE = log(1 + 2 e^-3)
+    want = (np.log1p(np.exp(-3.0)) + np.log1p(2 * np.exp(-3.0))) / 2
+    assert float(head(emb, idx, labels)) == pytest.approx(want, rel=1e-5)
+    wrong = torch.tensor([[1, 0], [0, -1]])  # every labelled item on another value's proxy: large loss
+    assert float(head(emb, idx, wrong)) > 2.0
+    assert float(head(emb, idx, torch.full((2, 2), -1))) == 0.0  # nothing labelled, nothing to learn
+
+
+def test_proxy_term_joins_the_metric_loss_and_trains_its_proxies(tmp_path):
+    labels = torch.tensor([[0, 1, 2], [0, -1, 1], [1, 0, 0], [2, 2, 2], [1, 1, 1], [0, 0, 3]])
+    x = torch.randn(6, 3, 64, 64)
+    for variant in ("asen_v2", "asen", "csn", "ag_mlan", "global"):
+        for mining in ("sampled", "batch_all"):
+            model = tiny_model(variant, cls_weight=0.5, mining=mining).train()
+            assert tiny_model(variant).proxies is None  # the papers' objective has none
+            parts = model.training_losses(x, torch.tensor([0, 2]), labels, stage=1)
+            assert float(parts["proxy"].detach()) > 0, (variant, mining)
+            parts["loss"].backward()
+            trained = [model.proxies.proxies[a].grad for a in (0, 2)]  # the triplets' attributes
+            assert all(g is not None and float(g.abs().sum()) > 0 for g in trained), (variant, mining)
+            if variant == "asen":  # stage 1 optimises the proxies with the global branch
+                group = model.parameter_groups(1)[0]["params"]
+                assert any(p is model.proxies.proxies[0] for p in group)
+    # The proxies are part of the checkpoint: it loads back into the same architecture.
+    model = tiny_model("csn", cls_weight=1.0)
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path / "ck", model))
+    assert torch.equal(loaded.proxies.proxies[2], model.proxies.proxies[2])
+    with pytest.raises(ConfigError, match="cls_weight"):
+        load_config("asen", {"cls_weight": -1})

@@ -64,12 +64,21 @@ class AttributeModel(nn.Module):
         """
         raise NotImplementedError
 
-    def triplet_term(self, embed: "Callable[[torch.Tensor], torch.Tensor]", attr: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The metric loss on a triplet batch, as ``config.train.mining`` says.
+    def attach_proxies(self, dim: int) -> None:
+        """Give the model its proxy classifier when ``train.cls_weight`` > 0 (training-only parameters)."""
+        from ..training.losses import ProxyClassifier
 
-        ``embed(idx [N, K]) -> [N, K, E]`` embeds every image under K attributes. Returns (loss, each
-        image's embedding under its own triplet's attribute [N, E]).
+        t = self.config.train
+        self.proxies = ProxyClassifier([a.num_classes for a in self.schema], dim, t.cls_scale) if t.cls_weight > 0 else None
+
+    def metric_terms(self, embed: "Callable[[torch.Tensor], torch.Tensor]", attr: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The metric loss on a triplet batch, as ``config.train.mining`` says, plus the proxy
+        classification term when ``train.cls_weight`` > 0.
+
+        ``embed(idx [N, K]) -> [N, K, E]`` embeds every image under K attributes. Returns
+        ({"metric": weighted total, "triplet": ..., ["proxy": ...]}, each image's embedding under its
+        own triplet's attribute [N, E]).
         """
         from ..training import losses as L
 
@@ -79,9 +88,17 @@ class AttributeModel(nn.Module):
         if t.mining == "batch_all":
             idx = torch.arange(self.num_attributes, device=labels.device).expand(n, -1)
             e = embed(idx)
-            return L.batch_all_triplet_loss(e, labels, t.margin), e[torch.arange(n, device=e.device), own]
-        e = embed(own.reshape(-1, 1))[:, 0]
-        return L.triplet_ranking_loss(*L.split_triplets(e), margin=t.margin), e
+            trip, mine = L.batch_all_triplet_loss(e, labels, t.margin), e[torch.arange(n, device=e.device), own]
+        else:
+            idx = own.reshape(-1, 1)
+            e = embed(idx)
+            mine = e[:, 0]
+            trip = L.triplet_ranking_loss(*L.split_triplets(mine), margin=t.margin)
+        parts = {"metric": trip, "triplet": trip}
+        if getattr(self, "proxies", None) is not None:
+            parts["proxy"] = self.proxies(e, idx, labels)
+            parts["metric"] = trip + t.cls_weight * parts["proxy"]
+        return parts, mine
 
     def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
         """Optimiser parameter groups for a training stage (default: everything at ``lr`` / config lr)."""

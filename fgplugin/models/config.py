@@ -40,6 +40,10 @@ class TrainConfig:
     # sampled: the loss sees exactly the sampled triplets (the papers); batch_all: every valid triplet
     # among the batch's images, for every attribute (many more per trunk pass: learns much faster)
     mining: str = "sampled"
+    # Proxy classification on each attribute's embedding, added to the metric loss with this weight
+    # (0: the papers' objective). Learned proxies, one per value; logits = cls_scale * cosine.
+    cls_weight: float = 0.0
+    cls_scale: float = 16.0
     sampling: str = "balanced"  # balanced: attribute, then two values uniformly (papers); natural: anchor item uniformly
     augment: bool = True  # small random resized crop + horizontal flip
     crop_scale: float = 0.8  # smallest area fraction of the random crop
@@ -118,6 +122,8 @@ class ModelConfig:
             raise ConfigError(f"cache must be auto, memory or off, not {t.cache!r}")
         if t.batch_size < 1 or (t.steps is not None and t.steps < 1) or t.epochs <= 0:
             raise ConfigError("batch_size, steps and epochs must be positive")
+        if t.cls_weight < 0 or t.cls_scale <= 0:
+            raise ConfigError(f"cls_weight must be >= 0 and cls_scale > 0, not {t.cls_weight} / {t.cls_scale}")
         if not 0.0 < t.stage1_fraction <= 1.0:
             raise ConfigError(f"stage1_fraction must be in (0, 1], not {t.stage1_fraction}")
         if not 0.05 <= t.crop_scale <= 1.0:

@@ -92,6 +92,7 @@ class ASEN(AttributeModel):
             self.register_buffer("share", torch.tensor(1.0))
             self.training_stages = (1, 2)
         self.dims = {n: (2 if local else 1) * c.embed_dim for n in schema.names}
+        self.attach_proxies(c.embed_dim)  # on the global embedding
 
     # -- parts --------------------------------------------------------------------------------
     def _global(self, images: torch.Tensor, idx: torch.Tensor):
@@ -142,9 +143,11 @@ class ASEN(AttributeModel):
             kept.update(w=w, hw=hw, idx=idx)
             return g
 
-        loss_g, g = self.triplet_term(embed, attr, labels)
+        metric, g = self.metric_terms(embed, attr, labels)
+        loss_g = metric.pop("metric")
+        named = {("global" if k == "triplet" else k): v for k, v in metric.items()}
         if not self.local or stage == 1:
-            return {"loss": loss_g, "global": loss_g}
+            return {"loss": loss_g, **named}
         own = attr.repeat(3)
         w = kept["w"]
         if kept["idx"].shape[1] > 1:  # batch_all embedded every attribute: keep each image's own
@@ -154,11 +157,13 @@ class ASEN(AttributeModel):
         loss_l = L.triplet_ranking_loss(*L.split_triplets(l), margin=t.margin)
         align = L.alignment_loss(g, l)
         total = loss_g + t.local_weight * loss_l + t.align_weight * align
-        return {"loss": total, "global": loss_g, "local": loss_l, "align": align}
+        return {"loss": total, **named, "local": loss_l, "align": align}
 
     def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
         t = self.config.train
         global_params = list(self.attr_embedding.parameters()) + list(self.global_branch.parameters())
+        if self.proxies is not None:
+            global_params += list(self.proxies.parameters())
         if stage == 1:
             return [{"params": global_params, "lr": t.lr if lr is None else lr, "name": "global"}]
         # Stage 2 (as asenpp): local branch at the fast rate, global branch and attributes at the slow one.
@@ -192,6 +197,7 @@ class CSN(AttributeModel):
         else:
             self.masks = nn.Parameter(torch.empty(a, e).normal_(0.9, 0.7))
         self.dims = {n: e for n in schema.names}
+        self.attach_proxies(e)
 
     def _mask(self) -> torch.Tensor:
         return F.relu(self.masks) if self.config.csn_mask == "learned" else self.masks
@@ -206,11 +212,11 @@ class CSN(AttributeModel):
         t = self.config.train
         x = self._embedding(images)
         masks = self._mask()
-        trip, _ = self.triplet_term(lambda idx: x.unsqueeze(1) * masks[idx], attr, labels)
+        metric, _ = self.metric_terms(lambda idx: x.unsqueeze(1) * masks[idx], attr, labels)
         m = masks[attr]  # [T, E]: the masks the sampled triplets use
         embed_norm, mask_norm = L.csn_norm_penalties(x, m, attr.shape[0])
-        total = trip + t.embed_norm_weight * embed_norm + t.mask_norm_weight * mask_norm
-        return {"loss": total, "triplet": trip, "embed_norm": embed_norm, "mask_norm": mask_norm}
+        total = metric.pop("metric") + t.embed_norm_weight * embed_norm + t.mask_norm_weight * mask_norm
+        return {"loss": total, **metric, "embed_norm": embed_norm, "mask_norm": mask_norm}
 
 
 class _Heads(nn.Module):
@@ -247,6 +253,7 @@ class AGMLAN(AttributeModel):
         self.masks = nn.Parameter(torch.empty(len(schema), c.embed_dim).normal_(0.9, 0.7))
         self.log_vars = nn.Parameter(torch.zeros(2))  # task uncertainty: classification, triplet
         self.dims = {n: c.embed_dim for n in schema.names}
+        self.attach_proxies(c.embed_dim)
 
     def _fused(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f8 = self.s8(images)
@@ -281,9 +288,9 @@ class AGMLAN(AttributeModel):
         fused, f16 = self._fused(images)
         logits = self.heads(_pool(self.s32(fused)))
         cls = L.multitask_cross_entropy(logits, labels)
-        trip, _ = self.triplet_term(lambda idx: self._embed(fused, f16, idx)[0], attr, labels)
-        total = L.uncertainty_weighted([cls, trip], self.log_vars)
-        return {"loss": total, "classification": cls, "triplet": trip}
+        metric, _ = self.metric_terms(lambda idx: self._embed(fused, f16, idx)[0], attr, labels)
+        total = L.uncertainty_weighted([cls, metric.pop("metric")], self.log_vars)
+        return {"loss": total, "classification": cls, **metric}
 
 
 class GlobalEmbedding(AttributeModel):
@@ -295,6 +302,7 @@ class GlobalEmbedding(AttributeModel):
         self.features = StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage)
         self.fc = nn.Linear(self.features.out_channels, c.embed_dim)
         self.dims = {n: c.embed_dim for n in schema.names}
+        self.attach_proxies(c.embed_dim)
 
     def _embedding(self, images):
         return l2n(self.fc(_pool(self.features(images))))
@@ -304,8 +312,8 @@ class GlobalEmbedding(AttributeModel):
 
     def training_losses(self, images, attr, labels, stage=1):
         e = self._embedding(images).unsqueeze(1)
-        loss, _ = self.triplet_term(lambda idx: e.expand(-1, idx.shape[1], -1), attr, labels)
-        return {"loss": loss, "triplet": loss}
+        metric, _ = self.metric_terms(lambda idx: e.expand(-1, idx.shape[1], -1), attr, labels)
+        return {"loss": metric.pop("metric"), **metric}
 
 
 class MultiTaskClassifier(AttributeModel):

@@ -6,12 +6,16 @@
   sum over anchor, positive and negative of mean(max(0, 1 - cos(global, local))) as in asenpp.
 - Multi-task cross-entropy (mtc, AG-MLAN branch 1), ignoring unlabelled / not-visible items (-1).
 - Uncertainty weighting (AG-MLAN; Kendall, Gal & Cipolla 2018): sum_i exp(-s_i) L_i + s_i with learned s_i.
+- Proxy classification on the attribute-specific embedding (not in the papers; ``train.cls_weight``):
+  normalised softmax (Zhai & Wu 2019) over one learned proxy per (attribute, value), so each
+  attribute's space is also pulled into one cluster per value, as a classifier's posterior is.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def split_triplets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,6 +88,36 @@ def multitask_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor) ->
     return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
 
 
+class ProxyClassifier(nn.Module):
+    """Normalised-softmax loss per attribute: logits = scale * cos(embedding, proxy of each value).
+
+    ``sizes[a]`` is attribute a's number of visible values. Called with embeddings [N, K, E] under
+    attributes ``idx`` [N, K] and the images' labels [N, A] (-1 = unknown, ignored): the mean
+    cross-entropy over the labelled (image, attribute) pairs, each attribute weighted equally.
+    """
+
+    def __init__(self, sizes: list[int], dim: int, scale: float = 16.0):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.scale = float(scale)
+        self.proxies = nn.ParameterList(nn.Parameter(torch.randn(k, dim) / dim ** 0.5) for k in self.sizes)
+
+    def forward(self, emb: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(emb.float(), dim=-1)
+        y = labels.gather(1, idx)  # [N, K]: each image's label under the attribute it was embedded for
+        per_attr, present = [], []
+        for a in torch.unique(idx).tolist():
+            sel = (idx == a) & (y >= 0)
+            n = sel.sum()
+            logits = self.scale * e[sel] @ F.normalize(self.proxies[a].float(), dim=-1).T
+            per_attr.append(F.cross_entropy(logits, y[sel], reduction="sum") / n.clamp_min(1))
+            present.append((n > 0).float())
+        if not per_attr:
+            return emb.new_zeros(())
+        has = torch.stack(present)
+        return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+
+
 def uncertainty_weighted(losses: list[torch.Tensor], log_vars: torch.Tensor) -> torch.Tensor:
     """sum_i exp(-s_i) * L_i + s_i (learned task weights; s_i = log variance)."""
     return sum(torch.exp(-log_vars[i]) * loss + log_vars[i] for i, loss in enumerate(losses))  # type: ignore[return-value]
@@ -101,5 +135,5 @@ def csn_norm_penalties(embeddings: torch.Tensor, masks: torch.Tensor, n_triplets
     return embed, mask  # type: ignore[return-value]
 
 
-__all__ = ["triplet_ranking_loss", "batch_all_triplet_loss", "alignment_loss", "multitask_cross_entropy", "uncertainty_weighted",
+__all__ = ["ProxyClassifier", "triplet_ranking_loss", "batch_all_triplet_loss", "alignment_loss", "multitask_cross_entropy", "uncertainty_weighted",
            "csn_norm_penalties", "split_triplets"]

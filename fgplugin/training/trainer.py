@@ -209,6 +209,11 @@ def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: Attribut
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {want.get(k)!r}" for k in diff[:6])
         raise ModelCardError(f"{where}: the run was started with another model config ({detail}); "
                              "use a new --out folder, or the run's own settings")
+    had_proxies = float((meta["config"].get("train") or {}).get("cls_weight", 0.0)) > 0
+    if had_proxies != (config.train.cls_weight > 0):  # the proxy classifier's parameters come or go
+        raise ModelCardError(f"{where}: the run was started with cls_weight "
+                             f"{'> 0' if had_proxies else '= 0'}; it cannot be switched "
+                             f"{'off' if had_proxies else 'on'} on resume; use a new --out folder")
     if AttributeSchema.from_dict(meta["schema"]).fingerprint() != schema.fingerprint():
         raise ModelCardError(f"{where}: the run was trained for another schema than {schema.name!r}; use a new --out folder")
 
