@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fgplugin.catalog import Catalog, find_schema, load_catalog
@@ -63,11 +65,11 @@ def prepare_data(name: str, work: Path, *, n: int | None, size: int) -> tuple[Ca
         from fgplugin.importers import import_preset
 
         src = SHARED / DATA_SOURCES[name]
-        if not src.is_dir():
-            raise SystemExit(f"{src} is absent: the {name} data set lives in ../shared/ beside the repo")
         out = work / "data" / name
         path = out / "catalog.jsonl"
-        if not path.is_file():
+        if not path.is_file():  # imported once; a --work folder carried elsewhere needs no ../shared
+            if not src.is_dir():
+                raise SystemExit(f"{src} is absent: the {name} data set lives in ../shared/ beside the repo")
             console.print(f"importing {src} into {out}")
             import_preset(name, src, out, absolute_paths=True)
         return load_catalog(path, AttributeSchema.load(find_schema(path)), strict=False), None
@@ -86,6 +88,32 @@ def seeded_splits(cat: Catalog, work: Path, data_name: str, seed: int, n: int | 
     return path
 
 
+def split_variants(text: str) -> list[str]:
+    """'asen,csn[a=1;b=2]' -> ['asen', 'csn[a=1;b=2]'] (commas inside brackets stay)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [v for v in out if v]
+
+
+def parse_variant_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'asen[cls_weight=1;sampling=natural]' -> ('asen', {'cls_weight': '1', 'sampling': 'natural'})."""
+    from fgplugin.models import parse_overrides
+
+    m = re.fullmatch(r"([a-z0-9_]+)(?:\[(.*)\])?", spec)
+    if not m or m.group(1) not in VARIANTS:
+        raise SystemExit(f"unknown variant {spec!r}; choose from {', '.join(VARIANTS)}, optionally "
+                         "followed by [key=value;key=value]")
+    pairs = [x for x in re.split(r"[;,]", m.group(2) or "") if x.strip()]
+    return m.group(1), parse_overrides(pairs)
+
+
 # -- one run -------------------------------------------------------------------------------------------
 def run_one(variant: str, cat: Catalog, splits_path: Path, boxes: dict | None, run_dir: Path, *,
             overrides: dict[str, Any], budget_s: float | None, device: str, n_triplets: int) -> dict[str, Any]:
@@ -95,6 +123,13 @@ def run_one(variant: str, cat: Catalog, splits_path: Path, boxes: dict | None, r
     from fgplugin.training import train
 
     cached = run_dir / "bench_result.json"
+    settings = run_dir / "bench_settings.json"
+    wanted = {"variant": variant, "overrides": {k: str(v) for k, v in sorted(overrides.items())},
+              "budget_s": budget_s}
+    if settings.is_file() and json.loads(settings.read_text()) != wanted:
+        raise SystemExit(f"{run_dir} holds a run with other settings ({settings}); use another --work folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps(wanted, indent=2))
     if cached.is_file():
         return json.loads(cached.read_text())
     config = load_config(variant, overrides)
@@ -166,7 +201,7 @@ def table(data_name: str, attributes: list[str], results: dict[str, dict], title
     t = Table(title=f"{data_name}: test retrieval, {title_extra}")
     t.add_column("metric")
     for v in results:
-        t.add_column(v, justify="right")
+        t.add_column(escape(v), justify="right")  # a spec's [settings] is not rich markup
     t.add_column("chance", justify="right", style="dim")
     ref = next(iter(results.values()), None)
     best = max((agg["mean"].get("map") or 0.0 for agg in results.values()), default=0.0)
@@ -197,7 +232,9 @@ def table(data_name: str, attributes: list[str], results: dict[str, dict], title
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synth", help="comma list of synth, fpi, clothing")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list (default: all six)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma list (default: all six); a variant with its own settings is written "
+                        "VARIANT[key=value;key=value], e.g. 'asen,asen[cls_weight=1]'")
     p.add_argument("--trunk", default=None, help="trunk for every variant (default: each variant's paper trunk)")
     p.add_argument("--local-trunk", default=None, help="ASEN_v2 local-branch trunk (default: its paper trunk)")
     p.add_argument("--trunk-weights", default=None, help="pretrained trunk weights file for every variant")
@@ -222,10 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fgplugin.models import parse_overrides
     from fgplugin.training import parse_budget
 
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    specs = {v: parse_variant_spec(v) for v in split_variants(a.variants)}
+    variants = list(specs)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     budget_s = parse_budget(a.budget)
     if a.steps is None and budget_s is None:
@@ -248,11 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in seeds:
             splits_path = seeded_splits(cat, a.work, data_name, seed, n_sub)
             for v in variants:
-                run_dir = a.work / "runs" / data_name / f"{v}-seed{seed}"
-                console.rule(f"{data_name} / {v} / seed {seed}")
+                base, own = specs[v]
+                run_dir = a.work / "runs" / data_name / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', v)}-seed{seed}"
+                console.rule(escape(f"{data_name} / {v} / seed {seed}"))
                 t = time.monotonic()
-                res = run_one(v, cat, splits_path, boxes, run_dir, overrides={**common, "seed": seed},
+                res = run_one(base, cat, splits_path, boxes, run_dir, overrides={**common, **own, "seed": seed},
                               budget_s=budget_s, device=a.device, n_triplets=a.triplets)
+                res["variant"] = v
                 res["seed"] = seed
                 per_variant[v].append(res)
                 console.print(f"  MAP {100 * (res['report']['overall_weighted'] or 0):.1f} "
