@@ -11,6 +11,9 @@ Runs live under ``--work`` (default $TMPDIR/fgplugin-bench-quality, outside the 
 checkpoints and a result file per (data set, variant, seed). Re-running resumes: a finished run is
 not trained again, an interrupted one continues from its last checkpoint.
 
+A variant may carry its own overrides, so a change is measured beside the paper configuration in
+the same table: ``--variants 'asen,asen[feature_stage=3],asen[cls_weight=1;cls_scale=8]'``.
+
     # smoke size (what fits a shared CPU):
     .venv/bin/python bench/quality.py --data synth --n 240 --image-size 64 --trunk resnet_tiny \
         --local-trunk resnet_tiny --steps 60 --small --seeds 0 --out results.json
