@@ -340,3 +340,48 @@ def test_proxy_term_joins_the_metric_loss_and_trains_its_proxies(tmp_path):
     assert torch.equal(loaded.proxies.proxies[2], model.proxies.proxies[2])
     with pytest.raises(ConfigError, match="cls_weight"):
         load_config("asen", {"cls_weight": -1})
+
+
+def test_proxy_share_appends_the_posterior_to_each_attribute_vector():
+    x = torch.randn(4, 3, 64, 64)
+    sizes = {a.name: a.num_classes for a in SCHEMA}
+    for variant in ("asen_v2", "asen", "csn", "ag_mlan", "global"):
+        plain = tiny_model(variant, cls_weight=1.0)
+        mixed = tiny_model(variant, cls_weight=1.0, proxy_share=0.3)  # same seed: the same weights
+        assert mixed.dims == {n: plain.dims[n] + sizes[n] for n in SCHEMA.names}
+        with torch.no_grad():
+            base, out = plain.embed_all(x), mixed.embed_all(x)
+            assert out.shape == (4, len(SCHEMA), max(mixed.dims.values()))
+            assert torch.allclose(out.norm(dim=-1), torch.ones(4, len(SCHEMA)), atol=1e-5)
+            idx = torch.tensor([2, 0, 1, 2])
+            assert torch.allclose(mixed.embed(x, idx), out[torch.arange(4), idx], atol=1e-5)
+            for i, name in enumerate(SCHEMA.names):
+                d0, d = plain.dims[name], mixed.dims[name]
+                assert torch.all(out[:, i, d:] == 0)  # padding stays zero
+                assert torch.allclose(out[:, i, :d0], 0.7 ** 0.5 * base[:, i, :d0], atol=1e-5)
+                post = out[:, i, d0:d] / 0.3 ** 0.5  # a unit vector of probabilities' direction
+                assert torch.all(post >= 0) and torch.allclose(post.norm(dim=-1), torch.ones(4), atol=1e-5)
+                # cosine = 0.7 cos(embeddings) + 0.3 cos(posteriors)
+                want = 0.7 * base[0, i] @ base[1, i] + 0.3 * post[0] @ post[1]
+                assert float(out[0, i] @ out[1, i]) == pytest.approx(float(want), abs=1e-5)
+    # The posterior follows the proxies: put attribute 0's value 2 proxy on an image's embedding.
+    model = tiny_model("asen", cls_weight=1.0, proxy_share=0.5)
+    with torch.no_grad():
+        g, _, _ = model._global(x, torch.zeros(4, 1, dtype=torch.long))
+        model.proxies.proxies[0][2].copy_(g[0, 0])
+        v = model.embed(x[:1], torch.tensor([0]))[0]
+    post = v[model.config.embed_dim:model.dims["colour"]]
+    assert int(post.argmax()) == 2
+    with pytest.raises(ConfigError, match="cls_weight"):
+        load_config("asen", {"proxy_share": 0.3})
+    with pytest.raises(ConfigError, match="proxy_share"):
+        load_config("asen", {"proxy_share": 1.0, "cls_weight": 1.0})
+
+
+def test_embed_all_with_posteriors_traces_for_export():
+    model = tiny_model("asen_v2", cls_weight=1.0, proxy_share=0.4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(_EmbedAll(model), torch.randn(3, 3, 64, 64), check_trace=False)
+        other = torch.randn(5, 3, 64, 64)
+        assert torch.allclose(traced(other), model.embed_all(other), atol=1e-5)

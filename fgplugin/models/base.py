@@ -65,11 +65,25 @@ class AttributeModel(nn.Module):
         raise NotImplementedError
 
     def attach_proxies(self, dim: int) -> None:
-        """Give the model its proxy classifier when ``train.cls_weight`` > 0 (training-only parameters)."""
+        """Give the model its proxy classifier when ``train.cls_weight`` > 0 (called after ``dims`` is
+        set). With ``proxy_share`` > 0 each attribute's vector also carries its posterior, so
+        ``dims`` grows by the attribute's value count."""
         from ..training.losses import ProxyClassifier
 
         t = self.config.train
         self.proxies = ProxyClassifier([a.num_classes for a in self.schema], dim, t.cls_scale) if t.cls_weight > 0 else None
+        if self.config.proxy_share > 0:
+            self.dims = {a.name: self.dims[a.name] + a.num_classes for a in self.schema}
+
+    def with_posteriors(self, vectors: torch.Tensor, emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Unit ``vectors`` [B, K, D0], with the proxy posterior of ``emb`` [B, K, E] (the embedding the
+        proxies were trained on) under attributes ``idx`` [B, K] appended when ``proxy_share`` = s > 0:
+        [sqrt(1 - s) * vector, sqrt(s) * posterior], so cosine = (1 - s) cos + s cos_posterior."""
+        s = self.config.proxy_share
+        if s == 0:
+            return vectors
+        post = self.proxies.posteriors(emb, idx).to(vectors.dtype)
+        return torch.cat([(1 - s) ** 0.5 * vectors, s ** 0.5 * post], dim=-1)
 
     def metric_terms(self, embed: "Callable[[torch.Tensor], torch.Tensor]", attr: torch.Tensor,
                      labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

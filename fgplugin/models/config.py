@@ -88,6 +88,9 @@ class ModelConfig:
     local_asa_dim: int = 256
     roi_threshold: float = 0.1
     global_share: float = 0.6  # test-time similarity = share * cos_global + (1 - share) * cos_local
+    # Share of the proxy posterior in each attribute's vector (needs train.cls_weight > 0): similarity =
+    # (1 - proxy_share) * cos(embeddings) + proxy_share * cos(posteriors over the attribute's values)
+    proxy_share: float = 0.0
     # CSN
     csn_mask: str = "learned"  # learned | fixed (disjoint, not trained)
     csn_mask_init: str = "disjoint"  # disjoint (1 on the attribute's block, 0.1 elsewhere) | normal (0.9, 0.7)
@@ -107,6 +110,11 @@ class ModelConfig:
             raise ConfigError(f"feature_stage must be 2 (stride 16) or 3 (stride 32), not {self.feature_stage}")
         if not 0.0 < self.global_share <= 1.0:
             raise ConfigError(f"global_share must be in (0, 1], not {self.global_share}")
+        if not 0.0 <= self.proxy_share < 1.0:
+            raise ConfigError(f"proxy_share must be in [0, 1), not {self.proxy_share}")
+        if self.proxy_share > 0 and (self.variant == "mtc" or self.train.cls_weight <= 0):
+            raise ConfigError("proxy_share > 0 needs the proxy classifier: set train.cls_weight > 0 "
+                              "(and a variant other than mtc, whose vectors are posteriors already)")
         if not 0.0 <= self.roi_threshold < 1.0:
             raise ConfigError(f"roi_threshold must be in [0, 1), not {self.roi_threshold}")
         if self.csn_mask not in ("learned", "fixed"):

@@ -115,9 +115,9 @@ class ASEN(AttributeModel):
     def _vectors(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         g, w, hw = self._global(images, idx)
         if not self.local:
-            return l2n(g)
+            return self.with_posteriors(l2n(g), g, idx)
         l, _ = self._local(images, idx, w, hw)
-        return self._combine(g, l)
+        return self.with_posteriors(self._combine(g, l), g, idx)
 
     # -- interface ----------------------------------------------------------------------------
     def embed_all(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,9 @@ class CSN(AttributeModel):
         return self.fc(_pool(self.features(images)))
 
     def embed_all(self, images):
-        return l2n(self._embedding(images).unsqueeze(1) * self._mask().unsqueeze(0))
+        e = self._embedding(images).unsqueeze(1) * self._mask().unsqueeze(0)
+        idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
+        return self.with_posteriors(l2n(e), e, idx)
 
     def training_losses(self, images, attr, labels, stage=1):
         t = self.config.train
@@ -267,17 +269,20 @@ class AGMLAN(AttributeModel):
         w = self.asa.weights(x, a)  # [B, K, hw]
         att = w * self.spatial(x, w)
         pooled = torch.bmm(att, x.flatten(2).transpose(1, 2))  # [B, K, C]
-        e = self.fc(self.aca(pooled, a)) * F.relu(self.masks[idx])
-        return l2n(e), att, (x.shape[-2], x.shape[-1])
+        e = l2n(self.fc(self.aca(pooled, a)) * F.relu(self.masks[idx]))
+        return e, att, (x.shape[-2], x.shape[-1])
 
     def embed_all(self, images):
         fused, f16 = self._fused(images)
         idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
-        return self._embed(fused, f16, idx)[0]
+        e = self._embed(fused, f16, idx)[0]
+        return self.with_posteriors(e, e, idx)
 
     def embed(self, images, attr_idx):
         fused, f16 = self._fused(images)
-        return self._embed(fused, f16, attr_idx.to(images.device).reshape(-1, 1))[0][:, 0]
+        idx = attr_idx.to(images.device).reshape(-1, 1)
+        e = self._embed(fused, f16, idx)[0]
+        return self.with_posteriors(e, e, idx)[:, 0]
 
     def attention(self, images, attr_idx):
         fused, f16 = self._fused(images)
@@ -308,7 +313,9 @@ class GlobalEmbedding(AttributeModel):
         return l2n(self.fc(_pool(self.features(images))))
 
     def embed_all(self, images):
-        return self._embedding(images).unsqueeze(1).expand(-1, self.num_attributes, -1).contiguous()
+        e = self._embedding(images).unsqueeze(1).expand(-1, self.num_attributes, -1).contiguous()
+        idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
+        return self.with_posteriors(e, e, idx)
 
     def training_losses(self, images, attr, labels, stage=1):
         e = self._embedding(images).unsqueeze(1)

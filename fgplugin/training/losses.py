@@ -118,6 +118,21 @@ class ProxyClassifier(nn.Module):
         return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
 
 
+    def posteriors(self, emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, K, E] under attributes ``idx`` [B, K] -> each one's softmax posterior over its
+        attribute's values, L2-normalised and zero-padded to the largest value count [B, K, V].
+
+        A fixed loop over attributes with masks (no data-dependent control flow: traceable).
+        """
+        e = F.normalize(emb.float(), dim=-1)
+        width = max(self.sizes)
+        out = e.new_zeros(*idx.shape, width)
+        for a, k in enumerate(self.sizes):
+            p = torch.softmax(self.scale * e @ F.normalize(self.proxies[a].float(), dim=-1).T, dim=-1)
+            out = torch.where((idx == a).unsqueeze(-1), F.pad(F.normalize(p, dim=-1), (0, width - k)), out)
+        return out.to(emb.dtype)
+
+
 def uncertainty_weighted(losses: list[torch.Tensor], log_vars: torch.Tensor) -> torch.Tensor:
     """sum_i exp(-s_i) * L_i + s_i (learned task weights; s_i = log variance)."""
     return sum(torch.exp(-log_vars[i]) * loss + log_vars[i] for i, loss in enumerate(losses))  # type: ignore[return-value]
