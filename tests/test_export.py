@@ -40,12 +40,13 @@ def synth(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, synth):
     """{variant: (in-memory model, export dir, loaded export)}: asen_v2 through the CLI with --catalog,
-    csn through the API."""
+    csn through the API, with the proxy posterior in its vectors (dims differ per attribute)."""
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for variant in ("asen_v2", "csn"):
         torch.manual_seed(0)
-        model = build_model(load_config(variant, SMALL), synth_schema()).eval()
+        over = {**SMALL, "cls_weight": 1.0, "proxy_share": 0.3} if variant == "csn" else SMALL
+        model = build_model(load_config(variant, over), synth_schema()).eval()
         run = root / f"run-{variant}"
         save_checkpoint(run / "best", model)
         dest = root / f"export-{variant}"
@@ -69,6 +70,8 @@ def _images(synth: Path, n: int):
 def test_export_reproduces_the_in_memory_model(exports, synth, variant):
     model, path, enc = exports[variant]
     assert enc.attributes == model.schema.names and enc.dims == model.dims
+    if variant == "csn":  # embedding + posterior over the attribute's visible values
+        assert enc.dims == {a.name: 32 + a.num_classes for a in synth_schema()}
     assert enc.preprocess == model.preprocess()
     images = _images(synth, 5)
     batch = enc.preprocess.batch(images)
