@@ -345,9 +345,10 @@ def test_proxy_term_joins_the_metric_loss_and_trains_its_proxies(tmp_path):
 def test_proxy_share_appends_the_posterior_to_each_attribute_vector():
     x = torch.randn(4, 3, 64, 64)
     sizes = {a.name: a.num_classes for a in SCHEMA}
-    for variant in ("asen_v2", "asen", "csn", "ag_mlan", "global"):
-        plain = tiny_model(variant, cls_weight=1.0)
-        mixed = tiny_model(variant, cls_weight=1.0, proxy_share=0.3)  # same seed: the same weights
+    cases = [(v, "proxy") for v in ("asen_v2", "asen", "csn", "ag_mlan", "global")]
+    for variant, classifier in cases + [("asen", "linear"), ("asen_v2", "linear")]:
+        plain = tiny_model(variant, cls_weight=1.0, classifier=classifier)
+        mixed = tiny_model(variant, cls_weight=1.0, classifier=classifier, proxy_share=0.3)  # the same weights
         assert mixed.dims == {n: plain.dims[n] + sizes[n] for n in SCHEMA.names}
         with torch.no_grad():
             base, out = plain.embed_all(x), mixed.embed_all(x)
@@ -367,7 +368,7 @@ def test_proxy_share_appends_the_posterior_to_each_attribute_vector():
     # The posterior follows the proxies: put attribute 0's value 2 proxy on an image's embedding.
     model = tiny_model("asen", cls_weight=1.0, proxy_share=0.5)
     with torch.no_grad():
-        g, _, _ = model._global(x, torch.zeros(4, 1, dtype=torch.long))
+        g = model._global(x, torch.zeros(4, 1, dtype=torch.long))[0]
         model.proxies.proxies[0][2].copy_(g[0, 0])
         v = model.embed(x[:1], torch.tensor([0]))[0]
     post = v[model.config.embed_dim:model.dims["colour"]]
@@ -376,12 +377,43 @@ def test_proxy_share_appends_the_posterior_to_each_attribute_vector():
         load_config("asen", {"proxy_share": 0.3})
     with pytest.raises(ConfigError, match="proxy_share"):
         load_config("asen", {"proxy_share": 1.0, "cls_weight": 1.0})
+    with pytest.raises(ConfigError, match="linear is for asen"):
+        load_config("csn", {"classifier": "linear", "cls_weight": 1.0})
+
+
+def test_linear_classifier_branch_trains_with_the_triplets_and_gives_the_posterior():
+    """classifier = linear: AG-MLAN's classification branch on ASEN (stride-32 stage, softmax heads)."""
+    labels = torch.tensor([[0, 1, 2], [0, -1, 1], [1, 0, 0], [2, 2, 2], [1, 1, 1], [0, 0, 3]])
+    x = torch.randn(6, 3, 64, 64)
+    for variant, stage in (("asen", 2), ("asen", 3), ("asen_v2", 2)):
+        model = tiny_model(variant, cls_weight=0.5, classifier="linear", feature_stage=stage,
+                           proxy_share=0.4, mining="batch_all").train()
+        assert model.proxies is None and model.heads is not None
+        parts = model.training_losses(x, torch.tensor([0, 2]), labels, stage=1)
+        assert float(parts["classification"].detach()) > 0
+        parts["loss"].backward()
+        head = model.heads.fc.weight.grad
+        assert head is not None and float(head.abs().sum()) > 0
+        group = model.parameter_groups(1)[0]["params"]
+        assert any(p is model.heads.fc.weight for p in group)
+        if stage == 2:  # the stride-32 stage exists only for the classifier and trains with it
+            assert any(p is next(model.cls_stage.parameters()) for p in group)
+    # The posterior part of attribute a's vector is softmax(head a), L2-normalised.
+    model = tiny_model("asen", cls_weight=1.0, classifier="linear", proxy_share=0.5)
+    with torch.no_grad():
+        out = model.embed_all(x)
+        logits = model._logits(model.global_branch.features(x))
+    e = model.config.embed_dim
+    for a, name in enumerate(SCHEMA.names):
+        want = torch.nn.functional.normalize(torch.softmax(logits[a], dim=-1), dim=-1)
+        assert torch.allclose(out[:, a, e:model.dims[name]], 0.5 ** 0.5 * want, atol=1e-5)
 
 
 def test_embed_all_with_posteriors_traces_for_export():
-    model = tiny_model("asen_v2", cls_weight=1.0, proxy_share=0.4)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(_EmbedAll(model), torch.randn(3, 3, 64, 64), check_trace=False)
-        other = torch.randn(5, 3, 64, 64)
-        assert torch.allclose(traced(other), model.embed_all(other), atol=1e-5)
+    for classifier in ("proxy", "linear"):
+        model = tiny_model("asen_v2", cls_weight=1.0, proxy_share=0.4, classifier=classifier)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(_EmbedAll(model), torch.randn(3, 3, 64, 64), check_trace=False)
+            other = torch.randn(5, 3, 64, 64)
+            assert torch.allclose(traced(other), model.embed_all(other), atol=1e-5)

@@ -71,19 +71,28 @@ class AttributeModel(nn.Module):
         from ..training.losses import ProxyClassifier
 
         t = self.config.train
-        self.proxies = ProxyClassifier([a.num_classes for a in self.schema], dim, t.cls_scale) if t.cls_weight > 0 else None
+        use = t.cls_weight > 0 and self.config.classifier == "proxy"
+        self.proxies = ProxyClassifier([a.num_classes for a in self.schema], dim, t.cls_scale) if use else None
         if self.config.proxy_share > 0:
             self.dims = {a.name: self.dims[a.name] + a.num_classes for a in self.schema}
 
-    def with_posteriors(self, vectors: torch.Tensor, emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Unit ``vectors`` [B, K, D0], with the proxy posterior of ``emb`` [B, K, E] (the embedding the
-        proxies were trained on) under attributes ``idx`` [B, K] appended when ``proxy_share`` = s > 0:
-        [sqrt(1 - s) * vector, sqrt(s) * posterior], so cosine = (1 - s) cos + s cos_posterior."""
+    def with_posteriors(self, vectors: torch.Tensor, emb: torch.Tensor, idx: torch.Tensor,
+                        logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Unit ``vectors`` [B, K, D0] under attributes ``idx`` [B, K], with the classifier's posterior
+        appended when ``proxy_share`` = s > 0: [sqrt(1 - s) * vector, sqrt(s) * posterior], so
+        cosine = (1 - s) cos + s cos_posterior. The posterior comes from the proxies on ``emb``
+        [B, K, E] (the embedding they were trained on) or, with classifier = "linear", from the
+        per-attribute ``logits`` ([B, values] each)."""
         s = self.config.proxy_share
         if s == 0:
             return vectors
-        post = self.proxies.posteriors(emb, idx).to(vectors.dtype)
-        return torch.cat([(1 - s) ** 0.5 * vectors, s ** 0.5 * post], dim=-1)
+        if logits is None:
+            post = self.proxies.posteriors(emb, idx)
+        else:
+            width = max(lg.shape[-1] for lg in logits)
+            every = torch.stack([pad_to(l2n(torch.softmax(lg.float(), dim=-1)), width) for lg in logits], dim=1)
+            post = every[torch.arange(idx.shape[0], device=idx.device).unsqueeze(1), idx]  # [B, K, V]
+        return torch.cat([(1 - s) ** 0.5 * vectors, s ** 0.5 * post.to(vectors.dtype)], dim=-1)
 
     def metric_terms(self, embed: "Callable[[torch.Tensor], torch.Tensor]", attr: torch.Tensor,
                      labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

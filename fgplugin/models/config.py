@@ -91,6 +91,10 @@ class ModelConfig:
     # Share of the proxy posterior in each attribute's vector (needs train.cls_weight > 0): similarity =
     # (1 - proxy_share) * cos(embeddings) + proxy_share * cos(posteriors over the attribute's values)
     proxy_share: float = 0.0
+    # The classifier behind train.cls_weight: proxy (cosine to one learned proxy per value, on each
+    # attribute's embedding; every variant) or linear (asen / asen_v2: AG-MLAN's classification
+    # branch, a softmax head per attribute on the pooled stride-32 trunk features, as mtc)
+    classifier: str = "proxy"
     # CSN
     csn_mask: str = "learned"  # learned | fixed (disjoint, not trained)
     csn_mask_init: str = "disjoint"  # disjoint (1 on the attribute's block, 0.1 elsewhere) | normal (0.9, 0.7)
@@ -112,6 +116,10 @@ class ModelConfig:
             raise ConfigError(f"global_share must be in (0, 1], not {self.global_share}")
         if not 0.0 <= self.proxy_share < 1.0:
             raise ConfigError(f"proxy_share must be in [0, 1), not {self.proxy_share}")
+        if self.classifier not in ("proxy", "linear"):
+            raise ConfigError(f"classifier must be proxy or linear, not {self.classifier!r}")
+        if self.classifier == "linear" and self.variant not in ("asen", "asen_v2"):
+            raise ConfigError(f"classifier = linear is for asen and asen_v2, not {self.variant}")
         if self.proxy_share > 0 and (self.variant == "mtc" or self.train.cls_weight <= 0):
             raise ConfigError("proxy_share > 0 needs the proxy classifier: set train.cls_weight > 0 "
                               "(and a variant other than mtc, whose vectors are posteriors already)")

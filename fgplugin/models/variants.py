@@ -68,7 +68,10 @@ class ASENBranch(nn.Module):
 
     def forward(self, images: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """``images`` [B, 3, S, S], ``a`` [B, K, e] -> (embeddings [B, K, E], ASA weights [B, K, hw], (h, w))."""
-        x = self.features(images)
+        return self.attend(self.features(images), a)
+
+    def attend(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The same from the trunk's feature map ``x`` [B, C, h, w]."""
         pooled, w = self.asa(x, a)
         return self.fc(self.aca(pooled, a)), w, (x.shape[-2], x.shape[-1])
 
@@ -81,8 +84,15 @@ class ASEN(AttributeModel):
         c = config
         self.local = local
         self.attr_embedding = nn.Embedding(len(schema), c.attr_embed_dim)
-        self.global_branch = ASENBranch(StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage),
+        trunk = build_trunk(c.trunk, c.trunk_weights)
+        self.global_branch = ASENBranch(StagedFeatures(trunk, c.feature_stage),
                                         c.attr_embed_dim, c.asa_dim, c.aca_reduction, c.embed_dim)
+        self.heads = None
+        if c.classifier == "linear" and c.train.cls_weight > 0:
+            # AG-MLAN's classification branch: the trunk's stride-32 stage on the global branch's map
+            # (already in it with feature_stage 3), pooled, one softmax head per attribute (as mtc).
+            self.cls_stage = trunk.stages[2] if c.feature_stage == 2 else nn.Identity()
+            self.heads = _Heads(trunk.channels[2], [a.num_classes for a in schema])
         if local:
             # The attribute embedding is shared by both branches, as in the reference code.
             self.local_branch = ASENBranch(
@@ -96,7 +106,13 @@ class ASEN(AttributeModel):
 
     # -- parts --------------------------------------------------------------------------------
     def _global(self, images: torch.Tensor, idx: torch.Tensor):
-        return self.global_branch(images, self.attr_embedding(idx))
+        """(embeddings [B, K, E], ASA weights [B, K, hw], (h, w), trunk map [B, C, h, w])."""
+        x = self.global_branch.features(images)
+        return (*self.global_branch.attend(x, self.attr_embedding(idx)), x)
+
+    def _logits(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """The classification branch's per-attribute logits from the trunk map (None without one)."""
+        return None if self.heads is None else self.heads(_pool(self.cls_stage(x)))
 
     def _local(self, images: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, hw: tuple[int, int]):
         """Local embeddings [B, K, E] and boxes [B*K, 4] from the global ASA weights ``w`` [B, K, h*w]."""
@@ -113,11 +129,12 @@ class ASEN(AttributeModel):
         return l2n(torch.cat([torch.sqrt(s) * l2n(g), torch.sqrt(1 - s) * l2n(l)], dim=-1))
 
     def _vectors(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        g, w, hw = self._global(images, idx)
+        g, w, hw, x = self._global(images, idx)
+        logits = self._logits(x) if self.config.proxy_share > 0 else None
         if not self.local:
-            return self.with_posteriors(l2n(g), g, idx)
+            return self.with_posteriors(l2n(g), g, idx, logits)
         l, _ = self._local(images, idx, w, hw)
-        return self.with_posteriors(self._combine(g, l), g, idx)
+        return self.with_posteriors(self._combine(g, l), g, idx, logits)
 
     # -- interface ----------------------------------------------------------------------------
     def embed_all(self, images: torch.Tensor) -> torch.Tensor:
@@ -129,7 +146,7 @@ class ASEN(AttributeModel):
 
     def attention(self, images: torch.Tensor, attr_idx: torch.Tensor):
         idx = attr_idx.to(images.device).reshape(-1, 1)
-        _, w, (h, wd) = self._global(images, idx)
+        _, w, (h, wd), _ = self._global(images, idx)
         maps = w[:, 0].reshape(-1, h, wd)
         boxes = roi_boxes(maps, self.config.image_size, self.config.roi_threshold)
         return minmax_normalise(maps), boxes
@@ -139,13 +156,16 @@ class ASEN(AttributeModel):
         kept: dict[str, Any] = {}
 
         def embed(idx):
-            g, w, hw = self._global(images, idx)
-            kept.update(w=w, hw=hw, idx=idx)
+            g, w, hw, x = self._global(images, idx)
+            kept.update(w=w, hw=hw, idx=idx, x=x)
             return g
 
         metric, g = self.metric_terms(embed, attr, labels)
         loss_g = metric.pop("metric")
         named = {("global" if k == "triplet" else k): v for k, v in metric.items()}
+        if self.heads is not None:  # the classification branch (classifier = "linear")
+            named["classification"] = L.multitask_cross_entropy(self._logits(kept["x"]), labels)
+            loss_g = loss_g + t.cls_weight * named["classification"]
         if not self.local or stage == 1:
             return {"loss": loss_g, **named}
         own = attr.repeat(3)
@@ -162,8 +182,9 @@ class ASEN(AttributeModel):
     def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
         t = self.config.train
         global_params = list(self.attr_embedding.parameters()) + list(self.global_branch.parameters())
-        if self.proxies is not None:
-            global_params += list(self.proxies.parameters())
+        for extra in (self.proxies, self.heads, getattr(self, "cls_stage", None)):
+            if extra is not None:
+                global_params += list(extra.parameters())
         if stage == 1:
             return [{"params": global_params, "lr": t.lr if lr is None else lr, "name": "global"}]
         # Stage 2 (as asenpp): local branch at the fast rate, global branch and attributes at the slow one.
