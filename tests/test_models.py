@@ -300,6 +300,45 @@ def test_losses_on_hand_made_vectors():
     assert float(L.multitask_cross_entropy(logits, labels)) == pytest.approx(0.0, abs=1e-6)  # only the sure one counts
 
 
+def test_batch_all_and_batch_hard_on_hand_made_vectors():
+    from fgplugin.training import losses as L
+
+    # One attribute; images 0 and 1 share value 0, image 2 has value 1, image 3 is unlabelled.
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [-1.0, 0.0]]).unsqueeze(1)  # [4, 1, 2]
+    labels = torch.tensor([[0], [0], [1], [-1]])
+    # cos(0,1) = 0.6, cos(0,2) = 0.8, cos(1,2) = 0.96. Valid triplets (a, p, n): (0, 1, 2): 0.2 - 0.6 + 0.8
+    # = 0.4; (1, 0, 2): 0.2 - 0.6 + 0.96 = 0.56. Image 2 has no positive, image 3 no label.
+    assert float(L.batch_all_triplet_loss(emb, labels, 0.2)) == pytest.approx((0.4 + 0.56) / 2, abs=1e-5)
+    assert float(L.batch_hard_triplet_loss(emb, labels, 0.2)) == pytest.approx((0.4 + 0.56) / 2, abs=1e-5)
+    # Two values with more images: batch_hard keeps each anchor's farthest positive and nearest negative.
+    emb2 = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]).unsqueeze(1)
+    labels2 = torch.tensor([[0], [0], [0], [1], [1]])
+    # anchor 0: 0.2 - 0.6 + 0 < 0; 1: 0.2 - 0.6 + 0.8 = 0.4; 2: 0.2 - 0.8 + 0.6 = 0; 3: 0.2 - 0 + 0.8 = 1.0;
+    # 4: 0.2 - 0 - 0.6 < 0 -> mean over the five anchors 0.28
+    assert float(L.batch_hard_triplet_loss(emb2, labels2, 0.2)) == pytest.approx(0.28, abs=1e-5)
+    assert float(L.batch_hard_triplet_loss(emb, torch.full((4, 1), -1), 0.2)) == 0.0  # nothing labelled
+
+
+def test_posterior_vector_softmax_or_sqrt():
+    from fgplugin.models.base import posterior_vector
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    p = torch.softmax(logits, dim=-1)
+    soft, root = posterior_vector(logits), posterior_vector(logits, "sqrt")
+    assert torch.allclose(soft.norm(dim=-1), torch.ones(2)) and torch.allclose(root.norm(dim=-1), torch.ones(2))
+    assert torch.allclose(soft, p / p.norm(dim=-1, keepdim=True))
+    # sqrt: the cosine of two posteriors is their Bhattacharyya coefficient
+    assert float(root[0] @ root[1]) == pytest.approx(float((p[0] * p[1]).sqrt().sum()), abs=1e-6)
+    model = tiny_model("mtc", posterior="sqrt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        vec = model.embed_all(x)
+        want = model.logits(x)[0].softmax(-1).sqrt().unsqueeze(1)  # attribute 0
+    assert torch.allclose(vec[:, 0, :want.shape[-1]], want[:, 0], atol=1e-6)
+    with pytest.raises(ConfigError, match="posterior"):
+        load_config("mtc", {"posterior": "log"})
+
+
 def test_proxy_classifier_scores_hand_made_vectors_and_ignores_unknown_labels():
     from fgplugin.training.losses import ProxyClassifier
 
@@ -323,7 +362,7 @@ def test_proxy_term_joins_the_metric_loss_and_trains_its_proxies(tmp_path):
     labels = torch.tensor([[0, 1, 2], [0, -1, 1], [1, 0, 0], [2, 2, 2], [1, 1, 1], [0, 0, 3]])
     x = torch.randn(6, 3, 64, 64)
     for variant in ("asen_v2", "asen", "csn", "ag_mlan", "global"):
-        for mining in ("sampled", "batch_all"):
+        for mining in ("sampled", "batch_all", "batch_hard"):
             model = tiny_model(variant, cls_weight=0.5, mining=mining).train()
             assert tiny_model(variant).proxies is None  # the papers' objective has none
             parts = model.training_losses(x, torch.tensor([0, 2]), labels, stage=1)

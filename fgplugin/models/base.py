@@ -87,10 +87,10 @@ class AttributeModel(nn.Module):
         if s == 0:
             return vectors
         if logits is None:
-            post = self.proxies.posteriors(emb, idx)
+            post = self.proxies.posteriors(emb, idx, self.config.posterior)
         else:
             width = max(lg.shape[-1] for lg in logits)
-            every = torch.stack([pad_to(l2n(torch.softmax(lg.float(), dim=-1)), width) for lg in logits], dim=1)
+            every = torch.stack([pad_to(posterior_vector(lg, self.config.posterior), width) for lg in logits], dim=1)
             post = every[torch.arange(idx.shape[0], device=idx.device).unsqueeze(1), idx]  # [B, K, V]
         return torch.cat([(1 - s) ** 0.5 * vectors, s ** 0.5 * post.to(vectors.dtype)], dim=-1)
 
@@ -108,10 +108,11 @@ class AttributeModel(nn.Module):
         t = self.config.train
         n = labels.shape[0]
         own = attr.repeat(3)
-        if t.mining == "batch_all":
+        if t.mining in ("batch_all", "batch_hard"):
             idx = torch.arange(self.num_attributes, device=labels.device).expand(n, -1)
             e = embed(idx)
-            trip, mine = L.batch_all_triplet_loss(e, labels, t.margin), e[torch.arange(n, device=e.device), own]
+            loss = L.batch_all_triplet_loss if t.mining == "batch_all" else L.batch_hard_triplet_loss
+            trip, mine = loss(e, labels, t.margin), e[torch.arange(n, device=e.device), own]
         else:
             idx = own.reshape(-1, 1)
             e = embed(idx)
@@ -137,6 +138,13 @@ class AttributeModel(nn.Module):
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-12)
+
+
+def posterior_vector(logits: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
+    """Logits [..., V] -> the posterior as a unit vector: softmax / |softmax| or sqrt(softmax)
+    (``ModelConfig.posterior``)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    return p.clamp_min(0).sqrt() if kind == "sqrt" else l2n(p)
 
 
 def pad_to(x: torch.Tensor, d: int) -> torch.Tensor:

@@ -38,7 +38,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     margin: float = 0.2
     # sampled: the loss sees exactly the sampled triplets (the papers); batch_all: every valid triplet
-    # among the batch's images, for every attribute (many more per trunk pass: learns much faster)
+    # among the batch's images, for every attribute (many more per trunk pass: learns much faster);
+    # batch_hard: only the hardest positive and negative of each anchor among them (harder negatives)
     mining: str = "sampled"
     # Proxy classification on each attribute's embedding, added to the metric loss with this weight
     # (0: the papers' objective). Learned proxies, one per value; logits = cls_scale * cosine.
@@ -91,6 +92,11 @@ class ModelConfig:
     # Share of the proxy posterior in each attribute's vector (needs train.cls_weight > 0): similarity =
     # (1 - proxy_share) * cos(embeddings) + proxy_share * cos(posteriors over the attribute's values)
     proxy_share: float = 0.0
+    # How a posterior p over an attribute's values becomes a unit vector (mtc's vectors, the part
+    # proxy_share appends): softmax (p / |p|: cosine of the posteriors, as the papers' baselines) or
+    # sqrt (sqrt(p), already unit: cosine = the Bhattacharyya coefficient sum sqrt(p_i q_i), which for a
+    # confident query ranks items by the probability they hold its value)
+    posterior: str = "softmax"
     # The classifier behind train.cls_weight: proxy (cosine to one learned proxy per value, on each
     # attribute's embedding; every variant) or linear (asen / asen_v2: AG-MLAN's classification
     # branch, a softmax head per attribute on the pooled stride-32 trunk features, as mtc)
@@ -116,6 +122,8 @@ class ModelConfig:
             raise ConfigError(f"global_share must be in (0, 1], not {self.global_share}")
         if not 0.0 <= self.proxy_share < 1.0:
             raise ConfigError(f"proxy_share must be in [0, 1), not {self.proxy_share}")
+        if self.posterior not in ("softmax", "sqrt"):
+            raise ConfigError(f"posterior must be softmax or sqrt, not {self.posterior!r}")
         if self.classifier not in ("proxy", "linear"):
             raise ConfigError(f"classifier must be proxy or linear, not {self.classifier!r}")
         if self.classifier == "linear" and self.variant not in ("asen", "asen_v2"):
@@ -132,8 +140,8 @@ class ModelConfig:
         t = self.train
         if t.sampling not in ("balanced", "natural"):
             raise ConfigError(f"sampling must be balanced or natural, not {t.sampling!r}")
-        if t.mining not in ("sampled", "batch_all"):
-            raise ConfigError(f"mining must be sampled or batch_all, not {t.mining!r}")
+        if t.mining not in ("sampled", "batch_all", "batch_hard"):
+            raise ConfigError(f"mining must be sampled, batch_all or batch_hard, not {t.mining!r}")
         if t.cache not in ("auto", "memory", "off"):
             raise ConfigError(f"cache must be auto, memory or off, not {t.cache!r}")
         if t.batch_size < 1 or (t.steps is not None and t.steps < 1) or t.epochs <= 0:

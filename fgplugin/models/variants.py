@@ -28,7 +28,7 @@ from .attention import (
     minmax_normalise,
     roi_boxes,
 )
-from .base import AttributeModel, l2n, pad_to
+from .base import AttributeModel, l2n, pad_to, posterior_vector
 from .config import ConfigError, ModelConfig
 from .trunks import build_trunk
 
@@ -170,7 +170,7 @@ class ASEN(AttributeModel):
             return {"loss": loss_g, **named}
         own = attr.repeat(3)
         w = kept["w"]
-        if kept["idx"].shape[1] > 1:  # batch_all embedded every attribute: keep each image's own
+        if kept["idx"].shape[1] > 1:  # batch_all / batch_hard embedded every attribute: keep each image's own
             w = w[torch.arange(w.shape[0], device=w.device), own]
         l, _ = self._local(images, own.reshape(-1, 1), w.reshape(w.shape[0], 1, -1), kept["hw"])
         l = l[:, 0]
@@ -345,7 +345,8 @@ class GlobalEmbedding(AttributeModel):
 
 
 class MultiTaskClassifier(AttributeModel):
-    """A softmax head per attribute; the posterior (L2-normalised) is the attribute's vector."""
+    """A softmax head per attribute; the posterior (as a unit vector, ``config.posterior``) is the
+    attribute's vector."""
 
     def __init__(self, config: ModelConfig, schema: AttributeSchema):
         super().__init__(config, schema)
@@ -359,7 +360,8 @@ class MultiTaskClassifier(AttributeModel):
 
     def embed_all(self, images):
         d = self.dim
-        return torch.stack([pad_to(l2n(torch.softmax(lg.float(), dim=-1)), d) for lg in self.logits(images)], dim=1)
+        return torch.stack([pad_to(posterior_vector(lg, self.config.posterior), d) for lg in self.logits(images)],
+                           dim=1)
 
     def training_losses(self, images, attr, labels, stage=1):
         loss = L.multitask_cross_entropy(self.logits(images), labels)

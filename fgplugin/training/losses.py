@@ -68,6 +68,34 @@ def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: floa
     return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
 
 
+def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """The hardest triplet per anchor in the batch, per attribute (Hermans et al. 2017, "batch hard").
+
+    Same inputs as ``batch_all_triplet_loss``. For attribute a and each labelled anchor with a
+    positive and a negative in the batch: max(0, margin - min cos(anchor, positive) + max cos(anchor,
+    negative)), averaged over those anchors, then over the attributes that have any.
+    """
+    n, a_count = labels.shape
+    e = F.normalize(emb.float(), dim=-1)
+    eye = torch.eye(n, dtype=torch.bool, device=labels.device)
+    per_attr, present = [], []
+    for a in range(a_count):
+        y = labels[:, a]
+        known = y >= 0
+        same = (y[:, None] == y[None, :]) & known[:, None] & known[None, :]
+        pos = same & ~eye
+        neg = ~same & known[:, None] & known[None, :]
+        sim = e[:, a] @ e[:, a].T
+        hardest_pos = sim.masked_fill(~pos, 2.0).min(dim=1).values  # cosines lie in [-1, 1]
+        hardest_neg = sim.masked_fill(~neg, -2.0).max(dim=1).values
+        ok = (pos.any(dim=1) & neg.any(dim=1)).float()
+        l = F.relu(margin - hardest_pos + hardest_neg) * ok
+        per_attr.append(l.sum() / ok.sum().clamp_min(1))
+        present.append((ok.sum() > 0).float())
+    has = torch.stack(present)
+    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+
+
 def alignment_loss(global_emb: torch.Tensor, local_emb: torch.Tensor) -> torch.Tensor:
     """ASEN_v2: sum over the (anchor, positive, negative) thirds of mean(max(0, 1 - cos(g, l)))."""
     cos = F.cosine_similarity(global_emb.float(), local_emb.float(), dim=-1)
@@ -118,18 +146,21 @@ class ProxyClassifier(nn.Module):
         return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
 
 
-    def posteriors(self, emb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def posteriors(self, emb: torch.Tensor, idx: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
         """Embeddings [B, K, E] under attributes ``idx`` [B, K] -> each one's softmax posterior over its
-        attribute's values, L2-normalised and zero-padded to the largest value count [B, K, V].
+        attribute's values as a unit vector (``kind``: see ``posterior_vector``), zero-padded to the
+        largest value count [B, K, V].
 
         A fixed loop over attributes with masks (no data-dependent control flow: traceable).
         """
+        from ..models.base import posterior_vector
+
         e = F.normalize(emb.float(), dim=-1)
         width = max(self.sizes)
         out = e.new_zeros(*idx.shape, width)
         for a, k in enumerate(self.sizes):
-            p = torch.softmax(self.scale * e @ F.normalize(self.proxies[a].float(), dim=-1).T, dim=-1)
-            out = torch.where((idx == a).unsqueeze(-1), F.pad(F.normalize(p, dim=-1), (0, width - k)), out)
+            p = posterior_vector(self.scale * e @ F.normalize(self.proxies[a].float(), dim=-1).T, kind)
+            out = torch.where((idx == a).unsqueeze(-1), F.pad(p, (0, width - k)), out)
         return out.to(emb.dtype)
 
 
