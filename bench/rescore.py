@@ -63,7 +63,8 @@ def load_data(work: Path, data: str, n: int | None, synth_size: int | None) -> A
 
 def rescore_run(run_dir: Path, cat: Any, splits: Any, settings: list[dict[str, Any]],
                 device: str) -> list[dict[str, float]]:
-    """[{valid, test} MAP] for each setting ({} = as trained) of the run's best checkpoint."""
+    """{valid, test} overall MAP (and per attribute, with query counts) for each setting ({} = as
+    trained) of the run's best checkpoint."""
     from fgplugin.evaluation import evaluate
     from fgplugin.models import load_checkpoint
 
@@ -78,8 +79,13 @@ def rescore_run(run_dir: Path, cat: Any, splits: Any, settings: list[dict[str, A
             model.config.validate()
         except Exception as e:  # e.g. proxy_share on a run trained without a classifier
             raise SystemExit(f"{run_dir.name}: {setting} does not apply: {e}") from None
-        out.append({part: evaluate(model, cat, splits, part=part, n_triplets=0, device=device).overall_weighted
-                    for part in ("valid", "test")})
+        scores: dict[str, Any] = {}
+        for part in ("valid", "test"):
+            r = evaluate(model, cat, splits, part=part, n_triplets=0, device=device)
+            scores[part] = r.overall_weighted
+            scores[f"{part}_per_attribute"] = r.per_attribute_map  # with the query counts, for offline picks
+            scores[f"{part}_queries"] = r.queries_per_attribute
+        out.append(scores)
     return out
 
 
