@@ -32,6 +32,26 @@ def triplet_ranking_loss(anchor: torch.Tensor, positive: torch.Tensor, negative:
     return F.relu(margin - sp + sn).mean()
 
 
+def mean_over_present(per_attr: list[torch.Tensor], present: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of the per-attribute losses over the attributes marked present (1.0) in this batch."""
+    has = torch.stack(present)
+    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+
+
+def attribute_pairs(emb: torch.Tensor, labels: torch.Tensor):
+    """For each attribute a of ``emb`` [N, A, E] / ``labels`` [N, A] (-1 = unknown): (cosine [N, N],
+    positive pairs [N, N]: same value, both labelled, not the image itself, negative pairs [N, N]:
+    different values, both labelled)."""
+    n = labels.shape[0]
+    e = F.normalize(emb.float(), dim=-1)
+    eye = torch.eye(n, dtype=torch.bool, device=labels.device)
+    for a in range(labels.shape[1]):
+        y = labels[:, a]
+        both = (y >= 0)[:, None] & (y >= 0)[None, :]
+        same = (y[:, None] == y[None, :]) & both
+        yield e[:, a] @ e[:, a].T, same & ~eye, ~same & both
+
+
 def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2,
                            max_block: int = 1 << 24) -> torch.Tensor:
     """Every valid triplet in the batch, per attribute (Hermans et al. 2017, "batch all").
@@ -42,18 +62,10 @@ def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: floa
     attributes that have any valid triplet. A batch of T sampled triplets holds far more than T valid
     ones, so each trunk pass teaches much more (what makes short CPU runs learn).
     """
-    n, a_count = labels.shape
-    e = F.normalize(emb.float(), dim=-1)
-    eye = torch.eye(n, dtype=torch.bool, device=labels.device)
+    n = labels.shape[0]
     per_attr, present = [], []
     chunk = max(1, max_block // max(1, n * n))
-    for a in range(a_count):
-        y = labels[:, a]
-        known = y >= 0
-        same = (y[:, None] == y[None, :]) & known[:, None] & known[None, :]
-        pos = same & ~eye
-        neg = ~same & known[:, None] & known[None, :]
-        sim = e[:, a] @ e[:, a].T
+    for sim, pos, neg in attribute_pairs(emb, labels):
         total = sim.new_zeros(())
         active = sim.new_zeros(())
         for s in range(0, n, chunk):  # anchors in blocks: the [n, n, n] cube never materialises at once
@@ -64,8 +76,7 @@ def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: floa
             active = active + (l > 0).sum()
         per_attr.append(total / active.clamp_min(1))
         present.append((pos.any() & neg.any()).float())
-    has = torch.stack(present)
-    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+    return mean_over_present(per_attr, present)
 
 
 def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
@@ -75,25 +86,15 @@ def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: flo
     positive and a negative in the batch: max(0, margin - min cos(anchor, positive) + max cos(anchor,
     negative)), averaged over those anchors, then over the attributes that have any.
     """
-    n, a_count = labels.shape
-    e = F.normalize(emb.float(), dim=-1)
-    eye = torch.eye(n, dtype=torch.bool, device=labels.device)
     per_attr, present = [], []
-    for a in range(a_count):
-        y = labels[:, a]
-        known = y >= 0
-        same = (y[:, None] == y[None, :]) & known[:, None] & known[None, :]
-        pos = same & ~eye
-        neg = ~same & known[:, None] & known[None, :]
-        sim = e[:, a] @ e[:, a].T
+    for sim, pos, neg in attribute_pairs(emb, labels):
         hardest_pos = sim.masked_fill(~pos, 2.0).min(dim=1).values  # cosines lie in [-1, 1]
         hardest_neg = sim.masked_fill(~neg, -2.0).max(dim=1).values
         ok = (pos.any(dim=1) & neg.any(dim=1)).float()
         l = F.relu(margin - hardest_pos + hardest_neg) * ok
         per_attr.append(l.sum() / ok.sum().clamp_min(1))
         present.append((ok.sum() > 0).float())
-    has = torch.stack(present)
-    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+    return mean_over_present(per_attr, present)
 
 
 def alignment_loss(global_emb: torch.Tensor, local_emb: torch.Tensor) -> torch.Tensor:
@@ -112,8 +113,7 @@ def multitask_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor) ->
         ce = F.cross_entropy(lg.float(), y.masked_fill(y < 0, -100), ignore_index=-100, reduction="sum")
         per_attr.append(ce / n.clamp_min(1))
         present.append((n > 0).float())
-    has = torch.stack(present)
-    return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+    return mean_over_present(per_attr, present)
 
 
 class ProxyClassifier(nn.Module):
@@ -142,8 +142,7 @@ class ProxyClassifier(nn.Module):
             present.append((n > 0).float())
         if not per_attr:
             return emb.new_zeros(())
-        has = torch.stack(present)
-        return (torch.stack(per_attr) * has).sum() / has.sum().clamp_min(1)
+        return mean_over_present(per_attr, present)
 
 
     def posteriors(self, emb: torch.Tensor, idx: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
