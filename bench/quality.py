@@ -107,14 +107,23 @@ def split_variants(text: str) -> list[str]:
 
 def parse_variant_spec(spec: str) -> tuple[str, dict[str, str]]:
     """'asen[cls_weight=1;sampling=natural]' -> ('asen', {'cls_weight': '1', 'sampling': 'natural'})."""
-    from fgplugin.models import parse_overrides
-
     m = re.fullmatch(r"([a-z0-9_]+)(?:\[(.*)\])?", spec)
     if not m or m.group(1) not in VARIANTS:
         raise SystemExit(f"unknown variant {spec!r}; choose from {', '.join(VARIANTS)}, optionally "
                          "followed by [key=value;key=value]")
-    pairs = [x for x in re.split(r"[;,]", m.group(2) or "") if x.strip()]
-    return m.group(1), parse_overrides(pairs)
+    return m.group(1), parse_settings(m.group(2) or "")
+
+
+def parse_settings(text: str) -> dict[str, str]:
+    """'a=1;b=2' (or 'a=1,b=2') -> {'a': '1', 'b': '2'}, values as text (parsed as TOML by load_config)."""
+    from fgplugin.models import parse_overrides
+
+    return parse_overrides([x for x in re.split(r"[;,]", text) if x.strip()])
+
+
+def run_folder(work: Path, data_name: str, spec: str, seed: int) -> Path:
+    """Where one (data set, variant spec, seed) run lives under ``--work``."""
+    return work / "runs" / data_name / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec)}-seed{seed}"
 
 
 # -- one run -------------------------------------------------------------------------------------------
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             splits_path = seeded_splits(cat, a.work, data_name, seed, n_sub)
             for v in variants:
                 base, own = specs[v]
-                run_dir = a.work / "runs" / data_name / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', v)}-seed{seed}"
+                run_dir = run_folder(a.work, data_name, v, seed)
                 console.rule(escape(f"{data_name} / {v} / seed {seed}"))
                 t = time.monotonic()
                 res = run_one(base, cat, splits_path, boxes, run_dir, overrides={**common, **own, "seed": seed},

@@ -30,7 +30,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (the sibling benchmark: same data, splits and run folders)
 
-from fgplugin.models import parse_overrides  # noqa: E402
+from fgplugin.models import ConfigError  # noqa: E402
 from fgplugin.splits import Splits  # noqa: E402
 
 TEST_TIME = {"proxy_share": float, "posterior": str, "global_share": float}
@@ -38,7 +38,7 @@ TEST_TIME = {"proxy_share": float, "posterior": str, "global_share": float}
 
 def parse_try(text: str) -> dict[str, Any]:
     """'proxy_share=0.25;posterior=sqrt' -> {'proxy_share': 0.25, 'posterior': 'sqrt'} (test-time keys only)."""
-    pairs = parse_overrides([x for x in re.split(r"[;,]", text) if x.strip()])
+    pairs = quality.parse_settings(text)
     unknown = sorted(set(pairs) - set(TEST_TIME))
     if unknown:
         raise SystemExit(f"--try {text!r}: {', '.join(unknown)} change what a model learns, not how it "
@@ -70,14 +70,15 @@ def rescore_run(run_dir: Path, cat: Any, splits: Any, settings: list[dict[str, A
 
     if not (run_dir / "bench_result.json").is_file():
         raise SystemExit(f"{run_dir} holds no finished run: run bench/quality.py with the same --work first")
+    model, _ = load_checkpoint(run_dir / "best", map_location="cpu")  # once: settings only change config
+    trained = {key: getattr(model.config, key) for key in TEST_TIME}
     out = []
     for setting in settings:
-        model, _ = load_checkpoint(run_dir / "best", map_location="cpu")
-        for key, value in setting.items():
+        for key, value in {**trained, **setting}.items():
             setattr(model.config, key, value)
         try:
             model.config.validate()
-        except Exception as e:  # e.g. proxy_share on a run trained without a classifier
+        except ConfigError as e:  # e.g. proxy_share on a run trained without a classifier
             raise SystemExit(f"{run_dir.name}: {setting} does not apply: {e}") from None
         scores: dict[str, Any] = {}
         for part in ("valid", "test"):
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_seed = []
         for seed in seeds:
             splits = Splits.load(quality.seeded_splits(cat, a.work, a.data, seed, n_sub))
-            run_dir = a.work / "runs" / a.data / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', v)}-seed{seed}"
+            run_dir = quality.run_folder(a.work, a.data, v, seed)
             quality.console.print(f"re-scoring {escape(v)} seed {seed} under {len(settings)} settings")
             per_seed.append(rescore_run(run_dir, cat, splits, settings, a.device))
         results[v] = {label: [s[i] for s in per_seed] for i, label in enumerate(labels)}
