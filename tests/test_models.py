@@ -448,6 +448,44 @@ def test_linear_classifier_branch_trains_with_the_triplets_and_gives_the_posteri
         assert torch.allclose(out[:, a, e:model.dims[name]], 0.5 ** 0.5 * want, atol=1e-5)
 
 
+def test_trunk_lr_scale_moves_the_trunk_slower_than_the_heads():
+    """train.trunk_lr_scale: the trunk's parameters get lr * scale, everything else lr (one Adam step
+    moves each parameter by about its group's lr, so the step sizes show the split)."""
+    labels = torch.tensor([[0, 1, 2], [0, -1, 1], [1, 0, 0], [2, 2, 2], [1, 1, 1], [0, 0, 3]])
+    x = torch.randn(6, 3, 64, 64)
+    lr = 1e-2
+    cases = [("asen", {}), ("asen", {"cls_weight": 1.0, "classifier": "linear"}), ("asen_v2", {}),
+             ("csn", {}), ("ag_mlan", {}), ("global", {}), ("mtc", {})]
+    for variant, over in cases:
+        one = tiny_model(variant, lr=lr, **over)
+        assert [g["lr"] for g in one.parameter_groups(1)] == [lr]  # unscaled: one group, as before
+        model = tiny_model(variant, lr=lr, trunk_lr_scale=0.1, **over).train()
+        groups = model.parameter_groups(1)
+        assert [g["lr"] for g in groups] == pytest.approx([lr, lr * 0.1]), variant
+        heads, trunk = ({id(p) for p in g["params"]} for g in groups)
+        want_trunk = {id(p) for m in model.trunk_modules() for p in m.parameters()}
+        if variant == "asen_v2":  # stage 1 trains the global branch only
+            want_trunk -= {id(p) for p in model.local_branch.parameters()}
+        assert trunk == want_trunk and not heads & trunk, variant
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.Adam(groups)
+        model.training_losses(x, torch.tensor([0, 2]), labels, stage=1)["loss"].backward()
+        opt.step()
+        moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()
+                 if p.grad is not None and float(p.grad.abs().max()) > 1e-3}
+        by_id = {n: id(p) for n, p in model.named_parameters()}
+        in_trunk = [m for n, m in moved.items() if by_id[n] in trunk]
+        in_heads = [m for n, m in moved.items() if by_id[n] in heads]
+        assert in_trunk and in_heads, variant
+        assert max(in_trunk) <= lr * 0.1 * 1.01 < lr * 0.5 <= max(in_heads) <= lr * 1.01, variant
+    # Stage 2 of ASEN_v2 scales both branches' trunks.
+    model = tiny_model("asen_v2", trunk_lr_scale=0.5, stage2_lr_local=1e-3, stage2_lr_global=1e-4)
+    assert [(g["name"], g["lr"]) for g in model.parameter_groups(2)] == [
+        ("local", 1e-3), ("local trunk", pytest.approx(5e-4)), ("global", 1e-4), ("global trunk", pytest.approx(5e-5))]
+    with pytest.raises(ConfigError, match="trunk_lr_scale"):
+        load_config("asen", {"trunk_lr_scale": 0})
+
+
 def test_embed_all_with_posteriors_traces_for_export():
     for classifier in ("proxy", "linear"):
         model = tiny_model("asen_v2", cls_weight=1.0, proxy_share=0.4, classifier=classifier)

@@ -124,10 +124,27 @@ class AttributeModel(nn.Module):
             parts["metric"] = trip + t.cls_weight * parts["proxy"]
         return parts, mine
 
+    def trunk_modules(self) -> list[nn.Module]:
+        """The parts built from a trunk (``build_trunk``), where pretrained weights live."""
+        return []
+
     def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
-        """Optimiser parameter groups for a training stage (default: everything at ``lr`` / config lr)."""
+        """Optimiser parameter groups for a training stage (default: everything at ``lr`` / config lr,
+        the trunk at ``lr * train.trunk_lr_scale``)."""
         lr = self.config.train.lr if lr is None else lr
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr, "name": "all"}]
+        return self.split_trunk([p for p in self.parameters() if p.requires_grad], lr, "all")
+
+    def split_trunk(self, params: list[nn.Parameter], lr: float, name: str) -> list[dict]:
+        """One group ``name`` at ``lr``, or, with ``train.trunk_lr_scale`` != 1, the trunk's parameters
+        among ``params`` apart at the scaled rate (heads first: the trainer logs the first group's lr).
+        An unscaled run keeps one group, so its optimiser state matches older checkpoints."""
+        scale = self.config.train.trunk_lr_scale
+        if scale == 1.0:
+            return [{"params": params, "lr": lr, "name": name}]
+        in_trunk = {id(p) for m in self.trunk_modules() for p in m.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in in_trunk], "lr": lr, "name": name},
+                  {"params": [p for p in params if id(p) in in_trunk], "lr": lr * scale, "name": f"{name} trunk"}]
+        return [g for g in groups if g["params"]]
 
     def start_stage(self, stage: int) -> None:
         """Hook called when training enters ``stage`` (ASEN_v2 switches its local branch on)."""

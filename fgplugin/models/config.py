@@ -36,6 +36,9 @@ class TrainConfig:
     lr_step_epochs: float = 3.0  # StepLR: multiply the lr by lr_decay every this many epochs
     lr_decay: float = 0.9
     weight_decay: float = 0.0
+    # The trunk's learning rate is lr * trunk_lr_scale (fine-tuning practice for a pretrained trunk:
+    # the new heads learn at lr while the ImageNet features move slowly); 1 = one rate for everything
+    trunk_lr_scale: float = 1.0
     margin: float = 0.2
     # sampled: the loss sees exactly the sampled triplets (the papers); batch_all: every valid triplet
     # among the batch's images, for every attribute (many more per trunk pass: learns much faster);
@@ -148,6 +151,8 @@ class ModelConfig:
             raise ConfigError("batch_size, steps and epochs must be positive")
         if t.cls_weight < 0 or t.cls_scale <= 0:
             raise ConfigError(f"cls_weight must be >= 0 and cls_scale > 0, not {t.cls_weight} / {t.cls_scale}")
+        if not 0.0 < t.trunk_lr_scale <= 10.0:
+            raise ConfigError(f"trunk_lr_scale must be in (0, 10], not {t.trunk_lr_scale}")
         if not 0.0 < t.stage1_fraction <= 1.0:
             raise ConfigError(f"stage1_fraction must be in (0, 1], not {t.stage1_fraction}")
         if not 0.05 <= t.crop_scale <= 1.0:

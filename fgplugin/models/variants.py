@@ -186,10 +186,18 @@ class ASEN(AttributeModel):
             if extra is not None:
                 global_params += list(extra.parameters())
         if stage == 1:
-            return [{"params": global_params, "lr": t.lr if lr is None else lr, "name": "global"}]
+            return self.split_trunk(global_params, t.lr if lr is None else lr, "global")
         # Stage 2 (as asenpp): local branch at the fast rate, global branch and attributes at the slow one.
-        return [{"params": list(self.local_branch.parameters()), "lr": t.stage2_lr_local, "name": "local"},
-                {"params": global_params, "lr": t.stage2_lr_global, "name": "global"}]
+        return (self.split_trunk(list(self.local_branch.parameters()), t.stage2_lr_local, "local")
+                + self.split_trunk(global_params, t.stage2_lr_global, "global"))
+
+    def trunk_modules(self) -> list[nn.Module]:
+        parts = [self.global_branch.features]
+        if self.heads is not None and not isinstance(self.cls_stage, nn.Identity):
+            parts.append(self.cls_stage)  # the trunk's own stride-32 stage
+        if self.local:
+            parts.append(self.local_branch.features)
+        return parts
 
     def start_stage(self, stage: int) -> None:
         if self.local and stage >= 2:
@@ -219,6 +227,9 @@ class CSN(AttributeModel):
             self.masks = nn.Parameter(torch.empty(a, e).normal_(0.9, 0.7))
         self.dims = {n: e for n in schema.names}
         self.attach_proxies(e)
+
+    def trunk_modules(self) -> list[nn.Module]:
+        return [self.features]
 
     def _mask(self) -> torch.Tensor:
         return F.relu(self.masks) if self.config.csn_mask == "learned" else self.masks
@@ -278,6 +289,9 @@ class AGMLAN(AttributeModel):
         self.dims = {n: c.embed_dim for n in schema.names}
         self.attach_proxies(c.embed_dim)
 
+    def trunk_modules(self) -> list[nn.Module]:
+        return [self.s8, self.s16, self.s32]
+
     def _fused(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f8 = self.s8(images)
         f16 = self.s16(f8)
@@ -330,6 +344,9 @@ class GlobalEmbedding(AttributeModel):
         self.dims = {n: c.embed_dim for n in schema.names}
         self.attach_proxies(c.embed_dim)
 
+    def trunk_modules(self) -> list[nn.Module]:
+        return [self.features]
+
     def _embedding(self, images):
         return l2n(self.fc(_pool(self.features(images))))
 
@@ -354,6 +371,9 @@ class MultiTaskClassifier(AttributeModel):
         self.features = StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage)
         self.heads = _Heads(self.features.out_channels, [a.num_classes for a in schema])
         self.dims = {a.name: a.num_classes for a in schema}
+
+    def trunk_modules(self) -> list[nn.Module]:
+        return [self.features]
 
     def logits(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.heads(_pool(self.features(images)))
