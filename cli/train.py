@@ -28,7 +28,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for initialisation, triplets and augmentation."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Stop training after this long, e.g. 90s, 10m, 1h30m."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint (its own settings; --steps may change)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Image decoding processes."),
     set_: List[str] = typer.Option([], "--set", help="Any config key: --set key=value (repeatable), e.g. --set embed_dim=256."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),

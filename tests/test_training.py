@@ -205,6 +205,17 @@ def test_runs_are_never_overwritten_or_resumed_with_another_model(data, small_sp
     with pytest.raises(ModelCardError, match=r"another model config \(embed_dim: 16 -> 32"):
         train(load_config("global", {**TINY, "steps": 4, "embed_dim": 32}), catalog, small_splits, tmp_path / "run",
               device="cpu", progress=False, resume=True)
+    # The saved optimiser state carries the rates it was made with: a changed one is refused by name,
+    # not silently overridden by the restored state (or failing later on the parameter-group count).
+    with pytest.raises(ModelCardError, match=r"optimisation settings \(lr: .* -> 0\.05\)"):
+        train(load_config("global", {**TINY, "steps": 4, "lr": 0.05}), catalog, small_splits, tmp_path / "run",
+              device="cpu", progress=False, resume=True)
+    with pytest.raises(ModelCardError, match=r"trunk_lr_scale: 1\.0 -> 0\.1"):
+        train(load_config("global", {**TINY, "steps": 4, "trunk_lr_scale": 0.1}), catalog, small_splits,
+              tmp_path / "run", device="cpu", progress=False, resume=True)
+    more = train(load_config("global", {**TINY, "steps": 4}), catalog, small_splits, tmp_path / "run", device="cpu",
+                 progress=False, validate=False, resume=True)
+    assert more.steps == 4  # the run's own settings with more steps still resume
     bad = dataclasses.replace(small_splits, train=["nope", *small_splits.train])
     with pytest.raises(FgpluginError, match="not in"):
         train(load_config("global", TINY), catalog, bad, tmp_path / "other", device="cpu", progress=False)

@@ -216,6 +216,17 @@ def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: Attribut
                              f"{'off' if had_proxies else 'on'} on resume; use a new --out folder")
     if AttributeSchema.from_dict(meta["schema"]).fingerprint() != schema.fingerprint():
         raise ModelCardError(f"{where}: the run was trained for another schema than {schema.name!r}; use a new --out folder")
+    # The restored optimiser and scheduler states carry their own rates, decay and parameter groups:
+    # a changed value would be silently ignored (or fail on the group count), so refuse it by name.
+    stage = int((meta.get("state") or {}).get("stage", 1))
+    keys = (("lr", "lr_step_epochs") if stage == 1 else ("stage2_lr_local", "stage2_lr_global", "stage2_lr_step_epochs"))
+    keys += ("trunk_lr_scale", "weight_decay", "lr_decay")
+    had = ModelConfig.from_dict(meta["config"]).train
+    changed = [k for k in keys if float(getattr(had, k)) != float(getattr(config.train, k))]
+    if changed:
+        detail = ", ".join(f"{k}: {getattr(had, k)!r} -> {getattr(config.train, k)!r}" for k in changed)
+        raise ModelCardError(f"{where}: the saved optimiser state (stage {stage}) was made with other optimisation "
+                             f"settings ({detail}); resume with the run's own values, or train into a new --out folder")
 
 
 # -- the loop ----------------------------------------------------------------------------------------
