@@ -216,15 +216,17 @@ def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: Attribut
                              f"{'off' if had_proxies else 'on'} on resume; use a new --out folder")
     if AttributeSchema.from_dict(meta["schema"]).fingerprint() != schema.fingerprint():
         raise ModelCardError(f"{where}: the run was trained for another schema than {schema.name!r}; use a new --out folder")
-    # The restored optimiser and scheduler states carry their own rates, decay and parameter groups:
-    # a changed value would be silently ignored (or fail on the group count), so refuse it by name.
-    stage = int((meta.get("state") or {}).get("stage", 1))
+
+
+def _check_optimiser_settings(meta: dict[str, Any], config: ModelConfig, stage: int, where: Path) -> None:
+    """Before restoring a stage's optimiser and scheduler state: they carry their own rates, decay and
+    parameter groups, so a changed value would be silently ignored (or fail on the group count)."""
     keys = (("lr", "lr_step_epochs") if stage == 1 else ("stage2_lr_local", "stage2_lr_global", "stage2_lr_step_epochs"))
     keys += ("trunk_lr_scale", "weight_decay", "lr_decay")
-    had = ModelConfig.from_dict(meta["config"]).train
-    changed = [k for k in keys if float(getattr(had, k)) != float(getattr(config.train, k))]
+    had, want = ModelConfig.from_dict(meta["config"]).train, config.train
+    changed = [k for k in keys if float(getattr(had, k)) != float(getattr(want, k))]
     if changed:
-        detail = ", ".join(f"{k}: {getattr(had, k)!r} -> {getattr(config.train, k)!r}" for k in changed)
+        detail = ", ".join(f"{k}: {getattr(had, k)!r} -> {getattr(want, k)!r}" for k in changed)
         raise ModelCardError(f"{where}: the saved optimiser state (stage {stage}) was made with other optimisation "
                              f"settings ({detail}); resume with the run's own values, or train into a new --out folder")
 
@@ -312,6 +314,7 @@ def train(
 
     optimizer, scheduler = make_optimizer(stage)
     if has_run and int(state.get("stage", 1)) == stage:
+        _check_optimiser_settings(meta, config, stage, last_dir)
         load_training_state(last_dir, optimizer, scheduler, scaler, map_location=dev)
 
     eval_every = tc.eval_every or max(1, total // 10)
