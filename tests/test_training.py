@@ -17,12 +17,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from fgplugin.catalog import load_catalog
 from fgplugin.errors import FgpluginError, ModelCardError
 from fgplugin.evaluation import chance_map, encode_catalog, retrieval_map
-from fgplugin.models import load_checkpoint, load_config
+from fgplugin.models import build_model, load_checkpoint, load_config
 from fgplugin.schema import AttributeSchema
 from fgplugin.splits import Splits
 from fgplugin.training import parse_budget, train
@@ -182,6 +183,46 @@ def test_resume_continues_the_step_count_and_the_same_trajectory(data, small_spl
     again = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "b", device="cpu", progress=False,
                   resume=True)
     assert again.stopped == "already done" and again.steps == 6
+
+
+@pytest.mark.parametrize("variant", ["asen_v2", "ag_mlan", "mtc"])
+def test_frozen_trunk_stages_stay_as_loaded_while_the_rest_trains(data, small_splits, tmp_path, variant):
+    catalog, _ = data
+    cfg = load_config(variant, {**TINY, "freeze_stages": 1, "steps": 4, "stage1_fraction": 0.5})
+    torch.manual_seed(cfg.train.seed)  # as train() does before building its model
+    start = build_model(cfg, catalog.schema)
+    weights = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(weights))
+    result = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", progress=False, validate=False)
+    model, _ = load_checkpoint(result.last)
+    before, after = load_file(str(weights)), model.state_dict()
+    stem = {k for k in before if _stage_of(model, k) == 0}
+    later = {k for k in before if _stage_of(model, k) == 1 and "running" not in k and "num_batches" not in k}
+    assert stem and later
+    # The stride-8 stage of every trunk: weights and BatchNorm statistics exactly as loaded ...
+    assert all(torch.equal(before[k], after[k]) for k in stem), [k for k in stem if not torch.equal(before[k], after[k])]
+    # ... while the next stage trained.
+    assert any(not torch.equal(before[k], after[k]) for k in later)
+    if variant == "asen_v2":  # the local branch's own trunk too
+        assert any(k.startswith("local_branch.") for k in stem)
+    model.train()
+    assert all(not m.training for m in model.frozen_trunk_stages()) and model.frozen_trunk_stages()
+    with pytest.raises(ModelCardError, match=r"freeze_stages: 1 -> 0"):  # the optimiser state would not fit
+        train(load_config(variant, {**TINY, "steps": 6, "stage1_fraction": 0.5}), catalog, small_splits,
+              tmp_path / "run", device="cpu", progress=False, resume=True)
+    with pytest.raises(FgpluginError, match="freeze_stages must be 0, 1, 2 or 3"):
+        load_config(variant, {"freeze_stages": 4})
+
+
+def _stage_of(model, key: str) -> int | None:
+    """The trunk stage (0, 1, 2) a state-dict key lives in, or None outside the trunks."""
+    owner = key.rsplit(".", 1)[0]
+    mods = dict(model.named_modules())
+    while owner:
+        if getattr(mods.get(owner), "trunk_stage", None) is not None:
+            return mods[owner].trunk_stage
+        owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+    return None
 
 
 def test_budget_stops_early_and_the_run_resumes(data, small_splits, tmp_path):

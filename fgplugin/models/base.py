@@ -128,6 +128,25 @@ class AttributeModel(nn.Module):
         """The parts built from a trunk (``build_trunk``), where pretrained weights live."""
         return []
 
+    def frozen_trunk_stages(self) -> list[nn.Module]:
+        """The trunk stages that ``train.freeze_stages`` keeps as loaded (the first n of every trunk)."""
+        n = self.config.train.freeze_stages
+        return [m for part in self.trunk_modules() for m in part.modules() if getattr(m, "trunk_stage", n) < n]
+
+    def freeze_trunk_stages(self) -> int:
+        """Stop gradients into the frozen stages; returns how many parameters that fixes."""
+        frozen = [p for m in self.frozen_trunk_stages() for p in m.parameters()]
+        for p in frozen:
+            p.requires_grad_(False)
+        self.train(self.training)  # their BatchNorm layers to eval mode now, too
+        return sum(p.numel() for p in frozen)
+
+    def train(self, mode: bool = True) -> "AttributeModel":
+        super().train(mode)
+        for m in self.frozen_trunk_stages():
+            m.eval()  # frozen stages keep their BatchNorm running statistics, not the batch's
+        return self
+
     def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
         """Optimiser parameter groups for a training stage (default: everything at ``lr`` / config lr,
         the trunk at ``lr * train.trunk_lr_scale``)."""

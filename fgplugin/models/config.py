@@ -39,6 +39,11 @@ class TrainConfig:
     # The trunk's learning rate is lr * trunk_lr_scale (fine-tuning practice for a pretrained trunk:
     # the new heads learn at lr while the ImageNet features move slowly); 1 = one rate for everything
     trunk_lr_scale: float = 1.0
+    # Leading trunk stages kept exactly as loaded (no gradient, BatchNorm statistics fixed): 1 = the
+    # stride-8 stem, as detectron2's freeze_at does for pretrained backbones. Low-level ImageNet filters
+    # need no fine-tuning on a small catalog, and the stem's backward pass is the costliest (about 40 %
+    # of an EfficientNet-Lite0 step at 96 px); 3 freezes the whole trunk (a linear probe)
+    freeze_stages: int = 0
     margin: float = 0.2
     # sampled: the loss sees exactly the sampled triplets (the papers); batch_all: every valid triplet
     # among the batch's images, for every attribute (many more per trunk pass: learns much faster);
@@ -153,6 +158,8 @@ class ModelConfig:
             raise ConfigError(f"cls_weight must be >= 0 and cls_scale > 0, not {t.cls_weight} / {t.cls_scale}")
         if not 0.0 < t.trunk_lr_scale <= 10.0:
             raise ConfigError(f"trunk_lr_scale must be in (0, 10], not {t.trunk_lr_scale}")
+        if t.freeze_stages not in (0, 1, 2, 3):
+            raise ConfigError(f"freeze_stages must be 0, 1, 2 or 3 (leading trunk stages kept as loaded), not {t.freeze_stages}")
         if not 0.0 < t.stage1_fraction <= 1.0:
             raise ConfigError(f"stage1_fraction must be in (0, 1], not {t.stage1_fraction}")
         if not 0.05 <= t.crop_scale <= 1.0:

@@ -46,6 +46,10 @@ class Trunk(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.channels = list(channels)
         self.strides = [8, 16, 32]
+        for i, stage in enumerate(stages):
+            # Variants keep stages apart from their Trunk (StagedFeatures, AG-MLAN's s8/s16/s32); the mark
+            # lets training find stage i wherever it ended up (train.freeze_stages).
+            stage.trunk_stage = i
 
     def forward(self, x: torch.Tensor, n_stages: int = 3) -> list[torch.Tensor]:
         """The outputs of the first ``n_stages`` stages."""

@@ -222,7 +222,7 @@ def _check_optimiser_settings(meta: dict[str, Any], config: ModelConfig, stage: 
     """Before restoring a stage's optimiser and scheduler state: they carry their own rates, decay and
     parameter groups, so a changed value would be silently ignored (or fail on the group count)."""
     keys = (("lr", "lr_step_epochs") if stage == 1 else ("stage2_lr_local", "stage2_lr_global", "stage2_lr_step_epochs"))
-    keys += ("trunk_lr_scale", "weight_decay", "lr_decay")
+    keys += ("trunk_lr_scale", "weight_decay", "lr_decay", "freeze_stages")
     had, want = ModelConfig.from_dict(meta["config"]).train, config.train
     changed = [k for k in keys if float(getattr(had, k)) != float(getattr(want, k))]
     if changed:
@@ -288,6 +288,7 @@ def train(
         np.random.seed(tc.seed % (2**32))
         model = build_model(config, schema)
     model.to(dev)
+    model.freeze_trunk_stages()
     step = int(state.get("step", 0))
     history: list[dict[str, Any]] = list(state.get("history", []))
     validations: list[dict[str, Any]] = list(state.get("validations", []))
