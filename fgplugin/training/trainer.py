@@ -199,8 +199,8 @@ def _total_steps(config: ModelConfig, n_train: int) -> tuple[int, int]:
 
 
 def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: AttributeSchema, where: Path) -> None:
-    saved = ModelConfig.from_dict(meta["config"]).model_fields()
-    want = config.model_fields()
+    had = ModelConfig.from_dict(meta["config"])
+    saved, want = had.model_fields(), config.model_fields()
     for k in ("trunk_weights", "local_trunk_weights"):  # only used to initialise; the checkpoint has the weights
         saved.pop(k, None)
         want.pop(k, None)
@@ -209,7 +209,7 @@ def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: Attribut
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {want.get(k)!r}" for k in diff[:6])
         raise ModelCardError(f"{where}: the run was started with another model config ({detail}); "
                              "use a new --out folder, or the run's own settings")
-    had_proxies = float((meta["config"].get("train") or {}).get("cls_weight", 0.0)) > 0
+    had_proxies = had.train.cls_weight > 0
     if had_proxies != (config.train.cls_weight > 0):  # the proxy classifier's parameters come or go
         raise ModelCardError(f"{where}: the run was started with cls_weight "
                              f"{'> 0' if had_proxies else '= 0'}; it cannot be switched "
