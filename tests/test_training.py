@@ -196,8 +196,9 @@ def test_frozen_trunk_stages_stay_as_loaded_while_the_rest_trains(data, small_sp
     result = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", progress=False, validate=False)
     model, _ = load_checkpoint(result.last)
     before, after = load_file(str(weights)), model.state_dict()
-    stem = {k for k in before if _stage_of(model, k) == 0}
-    later = {k for k in before if _stage_of(model, k) == 1 and "running" not in k and "num_batches" not in k}
+    stage_of = _trunk_stage_of_keys(model)
+    stem = {k for k in before if stage_of[k] == 0}
+    later = {k for k in before if stage_of[k] == 1 and "running" not in k and "num_batches" not in k}
     assert stem and later
     # The stride-8 stage of every trunk: weights and BatchNorm statistics exactly as loaded ...
     assert all(torch.equal(before[k], after[k]) for k in stem), [k for k in stem if not torch.equal(before[k], after[k])]
@@ -214,15 +215,19 @@ def test_frozen_trunk_stages_stay_as_loaded_while_the_rest_trains(data, small_sp
         load_config(variant, {"freeze_stages": 4})
 
 
-def _stage_of(model, key: str) -> int | None:
-    """The trunk stage (0, 1, 2) a state-dict key lives in, or None outside the trunks."""
-    owner = key.rsplit(".", 1)[0]
+def _trunk_stage_of_keys(model) -> dict[str, int | None]:
+    """Each state-dict key's trunk stage (0, 1, 2), or None outside the trunks."""
     mods = dict(model.named_modules())
-    while owner:
-        if getattr(mods.get(owner), "trunk_stage", None) is not None:
-            return mods[owner].trunk_stage
-        owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-    return None
+
+    def stage(key: str) -> int | None:
+        owner = key.rsplit(".", 1)[0]
+        while owner:
+            if getattr(mods.get(owner), "trunk_stage", None) is not None:
+                return mods[owner].trunk_stage
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        return None
+
+    return {k: stage(k) for k in model.state_dict()}
 
 
 def test_budget_stops_early_and_the_run_resumes(data, small_splits, tmp_path):

@@ -133,13 +133,11 @@ class AttributeModel(nn.Module):
         n = self.config.train.freeze_stages
         return [m for part in self.trunk_modules() for m in part.modules() if getattr(m, "trunk_stage", n) < n]
 
-    def freeze_trunk_stages(self) -> int:
-        """Stop gradients into the frozen stages; returns how many parameters that fixes."""
-        frozen = [p for m in self.frozen_trunk_stages() for p in m.parameters()]
-        for p in frozen:
-            p.requires_grad_(False)
+    def freeze_trunk_stages(self) -> None:
+        """Stop gradients into the frozen stages."""
+        for m in self.frozen_trunk_stages():
+            m.requires_grad_(False)
         self.train(self.training)  # their BatchNorm layers to eval mode now, too
-        return sum(p.numel() for p in frozen)
 
     def train(self, mode: bool = True) -> "AttributeModel":
         super().train(mode)

@@ -198,8 +198,9 @@ def _total_steps(config: ModelConfig, n_train: int) -> tuple[int, int]:
     return total, per_epoch
 
 
-def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: AttributeSchema, where: Path) -> None:
-    had = ModelConfig.from_dict(meta["config"])
+def _check_resumable(meta: dict[str, Any], had: ModelConfig, config: ModelConfig, schema: AttributeSchema,
+                     where: Path) -> None:
+    """``had``: the run's saved config (parsed from ``meta``), ``config``: the one asked for now."""
     saved, want = had.model_fields(), config.model_fields()
     for k in ("trunk_weights", "local_trunk_weights"):  # only used to initialise; the checkpoint has the weights
         saved.pop(k, None)
@@ -218,12 +219,12 @@ def _check_resumable(meta: dict[str, Any], config: ModelConfig, schema: Attribut
         raise ModelCardError(f"{where}: the run was trained for another schema than {schema.name!r}; use a new --out folder")
 
 
-def _check_optimiser_settings(meta: dict[str, Any], config: ModelConfig, stage: int, where: Path) -> None:
+def _check_optimiser_settings(had_config: ModelConfig, config: ModelConfig, stage: int, where: Path) -> None:
     """Before restoring a stage's optimiser and scheduler state: they carry their own rates, decay and
     parameter groups, so a changed value would be silently ignored (or fail on the group count)."""
     keys = (("lr", "lr_step_epochs") if stage == 1 else ("stage2_lr_local", "stage2_lr_global", "stage2_lr_step_epochs"))
     keys += ("trunk_lr_scale", "weight_decay", "lr_decay", "freeze_stages")
-    had, want = ModelConfig.from_dict(meta["config"]).train, config.train
+    had, want = had_config.train, config.train
     changed = [k for k in keys if float(getattr(had, k)) != float(getattr(want, k))]
     if changed:
         detail = ", ".join(f"{k}: {getattr(had, k)!r} -> {getattr(want, k)!r}" for k in changed)
@@ -280,7 +281,8 @@ def train(
         raise FgpluginError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
     if has_run:
         meta = read_checkpoint_meta(last_dir)
-        _check_resumable(meta, config, schema, last_dir)
+        saved_config = ModelConfig.from_dict(meta["config"])
+        _check_resumable(meta, saved_config, config, schema, last_dir)
         model, state = load_checkpoint(last_dir, map_location="cpu")
         model.config = config  # the new training settings (e.g. more steps) apply from here on
     else:
@@ -315,7 +317,7 @@ def train(
 
     optimizer, scheduler = make_optimizer(stage)
     if has_run and int(state.get("stage", 1)) == stage:
-        _check_optimiser_settings(meta, config, stage, last_dir)
+        _check_optimiser_settings(saved_config, config, stage, last_dir)
         load_training_state(last_dir, optimizer, scheduler, scaler, map_location=dev)
 
     eval_every = tc.eval_every or max(1, total // 10)
