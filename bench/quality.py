@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budget", default=None,
                    help="training time cap per variant, e.g. 90s, 10m (a capped run may stop before a late stage)")
     p.add_argument("--batch-size", type=int, default=None, help="triplets per step (default: the variant's)")
-    p.add_argument("--small", action="store_true", help="narrow the attribute-specific heads for CPU smoke runs (mtc is unchanged, so it is not a fair comparison with mtc)")
+    p.add_argument("--small", action="store_true",
+                   help="narrow the attribute-specific heads for CPU smoke runs (mtc is unchanged: no fair comparison with mtc)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every variant")
     p.add_argument("--device", default="auto")
     p.add_argument("--n", type=int, default=None, help="items: synthetic size (default 2000) or real-data subsample")
