@@ -437,15 +437,31 @@ def test_linear_classifier_branch_trains_with_the_triplets_and_gives_the_posteri
         assert any(p is model.heads.fc.weight for p in group)
         if stage == 2:  # the stride-32 stage exists only for the classifier and trains with it
             assert any(p is next(model.cls_stage.parameters()) for p in group)
-    # The posterior part of attribute a's vector is softmax(head a), L2-normalised.
-    model = tiny_model("asen", cls_weight=1.0, classifier="linear", proxy_share=0.5)
-    with torch.no_grad():
-        out = model.embed_all(x)
-        logits = model._logits(model.global_branch.features(x))
-    e = model.config.embed_dim
-    for a, name in enumerate(SCHEMA.names):
-        want = torch.nn.functional.normalize(torch.softmax(logits[a], dim=-1), dim=-1)
-        assert torch.allclose(out[:, a, e:model.dims[name]], 0.5 ** 0.5 * want, atol=1e-5)
+    # classifier = both: the linear branch and the proxy term on the embedding, each at cls_weight.
+    model = tiny_model("asen", cls_weight=0.5, classifier="both", proxy_share=0.4, mining="batch_all").train()
+    assert model.proxies is not None and model.heads is not None
+    parts = model.training_losses(x, torch.tensor([0, 2]), labels, stage=1)
+    assert float(parts["proxy"].detach()) > 0 and float(parts["classification"].detach()) > 0
+    want_total = parts["global"] + 0.5 * (parts["proxy"] + parts["classification"])
+    assert float(parts["loss"].detach()) == pytest.approx(float(want_total.detach()), rel=1e-5)
+    parts["loss"].backward()
+    assert float(model.heads.fc.weight.grad.abs().sum()) > 0
+    assert all(float(p.grad.abs().sum()) > 0 for p in model.proxies.proxies)
+    # The posterior part of attribute a's vector is softmax(head a), L2-normalised (with both, too:
+    # the proxies only train the embedding).
+    for classifier in ("linear", "both"):
+        model = tiny_model("asen", cls_weight=1.0, classifier=classifier, proxy_share=0.5)
+        with torch.no_grad():
+            out = model.embed_all(x)
+            logits = model._logits(model.global_branch.features(x))
+        e = model.config.embed_dim
+        for a, name in enumerate(SCHEMA.names):
+            want = torch.nn.functional.normalize(torch.softmax(logits[a], dim=-1), dim=-1)
+            assert torch.allclose(out[:, a, e:model.dims[name]], 0.5 ** 0.5 * want, atol=1e-5)
+    with pytest.raises(ConfigError, match="both is for asen"):
+        load_config("csn", {"classifier": "both", "cls_weight": 1.0})
+    with pytest.raises(ConfigError, match="proxy, linear or both"):
+        load_config("asen", {"classifier": "softmax", "cls_weight": 1.0})
 
 
 def test_trunk_lr_scale_moves_the_trunk_slower_than_the_heads():

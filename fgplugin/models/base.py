@@ -71,7 +71,7 @@ class AttributeModel(nn.Module):
         from ..training.losses import ProxyClassifier
 
         t = self.config.train
-        use = t.cls_weight > 0 and self.config.classifier == "proxy"
+        use = t.cls_weight > 0 and self.config.classifier in ("proxy", "both")
         self.proxies = ProxyClassifier([a.num_classes for a in self.schema], dim, t.cls_scale) if use else None
         if self.config.proxy_share > 0:
             self.dims = {a.name: self.dims[a.name] + a.num_classes for a in self.schema}
@@ -81,7 +81,7 @@ class AttributeModel(nn.Module):
         """Unit ``vectors`` [B, K, D0] under attributes ``idx`` [B, K], with the classifier's posterior
         appended when ``proxy_share`` = s > 0: [sqrt(1 - s) * vector, sqrt(s) * posterior], so
         cosine = (1 - s) cos + s cos_posterior. The posterior comes from the proxies on ``emb``
-        [B, K, E] (the embedding they were trained on) or, with classifier = "linear", from the
+        [B, K, E] (the embedding they were trained on) or, with classifier = "linear" / "both", from the
         per-attribute ``logits`` ([B, values] each)."""
         s = self.config.proxy_share
         if s == 0:

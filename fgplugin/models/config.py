@@ -107,7 +107,10 @@ class ModelConfig:
     posterior: str = "softmax"
     # The classifier behind train.cls_weight: proxy (cosine to one learned proxy per value, on each
     # attribute's embedding; every variant) or linear (asen / asen_v2: AG-MLAN's classification
-    # branch, a softmax head per attribute on the pooled stride-32 trunk features, as mtc)
+    # branch, a softmax head per attribute on the pooled stride-32 trunk features, as mtc) or both
+    # (asen / asen_v2: the linear branch gives the posterior, and the proxy term, at the same weight,
+    # also trains each attribute's embedding to classify; the embedding is then a second classifier
+    # on the attention-pooled features rather than a triplet-only space)
     classifier: str = "proxy"
     # CSN
     csn_mask: str = "learned"  # learned | fixed (disjoint, not trained)
@@ -132,10 +135,10 @@ class ModelConfig:
             raise ConfigError(f"proxy_share must be in [0, 1), not {self.proxy_share}")
         if self.posterior not in ("softmax", "sqrt"):
             raise ConfigError(f"posterior must be softmax or sqrt, not {self.posterior!r}")
-        if self.classifier not in ("proxy", "linear"):
-            raise ConfigError(f"classifier must be proxy or linear, not {self.classifier!r}")
-        if self.classifier == "linear" and self.variant not in ("asen", "asen_v2"):
-            raise ConfigError(f"classifier = linear is for asen and asen_v2, not {self.variant}")
+        if self.classifier not in ("proxy", "linear", "both"):
+            raise ConfigError(f"classifier must be proxy, linear or both, not {self.classifier!r}")
+        if self.classifier != "proxy" and self.variant not in ("asen", "asen_v2"):
+            raise ConfigError(f"classifier = {self.classifier} is for asen and asen_v2, not {self.variant}")
         if self.proxy_share > 0 and (self.variant == "mtc" or self.train.cls_weight <= 0):
             raise ConfigError("proxy_share > 0 needs the proxy classifier: set train.cls_weight > 0 "
                               "(and a variant other than mtc, whose vectors are posteriors already)")

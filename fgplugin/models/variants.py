@@ -88,7 +88,7 @@ class ASEN(AttributeModel):
         self.global_branch = ASENBranch(StagedFeatures(trunk, c.feature_stage),
                                         c.attr_embed_dim, c.asa_dim, c.aca_reduction, c.embed_dim)
         self.heads = None
-        if c.classifier == "linear" and c.train.cls_weight > 0:
+        if c.classifier in ("linear", "both") and c.train.cls_weight > 0:
             # AG-MLAN's classification branch: the trunk's stride-32 stage on the global branch's map
             # (already in it with feature_stage 3), pooled, one softmax head per attribute (as mtc).
             self.cls_stage = trunk.stages[2] if c.feature_stage == 2 else nn.Identity()
@@ -163,7 +163,7 @@ class ASEN(AttributeModel):
         metric, g = self.metric_terms(embed, attr, labels)
         loss_g = metric.pop("metric")
         named = {("global" if k == "triplet" else k): v for k, v in metric.items()}
-        if self.heads is not None:  # the classification branch (classifier = "linear")
+        if self.heads is not None:  # the classification branch (classifier = "linear" / "both")
             named["classification"] = L.multitask_cross_entropy(self._logits(kept["x"]), labels)
             loss_g = loss_g + t.cls_weight * named["classification"]
         if not self.local or stage == 1:
