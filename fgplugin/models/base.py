@@ -65,14 +65,13 @@ class AttributeModel(nn.Module):
         raise NotImplementedError
 
     def attach_proxies(self, dim: int) -> None:
-        """Give the model its proxy classifier when ``train.cls_weight`` > 0 (called after ``dims`` is
+        """Give the model its proxy classifier when ``config.proxy_term`` (called after ``dims`` is
         set). With ``proxy_share`` > 0 each attribute's vector also carries its posterior, so
         ``dims`` grows by the attribute's value count."""
         from ..training.losses import ProxyClassifier
 
-        t = self.config.train
-        use = t.cls_weight > 0 and self.config.classifier in ("proxy", "both")
-        self.proxies = ProxyClassifier([a.num_classes for a in self.schema], dim, t.cls_scale) if use else None
+        sizes = [a.num_classes for a in self.schema]
+        self.proxies = ProxyClassifier(sizes, dim, self.config.train.cls_scale) if self.config.proxy_term else None
         if self.config.proxy_share > 0:
             self.dims = {a.name: self.dims[a.name] + a.num_classes for a in self.schema}
 

@@ -175,6 +175,16 @@ class ModelConfig:
     def preprocess(self) -> Preprocess:
         return Preprocess(self.image_size, self.mean, self.std)  # type: ignore[arg-type]
 
+    @property
+    def proxy_term(self) -> bool:
+        """Whether training adds the proxy classification term on the embeddings (``classifier``)."""
+        return self.train.cls_weight > 0 and self.classifier in ("proxy", "both")
+
+    @property
+    def linear_branch(self) -> bool:
+        """Whether asen / asen_v2 carry the linear classification branch (``classifier``)."""
+        return self.train.cls_weight > 0 and self.classifier in ("linear", "both")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)

@@ -88,7 +88,7 @@ class ASEN(AttributeModel):
         self.global_branch = ASENBranch(StagedFeatures(trunk, c.feature_stage),
                                         c.attr_embed_dim, c.asa_dim, c.aca_reduction, c.embed_dim)
         self.heads = None
-        if c.classifier in ("linear", "both") and c.train.cls_weight > 0:
+        if c.linear_branch:
             # AG-MLAN's classification branch: the trunk's stride-32 stage on the global branch's map
             # (already in it with feature_stage 3), pooled, one softmax head per attribute (as mtc).
             self.cls_stage = trunk.stages[2] if c.feature_stage == 2 else nn.Identity()
