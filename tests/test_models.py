@@ -339,6 +339,66 @@ def test_posterior_vector_softmax_or_sqrt():
         load_config("mtc", {"posterior": "log"})
 
 
+def test_posterior_prob_ranks_by_the_probability_of_the_query_value():
+    """posterior = prob: stored [p, sqrt(1 - |p|^2)] is unit; a query drops the slack value, and its
+    cosine with an item is p_q . p_x / |p_q| (the probability ranking), where the softmax cosine lifts
+    the item the classifier is unsure of."""
+    from fgplugin.models.base import posterior_vector
+    from fgplugin.similarity import query_form, query_form_padded
+
+    p = torch.tensor([[0.90, 0.05, 0.05],   # query: value 0
+                      [0.55, 0.449, 0.001],  # item A: 0.55 likely to hold value 0
+                      [0.50, 0.25, 0.25]])  # item B: 0.50 likely, but a flatter posterior
+    logits = p.log()
+    stored = posterior_vector(logits, "prob")
+    assert stored.shape == (3, 4) and torch.allclose(stored.norm(dim=-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(stored[:, :3], p, atol=1e-6)
+    q = torch.from_numpy(query_form(stored[0].numpy(), slack=True)).float()
+    assert float(q[3]) == 0.0 and float(q.norm()) == pytest.approx(1.0, abs=1e-6)
+    for item in (1, 2):
+        assert float(q @ stored[item]) == pytest.approx(float(p[0] @ p[item] / p[0].norm()), abs=1e-6)
+    assert float(q @ stored[1]) > float(q @ stored[2])  # A (0.55) before B (0.50)
+    soft = posterior_vector(logits)
+    assert float(soft[0] @ soft[2]) > float(soft[0] @ soft[1])  # the plain cosine puts B first
+    # without the slack, query_form only normalises
+    assert np.allclose(query_form(2 * stored[1].numpy(), slack=False), stored[1].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="non-zero once its slack value is dropped"):
+        query_form(np.array([0.0, 0.0, 1.0]), slack=True)
+    # the padded form drops each attribute's own last value, wherever its dims end
+    padded = torch.tensor([[[0.6, 0.0, 0.8, 0.0], [0.0, 0.6, 0.0, 0.8]]])
+    out = query_form_padded(padded, [3, 4], slack=True)
+    assert torch.allclose(out, torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]]))
+
+
+def test_posterior_prob_vectors_in_every_model_that_carries_a_posterior():
+    x = torch.randn(3, 3, 64, 64)
+    sizes = {a.name: a.num_classes for a in SCHEMA}
+    mtc = tiny_model("mtc", posterior="prob")
+    assert mtc.config.query_slack and mtc.dims == {n: sizes[n] + 1 for n in SCHEMA.names}
+    for variant, classifier in (("asen", "linear"), ("asen", "proxy"), ("csn", "proxy"), ("asen_v2", "linear")):
+        soft = tiny_model(variant, cls_weight=1.0, classifier=classifier, proxy_share=0.5)
+        prob = tiny_model(variant, cls_weight=1.0, classifier=classifier, proxy_share=0.5, posterior="prob")
+        assert prob.config.query_slack and not soft.config.query_slack
+        assert prob.dims == {n: soft.dims[n] + 1 for n in SCHEMA.names}
+    for model in (mtc, prob):
+        with torch.no_grad():
+            out = model.embed_all(x)
+            plain_logits = model.logits(x) if model is mtc else model._logits(model._global(x, torch.zeros(3, 1, dtype=torch.long))[3])
+        assert torch.allclose(out.norm(dim=-1), torch.ones(3, len(SCHEMA)), atol=1e-5)
+        for i, name in enumerate(SCHEMA.names):
+            d = model.dims[name]
+            assert torch.all(out[:, i, d:] == 0)  # padding after the slack stays zero
+            post = out[:, i, d - 1 - sizes[name]:d]  # [s^.5 p, s^.5 slack] or [p, slack]
+            p = torch.softmax(plain_logits[i].float(), -1)
+            scale = 1.0 if model is mtc else 0.5 ** 0.5
+            assert torch.allclose(post[:, :-1], scale * p, atol=1e-5)
+            assert torch.allclose(post[:, -1], scale * (1 - (p * p).sum(-1)).clamp_min(0).sqrt(), atol=1e-5)
+    # a model without a posterior has no slack, whatever posterior says
+    assert not tiny_model("asen", posterior="prob").config.query_slack
+    with pytest.raises(ConfigError, match="softmax, sqrt or prob"):
+        load_config("mtc", {"posterior": "log"})
+
+
 def test_proxy_classifier_scores_hand_made_vectors_and_ignores_unknown_labels():
     from fgplugin.training.losses import ProxyClassifier
 

@@ -73,7 +73,7 @@ class AttributeModel(nn.Module):
         sizes = [a.num_classes for a in self.schema]
         self.proxies = ProxyClassifier(sizes, dim, self.config.train.cls_scale) if self.config.proxy_term else None
         if self.config.proxy_share > 0:
-            self.dims = {a.name: self.dims[a.name] + a.num_classes for a in self.schema}
+            self.dims = {a.name: self.dims[a.name] + self.config.posterior_width(a.num_classes) for a in self.schema}
 
     def with_posteriors(self, vectors: torch.Tensor, emb: torch.Tensor, idx: torch.Tensor,
                         logits: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -88,7 +88,7 @@ class AttributeModel(nn.Module):
         if logits is None:
             post = self.proxies.posteriors(emb, idx, self.config.posterior)
         else:
-            width = max(lg.shape[-1] for lg in logits)
+            width = self.config.posterior_width(max(a.num_classes for a in self.schema))  # not traced shapes
             every = torch.stack([pad_to(posterior_vector(lg, self.config.posterior), width) for lg in logits], dim=1)
             post = every[torch.arange(idx.shape[0], device=idx.device).unsqueeze(1), idx]  # [B, K, V]
         return torch.cat([(1 - s) ** 0.5 * vectors, s ** 0.5 * post.to(vectors.dtype)], dim=-1)
@@ -174,10 +174,15 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
 
 
 def posterior_vector(logits: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
-    """Logits [..., V] -> the posterior as a unit vector: softmax / |softmax| or sqrt(softmax)
-    (``ModelConfig.posterior``)."""
+    """Logits [..., V] -> the posterior as a unit vector (``ModelConfig.posterior``): softmax / |softmax|,
+    sqrt(softmax), or prob: [softmax, sqrt(1 - |softmax|^2)], [..., V + 1], whose last (slack) value
+    a query drops (``fgplugin.similarity``)."""
     p = torch.softmax(logits.float(), dim=-1)
-    return p.clamp_min(0).sqrt() if kind == "sqrt" else l2n(p)
+    if kind == "sqrt":
+        return p.clamp_min(0).sqrt()
+    if kind == "prob":
+        return torch.cat([p, (1 - (p * p).sum(-1, keepdim=True)).clamp_min(0).sqrt()], dim=-1)
+    return l2n(p)
 
 
 def pad_to(x: torch.Tensor, d: int) -> torch.Tensor:

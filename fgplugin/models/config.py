@@ -17,6 +17,7 @@ from ..errors import FgpluginError
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 VARIANTS = ("asen_v2", "asen", "csn", "ag_mlan", "global", "mtc")
+POSTERIORS = ("softmax", "sqrt", "prob")
 
 
 class ConfigError(FgpluginError):
@@ -101,9 +102,10 @@ class ModelConfig:
     # (1 - proxy_share) * cos(embeddings) + proxy_share * cos(posteriors over the attribute's values)
     proxy_share: float = 0.0
     # How a posterior p over an attribute's values becomes a unit vector (mtc's vectors, the part
-    # proxy_share appends): softmax (p / |p|: cosine of the posteriors, as the papers' baselines) or
-    # sqrt (sqrt(p), already unit: cosine = the Bhattacharyya coefficient sum sqrt(p_i q_i), which for a
-    # confident query ranks items by the probability they hold its value)
+    # proxy_share appends): softmax (p / |p|: cosine of the posteriors, as the papers' baselines),
+    # sqrt (sqrt(p), already unit: cosine = the Bhattacharyya coefficient sum sqrt(p_i q_i)) or prob
+    # ([p, sqrt(1 - |p|^2)], one value longer; a query drops the last value, so it ranks items by
+    # p_q . p_x, the probability they hold its value: see fgplugin.similarity)
     posterior: str = "softmax"
     # The classifier behind train.cls_weight: proxy (cosine to one learned proxy per value, on each
     # attribute's embedding; every variant) or linear (asen / asen_v2: AG-MLAN's classification
@@ -133,8 +135,8 @@ class ModelConfig:
             raise ConfigError(f"global_share must be in (0, 1], not {self.global_share}")
         if not 0.0 <= self.proxy_share < 1.0:
             raise ConfigError(f"proxy_share must be in [0, 1), not {self.proxy_share}")
-        if self.posterior not in ("softmax", "sqrt"):
-            raise ConfigError(f"posterior must be softmax or sqrt, not {self.posterior!r}")
+        if self.posterior not in POSTERIORS:
+            raise ConfigError(f"posterior must be {', '.join(POSTERIORS[:-1])} or {POSTERIORS[-1]}, not {self.posterior!r}")
         if self.classifier not in ("proxy", "linear", "both"):
             raise ConfigError(f"classifier must be proxy, linear or both, not {self.classifier!r}")
         if self.classifier != "proxy" and self.variant not in ("asen", "asen_v2"):
@@ -179,6 +181,20 @@ class ModelConfig:
     def proxy_term(self) -> bool:
         """Whether training adds the proxy classification term on the embeddings (``classifier``)."""
         return self.train.cls_weight > 0 and self.classifier in ("proxy", "both")
+
+    @property
+    def has_posterior(self) -> bool:
+        """Whether the vectors carry a classifier posterior (mtc's are one; proxy_share appends one)."""
+        return self.variant == "mtc" or self.proxy_share > 0
+
+    @property
+    def query_slack(self) -> bool:
+        """Whether each vector ends with the slack coordinate that a query drops (posterior = prob)."""
+        return self.has_posterior and self.posterior == "prob"
+
+    def posterior_width(self, values: int) -> int:
+        """The length of the posterior vector over ``values`` values (prob adds the slack)."""
+        return values + (1 if self.posterior == "prob" else 0)
 
     @property
     def linear_branch(self) -> bool:

@@ -370,7 +370,7 @@ class MultiTaskClassifier(AttributeModel):
         c = config
         self.features = StagedFeatures(build_trunk(c.trunk, c.trunk_weights), c.feature_stage)
         self.heads = _Heads(self.features.out_channels, [a.num_classes for a in schema])
-        self.dims = {a.name: a.num_classes for a in schema}
+        self.dims = {a.name: config.posterior_width(a.num_classes) for a in schema}
 
     def trunk_modules(self) -> list[nn.Module]:
         return [self.features]

@@ -155,11 +155,11 @@ class ProxyClassifier(nn.Module):
         from ..models.base import posterior_vector
 
         e = F.normalize(emb.float(), dim=-1)
-        width = max(self.sizes)
+        width = max(self.sizes) + (1 if kind == "prob" else 0)  # prob appends the slack value
         out = e.new_zeros(*idx.shape, width)
-        for a, k in enumerate(self.sizes):
+        for a in range(len(self.sizes)):
             p = posterior_vector(self.scale * e @ F.normalize(self.proxies[a].float(), dim=-1).T, kind)
-            out = torch.where((idx == a).unsqueeze(-1), F.pad(p, (0, width - k)), out)
+            out = torch.where((idx == a).unsqueeze(-1), F.pad(p, (0, width - p.shape[-1])), out)
         return out.to(emb.dtype)
 
 
