@@ -30,6 +30,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .similarity import query_form_padded
+
 # Rank at most this many query x candidate scores at once (bounds memory on large catalogs).
 _MAX_SCORES_PER_CHUNK = 8_000_000
 
@@ -180,10 +182,11 @@ def chance_map(
 
 
 def triplet_accuracy(
-    vecs: Any, triplets: Any, *, attribute_names: Sequence[str] | None = None
+    vecs: Any, triplets: Any, *, attribute_names: Sequence[str] | None = None, anchor_vecs: Any = None
 ) -> dict[str, Any]:
     """Fraction of triplets (attr, anchor, positive, negative) with cos(a, p) > cos(a, n), strictly
-    (a tie counts as wrong). ``vecs`` float [N, A, D]; rows index ``vecs``.
+    (a tie counts as wrong). ``vecs`` float [N, A, D]; rows index ``vecs``. ``anchor_vecs`` (same
+    shape; default ``vecs``): what the anchor scores with, its query form (``fgplugin.similarity``).
     Returns ``{"overall": float, "per_attribute": {name: float}, "n": {name: int}}``."""
     v = _as_tensor(vecs, torch.float32)
     t = _as_tensor(triplets, torch.int64)
@@ -191,8 +194,11 @@ def triplet_accuracy(
         raise ValueError(f"need vecs [N, A, D] and triplets [T, 4]; got {tuple(v.shape)}, {tuple(t.shape)}")
     names = _attr_names(v.shape[1], attribute_names)
     v = torch.nn.functional.normalize(v, dim=-1)
+    q = v if anchor_vecs is None else torch.nn.functional.normalize(_as_tensor(anchor_vecs, torch.float32), dim=-1)
+    if q.shape != v.shape:
+        raise ValueError(f"anchor_vecs {tuple(q.shape)} must have the shape of vecs {tuple(v.shape)}")
     attr, anc, pos, neg = t.unbind(1)
-    va, vp, vn = v[anc, attr], v[pos, attr], v[neg, attr]
+    va, vp, vn = q[anc, attr], v[pos, attr], v[neg, attr]
     correct = (va * vp).sum(-1) > (va * vn).sum(-1)
     per: dict[str, float] = {}
     n: dict[str, int] = {}
@@ -229,6 +235,13 @@ def _preprocess_of(model: Any):
     if callable(pre):  # AttributeModel.preprocess()
         return pre()
     raise TypeError(f"{type(model).__name__} has no preprocess; pass an AttributeModel or ExportedEncoder")
+
+
+def query_slack_of(model: Any) -> bool:
+    """Whether ``model``'s (AttributeModel or ExportedEncoder) vectors end with the slack value a query
+    drops (``fgplugin.similarity``)."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "query_slack", False)) if config is not None else bool(getattr(model, "query_slack", False))
 
 
 def _model_device(model: Any, device: str | torch.device | None) -> torch.device:
@@ -467,11 +480,13 @@ def evaluate(
     row = {it.id: r for r, it in enumerate(catalog.items)}
     labels = catalog.label_matrix()[[row[i] for i in ids]]
     nq = len(q_ids)
-    m = retrieval_map(vecs[:nq], labels[:nq], vecs[nq:], labels[nq:], attribute_names=names)
+    # what a query scores with: the same vectors, or with posterior = prob the slack dropped
+    queries = query_form_padded(vecs, [model.dims[n] for n in names], True) if query_slack_of(model) else vecs
+    m = retrieval_map(queries[:nq], labels[:nq], vecs[nq:], labels[nq:], attribute_names=names)
     chance = chance_map(labels[:nq], labels[nq:], attribute_names=names)
     try:
         trip = sample_triplets(labels, n_triplets, seed=triplet_seed)
-        ta = triplet_accuracy(vecs, trip, attribute_names=names)
+        ta = triplet_accuracy(vecs, trip, attribute_names=names, anchor_vecs=queries)
     except FgpluginError:  # no attribute can form a triplet in this part
         ta = {"overall": None, "per_attribute": {}}
         trip = np.zeros((0, 4))

@@ -124,6 +124,7 @@ def test_roi_iou():
 
 # -- evaluate() on models -------------------------------------------------------------------------------
 import hashlib  # noqa: E402
+import types  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -278,3 +279,52 @@ def test_eval_cli_reports_bad_arguments_clearly(synth, tmp_path):
     assert res.exit_code == 2 and "exactly one of --checkpoint" in res.output
     res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path), "--catalog", str(synth)])
     assert res.exit_code == 2 and "no checkpoint here" in res.output
+
+
+class PosteriorOracle(Oracle):
+    """Noisy posteriors (each item's true value with 0.3 to 0.9 of the mass, the rest spread at random)
+    stored as posterior = prob vectors [p, sqrt(1 - |p|^2)]: a model whose queries drop the slack."""
+
+    def __init__(self, cat, boxes):
+        super().__init__(cat, boxes)
+        self.config = types.SimpleNamespace(query_slack=True)
+        self.dims = {a.name: a.num_classes + 1 for a in self.schema}
+
+    def embed_all(self, x):
+        width = max(self.dims.values())
+        out = torch.zeros(len(x), len(self.schema), width)
+        for i in range(len(x)):
+            key = _key(x[i])
+            lab, _ = self.by_key[key]
+            rng = np.random.default_rng(int(key[:8], 16))
+            for a, attr in enumerate(self.schema):
+                k = attr.num_classes
+                mass = rng.uniform(0.3, 0.9)  # on the true value (value 0 where not visible)
+                p = rng.dirichlet(np.full(k, 0.5)) * (1 - mass)
+                p[max(int(lab[a]), 0)] += mass
+                out[i, a, :k] = torch.from_numpy(p).float()
+                out[i, a, k] = float(np.sqrt(max(0.0, 1 - (p * p).sum())))
+        return out
+
+
+def test_evaluate_scores_queries_without_the_slack_value(data):
+    """For a posterior = prob model, evaluate() ranks with the query form (slack dropped): its MAP is
+    the one of those queries against the stored candidates, not the plain cosine of stored vectors."""
+    from fgplugin.similarity import query_form_padded
+
+    cat, splits, boxes = data
+    model = PosteriorOracle(cat, boxes)
+    rep = evaluate(model, cat, splits, n_triplets=0)
+    q_ids, c_ids = splits.part("test")
+    row = {it.id: r for r, it in enumerate(cat.items)}
+    pre = model.preprocess()
+    imgs = torch.stack([pre(load_image(cat.by_id()[i].image, base_dir=cat.base_dir)) for i in list(q_ids) + list(c_ids)])
+    vecs = model.embed_all(imgs)
+    labels = cat.label_matrix()[[row[i] for i in list(q_ids) + list(c_ids)]]
+    nq = len(q_ids)
+    names = model.schema.names
+    queries = query_form_padded(vecs, [model.dims[n] for n in names], True)
+    want = retrieval_map(queries[:nq], labels[:nq], vecs[nq:], labels[nq:], attribute_names=names)
+    plain = retrieval_map(vecs[:nq], labels[:nq], vecs[nq:], labels[nq:], attribute_names=names)
+    assert rep.overall_weighted == pytest.approx(want["overall_weighted"], abs=1e-9)
+    assert abs(want["overall_weighted"] - plain["overall_weighted"]) > 1e-4  # the two rankings differ here
