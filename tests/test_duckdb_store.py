@@ -469,3 +469,41 @@ def test_a_store_without_fingerprint_columns_opens_and_gets_them(tmp_path):
     assert w.fingerprints()["d0"] == Fingerprint("v1", "0.png|1|2", "k") and w.count() == 3
     np.testing.assert_array_equal(w.get_vectors(["d1"])["d1"]["sleeve"], docs[1].vectors["sleeve"])
     w.close()
+
+
+def test_posterior_prob_index_queries_drop_the_slack_value(tmp_path):
+    """An index of posterior = prob vectors ([p, sqrt(1 - |p|^2)]): a query, by id or by raw vectors,
+    drops the slack value, so each hit's cosine is p_q . p_x / |p_q| and the ranking is by the
+    probability of holding the query's value; the layout's flag survives a reopen, and a model without
+    the slack cannot write into the index."""
+    rng = np.random.default_rng(3)
+    schema = make_schema(("sleeve", "colour"))
+    layout = IndexLayout(schema, {"sleeve": 4, "colour": 4}, {"price": "float"}, "v1", query_slack=True)
+    post = {a: rng.dirichlet(np.full(3, 0.4), size=60) for a in schema.names}  # peaked and flat posteriors
+    stored = {a: np.concatenate([p, np.sqrt(1 - (p * p).sum(1, keepdims=True))], 1) for a, p in post.items()}
+    docs = [Document(f"d{i:02d}", {a: stored[a][i].astype(np.float32) for a in schema.names}, {"price": float(i)}, "v1")
+            for i in range(60)]
+    s = DuckDBStore(tmp_path / "s")
+    s.ensure_index(layout)
+    assert not s.upsert(docs).failed
+    s.close()
+    s = DuckDBStore(tmp_path / "s")
+    assert s.layout.query_slack and s.stats()["query_slack"]
+    weights = {"sleeve": 1.0, "colour": 0.5}
+    want = sum(w * (post[a] @ post[a][0]) / np.linalg.norm(post[a][0]) for a, w in weights.items())
+    order = [f"d{i:02d}" for i in np.argsort(-want, kind="stable") if i != 0][:10]
+    for spec in (QuerySpec(attributes=weights, like_id="d00", k=10),
+                 QuerySpec(attributes=weights, vectors={a: stored[a][0] for a in weights}, k=11)):
+        hits = [h for h in s.search(spec).hits if h.id != "d00"][:10]
+        assert [h.id for h in hits] == order
+        for h in hits:
+            i = int(h.id[1:])
+            assert h.score == pytest.approx(float(want[i]), abs=1e-5)
+            assert h.cosines["sleeve"] == pytest.approx(
+                float(post["sleeve"][i] @ post["sleeve"][0] / np.linalg.norm(post["sleeve"][0])), abs=1e-5)
+    # the plain cosine of the stored vectors would rank differently here (what the slack is for)
+    plain = sum(w * stored[a][1:] @ stored[a][0] for a, w in weights.items())
+    assert [f"d{i + 1:02d}" for i in np.argsort(-plain, kind="stable")][:10] != order
+    with pytest.raises(StoreError, match="slack value"):
+        s.ensure_index(IndexLayout(schema, layout.dims, {"price": "float"}, "v2"))
+    s.close()

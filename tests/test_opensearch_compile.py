@@ -133,6 +133,32 @@ def test_like_id_is_excluded_from_its_own_results(api_spec):
     assert "must_not" not in keep["query"]["script_score"]["query"]["bool"]
 
 
+def test_posterior_prob_index_gets_query_vectors_without_the_slack_value(api_spec):
+    """With ``query_slack`` (posterior = prob vectors, fgplugin.similarity) every mode sends each query
+    vector with its last value dropped and re-normalised, so a stored [p, sqrt(1 - |p|^2)] scores
+    p_q . p_x / |p_q|; without it the vectors are only normalised."""
+    slack = dataclasses.replace(LAYOUT, query_slack=True)
+    s = spec()
+    want = {}
+    for a in ("sleeve", "colour"):
+        v = s.vectors[a].astype(np.float64).copy()
+        v[-1] = 0.0
+        want[a] = v / np.linalg.norm(v)
+    exact = to_opensearch(s, slack)
+    api_spec.validate("search", exact)
+    for a, v in zip(("sleeve", "colour"), exact["query"]["script_score"]["script"]["params"]["vectors"]):
+        assert v[-1] == 0.0 and np.allclose(v, want[a], atol=1e-7)
+    ann = to_opensearch(spec("ann", attributes={"sleeve": 1.0, "colour": 1.0}), slack)
+    api_spec.validate("search", ann)
+    vec = np.asarray(ann["query"]["knn"]["emb_all"]["vector"])
+    blocks = np.split(vec, np.cumsum([DIMS[a] for a in DIMS])[:-1])
+    assert np.allclose(blocks[0], want["sleeve"], atol=1e-6) and np.allclose(blocks[2], want["colour"], atol=1e-6)
+    plain = to_opensearch(s, LAYOUT)["query"]["script_score"]["script"]["params"]["vectors"]
+    assert plain[0][-1] != 0.0  # the same vectors, no slack: only normalised
+    with pytest.raises(QueryError, match="non-zero once its slack value is dropped"):
+        to_opensearch(spec(vectors={**qvecs(), "colour": np.array([0.0, 0.0, 0.0, 1.0])}), slack)
+
+
 def test_bad_queries_are_refused():
     with pytest.raises(QueryError, match="no query vectors"):
         to_opensearch(spec(vectors=None, like_id="x"), LAYOUT)

@@ -3,6 +3,7 @@ mapping, and docker/compose.yml against the client defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_index_body_fields_settings_and_spec(api_spec):
     back = layout_from_meta(body["mappings"]["_meta"]["fgplugin"], "test")
     assert back.dims == lay.dims and back.metadata_types == lay.metadata_types
     assert back.model_version == lay.model_version and back.schema.fingerprint() == lay.schema.fingerprint()
+    assert back.query_slack is False
+    slack = layout_from_meta(build_index_body(dataclasses.replace(lay, query_slack=True), engine="lucene")
+                             ["mappings"]["_meta"]["fgplugin"], "test")
+    assert slack.query_slack is True  # posterior = prob indexes: queries drop the slack value
 
 
 @pytest.mark.parametrize("engine, message", [("nmslib", "deprecated"), ("annoy", "not supported"), ("FAISS", "not supported")])

@@ -164,6 +164,16 @@ def test_query_template_is_the_compiled_query(api_spec, card, mode, weights, fil
     assert sorted(names) == sorted(expect)
 
 
+def test_image_query_pipeline_refuses_posterior_prob_models(card):
+    """The search pipeline queries with the service's vectors as stored; a posterior = prob model's must
+    drop their slack value first, which ML Commons cannot do, so setup refuses it and says what to use."""
+    options = wiring.WiringOptions(serve_url=SERVE_URL, attributes={"neckline": 1.0})
+    wiring.search_pipeline_body(card, "model-1", options)  # the fixture's model has no slack
+    with pytest.raises(wiring.WiringError, match="slack value.*fgplugin query"):
+        wiring.search_pipeline_body({**card, "query_slack": True}, "model-1", options)
+    assert wiring.layout_for({**card, "query_slack": True}).query_slack
+
+
 def test_ann_with_unequal_weights_cannot_be_templated(card):
     options = wiring.WiringOptions(serve_url=SERVE_URL, attributes={"neckline": 2.0, "collar": 1.0}, mode="ann")
     for mode in ("ann", "ann+rescore"):

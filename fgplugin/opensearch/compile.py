@@ -108,17 +108,10 @@ def compile_filters(filters: Sequence[Filter], types: Mapping[str, str] | None =
 
 
 # -- the query ----------------------------------------------------------------------------------------
-def _unit(v: Any, attribute: str) -> np.ndarray:
-    x = np.asarray(v, dtype=np.float64).reshape(-1)
-    n = float(np.linalg.norm(x))
-    if not np.all(np.isfinite(x)) or n == 0.0:
-        raise QueryError(f"query vector for {attribute!r} must be finite and non-zero")
-    return x / n
-
-
 def query_unit_vectors(spec: QuerySpec, layout: IndexLayout,
                        query_vectors: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Unit query vectors (float64) for the chosen attributes, from ``query_vectors`` or ``spec.vectors``."""
+    """Unit query vectors (float64) for the chosen attributes, from ``query_vectors`` or ``spec.vectors``
+    (``IndexLayout.query_vector``: the slack value dropped where the index has one)."""
     vectors = query_vectors if query_vectors is not None else spec.vectors
     if vectors is None:
         raise QueryError("no query vectors: resolve the like-id or image reference first (pass query_vectors)")
@@ -128,10 +121,10 @@ def query_unit_vectors(spec: QuerySpec, layout: IndexLayout,
             raise QueryError(f"unknown attribute {a!r}; the index has {', '.join(layout.attributes)}")
         if a not in vectors or vectors[a] is None:
             raise QueryError(f"no query vector for attribute {a!r}")
-        u = _unit(vectors[a], a)
-        if u.shape[0] != layout.dims[a]:
-            raise QueryError(f"query vector for {a!r} has {u.shape[0]} numbers; the index holds {layout.dims[a]}")
-        out[a] = u
+        x = np.asarray(vectors[a], dtype=np.float64).reshape(-1)
+        if x.shape[0] != layout.dims[a]:
+            raise QueryError(f"query vector for {a!r} has {x.shape[0]} numbers; the index holds {layout.dims[a]}")
+        out[a] = layout.query_vector(a, x)
     return out
 
 

@@ -95,6 +95,7 @@ def layout_meta(layout: IndexLayout) -> dict[str, Any]:
         "dims": {a: int(layout.dims[a]) for a in layout.attributes},
         "metadata_types": dict(layout.metadata_types),
         "model_version": layout.model_version,
+        "query_slack": layout.query_slack,
     }
 
 
@@ -110,6 +111,7 @@ def layout_from_meta(meta: Any, where: str) -> IndexLayout:
         dims={k: int(v) for k, v in meta["dims"].items()},
         metadata_types=dict(meta["metadata_types"]),
         model_version=str(meta.get("model_version", "")),
+        query_slack=bool(meta.get("query_slack", False)),  # indexes created before it: never
     )
 
 

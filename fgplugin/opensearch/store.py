@@ -230,7 +230,8 @@ class OpenSearchStore:
             self._check_compatible(target, old, layout)
             new_fields = {f: t for f, t in layout.metadata_types.items() if f not in old.metadata_types}
             if new_fields:
-                merged = IndexLayout(old.schema, old.dims, {**old.metadata_types, **new_fields}, old.model_version)
+                merged = IndexLayout(old.schema, old.dims, {**old.metadata_types, **new_fields}, old.model_version,
+                                     old.query_slack)
                 props = build_properties(merged, engine=self.engine)
                 body = {"_meta": {"fgplugin": {**self._index_meta(target), **layout_meta(merged)}},
                         "properties": {f: props[f] for f in new_fields}}
@@ -257,6 +258,10 @@ class OpenSearchStore:
                              f"{new.schema.fingerprint()}; {hint}")
         if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
             raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
+        if old.query_slack != new.query_slack:
+            kind = lambda slack: "posterior = prob (with the slack value)" if slack else "no slack value"  # noqa: E731
+            raise StoreError(f"{where} holds vectors with {kind(old.query_slack)}; the model gives vectors with "
+                             f"{kind(new.query_slack)}, which queries score differently; {hint}")
         for f, t in new.metadata_types.items():
             if f in old.metadata_types and old.metadata_types[f] != t:
                 raise StoreError(f"{where} maps metadata field {f!r} as {old.metadata_types[f]}; the catalog now has "

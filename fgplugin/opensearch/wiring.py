@@ -148,7 +148,7 @@ def check_serve_url(url: str) -> str:
 def layout_for(card: Mapping[str, Any], metadata_types: Mapping[str, str] | None = None) -> IndexLayout:
     schema = AttributeSchema.from_dict(card["schema"], source="model card")
     return IndexLayout(schema, {a: int(card["dims"][a]) for a in schema.names}, dict(metadata_types or {}),
-                       str(card["version"]))
+                       str(card["version"]), query_slack=bool(card.get("query_slack", False)))
 
 
 def query_spec(card: Mapping[str, Any], options: WiringOptions) -> QuerySpec:
@@ -299,6 +299,13 @@ def query_template(card: Mapping[str, Any], options: WiringOptions) -> tuple[str
 
 
 def search_pipeline_body(card: Mapping[str, Any], model_id: str, options: WiringOptions) -> dict[str, Any]:
+    if card.get("query_slack"):
+        # the pipeline puts the service's (stored-form) vectors into the query as they are; a query
+        # must drop their slack value first (fgplugin.similarity), which ML Commons cannot do
+        raise WiringError("this model's vectors end with the posterior = prob slack value, which a query must drop; "
+                          "OpenSearch's search pipeline would query with them as stored. Query through "
+                          "`fgplugin query` or the search template (both drop it), or export a model with "
+                          "posterior = softmax for the image-query pipeline")
     names = Names.for_version(card["version"])
     template, placeholders = query_template(card, options)
     out_of = {emb_field(a): a for a in card["attributes"]}

@@ -34,10 +34,23 @@ class IndexLayout:
     dims: dict[str, int]  # vector size per attribute, from the model card
     metadata_types: dict[str, str]  # field -> keyword | text | float | integer | boolean | date
     model_version: str  # model card version hash
+    # posterior = prob models: every vector ends with a slack value that a query drops (fgplugin.similarity)
+    query_slack: bool = False
 
     @property
     def attributes(self) -> list[str]:
         return self.schema.names
+
+    def query_vector(self, attribute: str, vector: Any) -> np.ndarray:
+        """The unit vector (float64) a query scores ``attribute`` with, from a stored or encoded vector:
+        normalised, the slack value dropped first where the index has one. QueryError if it is zero."""
+        from ..errors import QueryError
+        from ..similarity import query_form
+
+        try:
+            return query_form(np.asarray(vector, dtype=np.float64), self.query_slack)
+        except ValueError as e:
+            raise QueryError(f"query vector for {attribute!r}: {e}") from None
 
     @property
     def total_dim(self) -> int:

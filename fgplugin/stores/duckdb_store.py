@@ -177,6 +177,7 @@ class DuckDBStore:
             dims={k: int(v) for k, v in self.get_meta("dims").items()},
             metadata_types=dict(self.get_meta("metadata_types")),
             model_version=str(self.get_meta("model_version", "")),
+            query_slack=bool(self.get_meta("query_slack", False)),  # stores written before it: never
         )
 
     def _writable(self) -> None:
@@ -235,6 +236,7 @@ class DuckDBStore:
             "dims": {a: int(layout.dims[a]) for a in layout.attributes},
             "metadata_types": dict(types),
             "model_version": layout.model_version,
+            "query_slack": layout.query_slack,
         }.items():
             self._sql(
                 "INSERT INTO fg_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -252,6 +254,10 @@ class DuckDBStore:
             )
         if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
             raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
+        if old.query_slack != new.query_slack:
+            kind = lambda slack: "posterior = prob (with the slack value)" if slack else "no slack value"  # noqa: E731
+            raise StoreError(f"{where} holds vectors with {kind(old.query_slack)}; the model gives vectors with "
+                             f"{kind(new.query_slack)}, which queries score differently; {hint}")
         for f, t in new.metadata_types.items():
             if f in old.metadata_types and old.metadata_types[f] != t:
                 raise StoreError(
@@ -482,6 +488,7 @@ class DuckDBStore:
             "dims": layout.dims,
             "metadata_types": layout.metadata_types,
             "model_version": layout.model_version,
+            "query_slack": layout.query_slack,
         }
 
     # -- search -----------------------------------------------------------------------------------
@@ -505,8 +512,7 @@ class DuckDBStore:
 
         cos_sql, cos_params = [], []
         for j, a in enumerate(attrs):
-            q = qv[a].astype(np.float64)
-            q = (q / np.linalg.norm(q)).astype(np.float32)
+            q = layout.query_vector(a, qv[a]).astype(np.float32)
             cos_sql.append(f"array_inner_product({emb_col(a)}, ?::FLOAT[{layout.dims[a]}]) AS c{j}")
             cos_params.append(q.tolist())
         score_sql = " + ".join(f"?::DOUBLE * COALESCE(c{j}, {MISSING_COSINE!r})" for j in range(len(attrs)))
