@@ -237,6 +237,8 @@ def export_model(
             "attributes": names,
             "dims": dims,
             "embedding_dim": int(expected.shape[-1]),
+            # whether each vector ends with the slack value that a query drops (fgplugin.similarity)
+            "query_slack": model.config.query_slack,
             "preprocess": pre.to_dict(),
             "encoder": {
                 "file": ENCODER_FILES[kind],
@@ -327,6 +329,8 @@ class ExportedEncoder:
         self.dims: dict[str, int] = {k: int(v) for k, v in card["dims"].items()}
         self.version: str = card["version"]
         self.preprocess = Preprocess.from_dict(card["preprocess"])
+        # posterior = prob: each vector ends with the slack value a query drops (fgplugin.similarity)
+        self.query_slack: bool = bool(card.get("query_slack", False))  # cards before it: never
 
     @classmethod
     def load(

@@ -235,3 +235,34 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("fgplugin"))))
         expected = model.embed_all(batch).numpy()
     for i, name in enumerate(model.schema.names):
         assert np.abs(got[name] - expected[:, i, : model.dims[name]]).max() <= ATOL
+
+
+def test_posterior_prob_export_indexes_with_the_slack_flag_and_queries_by_probability(synth, tmp_path):
+    """mtc with posterior = prob, end to end: the card and the loaded export say the vectors carry the
+    slack value, the index records it, and a like-id query scores each item p_q . p_x / |p_q| (the
+    encoder's posteriors), i.e. it ranks by the probability of holding the query's value."""
+    from fgplugin.indexer import index_catalog
+    from fgplugin.query.spec import QuerySpec
+    from fgplugin.stores.duckdb_store import DuckDBStore
+
+    torch.manual_seed(0)
+    model = build_model(load_config("mtc", {**SMALL, "posterior": "prob"}), synth_schema()).eval()
+    save_checkpoint(tmp_path / "run" / "best", model)
+    dest = export_model(tmp_path / "run" / "best", tmp_path / "export")
+    enc = ExportedEncoder.load(dest, schema=synth_schema(), device="cpu")
+    assert enc.query_slack and json.loads((Path(dest) / CARD_FILE).read_text())["query_slack"] is True
+    cat = load_catalog(synth, synth_schema())
+    store = DuckDBStore(tmp_path / "store")
+    report = index_catalog(cat, enc, store, workers=1, progress=False)
+    assert report.indexed == len(cat) == store.count() and not report.failures
+    assert store.layout.query_slack
+    attr = synth_schema().names[0]
+    ids = [it.id for it in cat.items]
+    vecs = store.get_vectors(ids, [attr])
+    post = {i: vecs[i][attr][:-1] for i in ids}  # [p, slack]: the posterior is all but the last value
+    assert all(abs(float(p.sum()) - 1.0) < 1e-4 for p in post.values())
+    hits = store.search(QuerySpec(attributes={attr: 1.0}, like_id=ids[0], k=10)).hits
+    want = {i: float(post[ids[0]] @ post[i] / np.linalg.norm(post[ids[0]])) for i in ids[1:]}
+    assert [h.score for h in hits] == pytest.approx(sorted(want.values(), reverse=True)[:10], abs=1e-5)
+    assert all(h.score == pytest.approx(want[h.id], abs=1e-5) for h in hits)
+    store.close()
