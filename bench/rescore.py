@@ -2,7 +2,7 @@
 
 Some settings change only how a trained model turns an image into its vectors, not what it learns:
 ``proxy_share`` (the classifier posterior's share in each attribute's vector), ``posterior``
-(softmax / |softmax| or sqrt(softmax)) and ``global_share`` (ASEN_v2's global / local mix). Choosing
+(softmax / |softmax|, sqrt(softmax), or prob: ranked by p_q . p_x, fgplugin.similarity) and ``global_share`` (ASEN_v2's global / local mix). Choosing
 them belongs on the validation part; this script evaluates every finished run of a quality.py
 ``--work`` folder as trained and under each ``--try`` setting, on both parts, without training:
 
@@ -33,7 +33,7 @@ import quality  # noqa: E402  (the sibling benchmark: same data, splits and run 
 from fgplugin.models import ConfigError  # noqa: E402
 from fgplugin.splits import Splits  # noqa: E402
 
-TEST_TIME = {"proxy_share": float, "posterior": str, "global_share": float}
+TEST_TIME = {"proxy_share": float, "posterior": str, "global_share": float}  # change encoding, not weights
 
 
 def parse_try(text: str) -> dict[str, Any]:
@@ -66,20 +66,21 @@ def rescore_run(run_dir: Path, cat: Any, splits: Any, settings: list[dict[str, A
     """{valid, test} overall MAP (and per attribute, with query counts) for each setting ({} = as
     trained) of the run's best checkpoint."""
     from fgplugin.evaluation import evaluate
-    from fgplugin.models import load_checkpoint
+    from fgplugin.models import ModelConfig, build_model, load_checkpoint
 
     if not (run_dir / "bench_result.json").is_file():
         raise SystemExit(f"{run_dir} holds no finished run: run bench/quality.py with the same --work first")
-    model, _ = load_checkpoint(run_dir / "best", map_location="cpu")  # once: settings only change config
-    trained = {key: getattr(model.config, key) for key in TEST_TIME}
+    trained, _ = load_checkpoint(run_dir / "best", map_location="cpu")
     out = []
     for setting in settings:
-        for key, value in {**trained, **setting}.items():
-            setattr(model.config, key, value)
+        # the trained weights under a config with the setting applied (posterior = prob changes the
+        # vectors' length, so the model is rebuilt from the config rather than patched)
+        d = {**trained.config.to_dict(), **setting, "trunk_weights": None, "local_trunk_weights": None}
         try:
-            model.config.validate()
+            model = build_model(ModelConfig.from_dict(d), trained.schema)
         except ConfigError as e:  # e.g. proxy_share on a run trained without a classifier
             raise SystemExit(f"{run_dir.name}: {setting} does not apply: {e}") from None
+        model.load_state_dict(trained.state_dict())
         scores: dict[str, Any] = {}
         for part in ("valid", "test"):
             r = evaluate(model, cat, splits, part=part, n_triplets=0, device=device)

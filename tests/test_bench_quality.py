@@ -73,12 +73,14 @@ def test_tiny_run_reports_each_spec_beside_its_base_and_refuses_a_reused_run_dir
     spec.loader.exec_module(rescore)
     base = ["--work", str(work), "--data", "synth", "--seeds", "0"]
     got = rescore.main([*base, "--variants", "global[cls_weight=1]", "--try", "proxy_share=0.5",
-                        "--try", "proxy_share=0.5;posterior=sqrt", "--out", str(tmp_path / "rescore.json")])
+                        "--try", "proxy_share=0.5;posterior=sqrt", "--try", "proxy_share=0.5;posterior=prob",
+                        "--out", str(tmp_path / "rescore.json")])
     rows = got["global[cls_weight=1]"]
     trained_map = variants["global[cls_weight=1]"]["runs"][0]["report"]["overall_weighted"]
     assert rows["as trained"][0]["test"] == pytest.approx(trained_map, abs=1e-9)
     assert rows["proxy_share=0.5"][0]["test"] != rows["as trained"][0]["test"]
     assert rows["proxy_share=0.5;posterior=sqrt"][0]["test"] != rows["proxy_share=0.5"][0]["test"]
+    assert rows["proxy_share=0.5;posterior=prob"][0]["test"] != rows["proxy_share=0.5"][0]["test"]  # one value longer
     assert all(0.0 < r[0][part] <= 1.0 for r in rows.values() for part in ("valid", "test"))
     assert "proxy_share=0.5" in json.loads((tmp_path / "rescore.json").read_text())["results"]["global[cls_weight=1]"]
     with pytest.raises(SystemExit, match="does not apply"):  # no classifier was trained to give a posterior
