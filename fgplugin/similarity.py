@@ -16,10 +16,12 @@ reads it from the model (``ModelConfig.query_slack``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the query side (stores, OpenSearch compile) runs without importing torch
+    import torch
 
 
 def query_form(vector: np.ndarray, slack: bool) -> np.ndarray:
@@ -36,9 +38,11 @@ def query_form(vector: np.ndarray, slack: bool) -> np.ndarray:
     return v / norm
 
 
-def query_form_padded(vecs: torch.Tensor, dims: Sequence[int], slack: bool) -> torch.Tensor:
+def query_form_padded(vecs: "torch.Tensor", dims: Sequence[int], slack: bool) -> "torch.Tensor":
     """``query_form`` over a model's padded output [N, A, D] (attribute i is ``[:, i, :dims[i]]``, so
     its slack sits at ``dims[i] - 1``); returns float32 unit vectors, padding still zero."""
+    import torch
+
     v = vecs.float().clone()
     if slack:
         for i, d in enumerate(dims):
