@@ -237,11 +237,12 @@ def _preprocess_of(model: Any):
     raise TypeError(f"{type(model).__name__} has no preprocess; pass an AttributeModel or ExportedEncoder")
 
 
-def query_slack_of(model: Any) -> bool:
-    """Whether ``model``'s (AttributeModel or ExportedEncoder) vectors end with the slack value a query
-    drops (``fgplugin.similarity``)."""
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "query_slack", False)) if config is not None else bool(getattr(model, "query_slack", False))
+def query_vectors(model: Any, vecs: torch.Tensor) -> torch.Tensor:
+    """What ``model``'s (AttributeModel or ExportedEncoder) queries score with, from its vectors
+    [N, A, D]: the same vectors, or with posterior = prob the slack value dropped (fgplugin.similarity)."""
+    if not getattr(model, "query_slack", False):
+        return vecs
+    return query_form_padded(vecs, [model.dims[n] for n in model.schema.names], True)
 
 
 def _model_device(model: Any, device: str | torch.device | None) -> torch.device:
@@ -480,8 +481,7 @@ def evaluate(
     row = {it.id: r for r, it in enumerate(catalog.items)}
     labels = catalog.label_matrix()[[row[i] for i in ids]]
     nq = len(q_ids)
-    # what a query scores with: the same vectors, or with posterior = prob the slack dropped
-    queries = query_form_padded(vecs, [model.dims[n] for n in names], True) if query_slack_of(model) else vecs
+    queries = query_vectors(model, vecs)
     m = retrieval_map(queries[:nq], labels[:nq], vecs[nq:], labels[nq:], attribute_names=names)
     chance = chance_map(labels[:nq], labels[nq:], attribute_names=names)
     try:

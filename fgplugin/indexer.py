@@ -288,7 +288,7 @@ def index_catalog(
     report = IndexReport(str(catalog.path), getattr(store, "url", repr(store)), version,
                          catalog_items=len(catalog), catalog_problems=list(catalog.problems))
     layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), version,
-                         query_slack=bool(getattr(encoder, "query_slack", False)))
+                         query_slack=bool(getattr(encoder, "query_slack", False)))  # encoders before it: none
     store.ensure_index(layout)
     path = model_path if model_path is not None else getattr(encoder, "path", None)
     if path is not None and hasattr(store, "set_meta"):

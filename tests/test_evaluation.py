@@ -124,7 +124,6 @@ def test_roi_iou():
 
 # -- evaluate() on models -------------------------------------------------------------------------------
 import hashlib  # noqa: E402
-import types  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -287,7 +286,7 @@ class PosteriorOracle(Oracle):
 
     def __init__(self, cat, boxes):
         super().__init__(cat, boxes)
-        self.config = types.SimpleNamespace(query_slack=True)
+        self.query_slack = True  # as AttributeModel.query_slack / ExportedEncoder.query_slack say it
         self.dims = {a.name: a.num_classes + 1 for a in self.schema}
 
     def embed_all(self, x):

@@ -42,6 +42,11 @@ class AttributeModel(nn.Module):
     def preprocess(self) -> Preprocess:
         return self.config.preprocess()
 
+    @property
+    def query_slack(self) -> bool:
+        """Whether each vector ends with the slack value a query drops (as ``ExportedEncoder.query_slack``)."""
+        return self.config.query_slack
+
     def embed_all(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, A, D]: every attribute's L2-normalised vector."""
         raise NotImplementedError

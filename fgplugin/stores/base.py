@@ -41,6 +41,15 @@ class IndexLayout:
     def attributes(self) -> list[str]:
         return self.schema.names
 
+    def slack_mismatch(self, new: "IndexLayout") -> str | None:
+        """Why vectors of ``new`` cannot join an index of this layout's vectors, as to the slack value
+        (queries score the two kinds differently); None when they agree."""
+        if self.query_slack == new.query_slack:
+            return None
+        kind = lambda slack: "posterior = prob (with the slack value)" if slack else "no slack value"  # noqa: E731
+        return (f"holds vectors with {kind(self.query_slack)}; the model gives vectors with "
+                f"{kind(new.query_slack)}, which queries score differently")
+
     def query_vector(self, attribute: str, vector: Any) -> np.ndarray:
         """The unit vector (float64) a query scores ``attribute`` with, from a stored or encoded vector:
         normalised, the slack value dropped first where the index has one. QueryError if it is zero."""

@@ -254,10 +254,9 @@ class DuckDBStore:
             )
         if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
             raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
-        if old.query_slack != new.query_slack:
-            kind = lambda slack: "posterior = prob (with the slack value)" if slack else "no slack value"  # noqa: E731
-            raise StoreError(f"{where} holds vectors with {kind(old.query_slack)}; the model gives vectors with "
-                             f"{kind(new.query_slack)}, which queries score differently; {hint}")
+        slack = old.slack_mismatch(new)
+        if slack:
+            raise StoreError(f"{where} {slack}; {hint}")
         for f, t in new.metadata_types.items():
             if f in old.metadata_types and old.metadata_types[f] != t:
                 raise StoreError(

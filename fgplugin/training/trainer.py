@@ -449,13 +449,10 @@ def encode_uint8(model: AttributeModel, images: torch.Tensor, norm: _Normalise, 
 
 def validation_map(model: AttributeModel, valid: tuple, norm: _Normalise, *, names: list[str]) -> dict[str, Any]:
     """Retrieval MAP (the papers' protocol, fgplugin.evaluation) of queries vs candidates."""
-    from ..evaluation import retrieval_map
-    from ..similarity import query_form_padded
+    from ..evaluation import query_vectors, retrieval_map
 
     q_img, q_lab, c_img, c_lab = valid
-    queries = encode_uint8(model, q_img, norm)
-    if model.config.query_slack:  # what a query scores with (fgplugin.similarity)
-        queries = query_form_padded(queries, [model.dims[n] for n in names], True)
+    queries = query_vectors(model, encode_uint8(model, q_img, norm))
     return retrieval_map(queries, q_lab, encode_uint8(model, c_img, norm), c_lab, attribute_names=names)
 
 
