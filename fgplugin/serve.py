@@ -13,6 +13,12 @@ Endpoints
         multipart: one file under any field name but "images" -> single;
                    files under the field name "images" -> batch
         optional everywhere: "attributes": ["sleeve_length", "emb_all"] (or "a,b"; also ?attributes=)
+                             "form": "stored" (default) or "query" (also ?form=)
+
+    ``form: "query"`` returns the vectors a query scores with (``fgplugin.similarity.query_form``): for
+    a ``posterior = prob`` model (``/model`` card ``query_slack: true``) each vector's last, slack value
+    zeroed and the rest re-normalised; for any other model the same vectors as ``stored``. The
+    OpenSearch image-query pipeline asks for it, since ML Commons cannot drop the slack itself.
 
     Response of a single-image call (flat, so ML Commons' ``output_map`` reads one field per
     attribute by name: ``{"emb_sleeve_length": "sleeve_length"}``)::
@@ -77,6 +83,7 @@ from starlette.routing import Route
 
 from .errors import FgpluginError, ImageError, ModelCardError
 from .images import ImageLimits, decode, read_bytes
+from .similarity import query_form
 
 log = logging.getLogger("fgplugin.serve")
 
@@ -85,6 +92,7 @@ DEFAULT_PORT = 8080
 CONCAT_FIELD = "emb_all"
 VERSION_KEY = "model_version"
 ITEMS_KEY = "items"
+FORMS = ("stored", "query")  # what /encode's "form" may ask for
 RESERVED = (CONCAT_FIELD, VERSION_KEY, ITEMS_KEY)
 # Server-side defaults: tighter than the batch indexer's (a request should fail fast, not retry long).
 SERVE_LIMITS = ImageLimits(max_bytes=10 * 1024 * 1024, max_pixels=40_000_000, timeout_s=5.0, retries=1, backoff_s=0.2)
@@ -279,6 +287,7 @@ class _Parsed:
     items: list[_Item]
     single: bool
     attributes: list[str] | None = None
+    form: str | None = None
 
 
 class EncoderService:
@@ -295,6 +304,7 @@ class EncoderService:
             )
         self.attributes: list[str] = list(encoder.attributes)
         self.known_outputs = self.attributes + [CONCAT_FIELD]
+        self.query_slack = bool(getattr(encoder, "query_slack", False))  # encoders before it: none
         self.batcher = MicroBatcher(
             encoder.encode_tensors, max_batch=self.config.max_batch, max_wait_s=self.config.max_wait_ms / 1000.0
         )
@@ -384,9 +394,10 @@ class EncoderService:
         parsed = await self._parse(request)
         wanted = self._wanted(parsed.attributes if parsed.attributes is not None
                               else request.query_params.get("attributes"))
+        form = self._form(parsed.form if parsed.form is not None else request.query_params.get("form"))
         tensors = await self._load_all(parsed.items)
         rows = await self.batcher.encode(tensors)
-        outs = [self._format(row, wanted) for row in rows]
+        outs = [self._format(row, wanted, form) for row in rows]
         if parsed.single:
             return {VERSION_KEY: self.encoder.version, **outs[0]}
         return {VERSION_KEY: self.encoder.version, ITEMS_KEY: outs}
@@ -430,7 +441,7 @@ class EncoderService:
         else:
             v = body["image"]
             items, single = [self._b64_item(0, v) if isinstance(v, str) else self._json_item(0, v)], True
-        return _Parsed(items, single, self._attributes_field(body.get("attributes")))
+        return _Parsed(items, single, self._attributes_field(body.get("attributes")), body.get("form"))
 
     def _check_count(self, n: int) -> None:
         if n > self.config.max_images:
@@ -501,8 +512,9 @@ class EncoderService:
                 if not data:
                     raise Problem(400, f"item {i}: {f.filename or 'upload'} is empty", item=i)
                 items.append(_Item(i, data=data))
-            attrs = form.get("attributes")
-            return _Parsed(items, not batch, self._attributes_field(attrs if isinstance(attrs, str) else None))
+            attrs, vform = form.get("attributes"), form.get("form")
+            return _Parsed(items, not batch, self._attributes_field(attrs if isinstance(attrs, str) else None),
+                           vform if isinstance(vform, str) else None)
         finally:
             await form.close()
 
@@ -514,6 +526,13 @@ class EncoderService:
         if isinstance(v, list) and all(isinstance(s, str) for s in v):
             return list(v)
         raise Problem(400, "'attributes' must be a list of attribute names (or a comma-separated string)")
+
+    def _form(self, v: Any) -> str:
+        if v is None:
+            return "stored"
+        if v not in FORMS:
+            raise Problem(422, f"unknown form {v!r}; known: {', '.join(FORMS)}", known=list(FORMS))
+        return v
 
     def _wanted(self, requested: list[str] | str | None) -> list[str]:
         if isinstance(requested, str):
@@ -557,8 +576,11 @@ class EncoderService:
                           item=item.index) from None
         return self.encoder.preprocess(image)
 
-    def _format(self, row: dict[str, np.ndarray], wanted: list[str]) -> dict[str, list[float]]:
-        unit = {a: _unit(row[a]) for a in self.attributes}
+    def _format(self, row: dict[str, np.ndarray], wanted: list[str], form: str = "stored") -> dict[str, list[float]]:
+        if form == "query":
+            unit = {a: query_form(row[a], self.query_slack).astype(np.float32) for a in self.attributes}
+        else:
+            unit = {a: _unit(row[a]) for a in self.attributes}
         out: dict[str, list[float]] = {}
         for a in wanted:
             if a == CONCAT_FIELD:

@@ -40,6 +40,23 @@ def tiny_export(base: Path, schema) -> Path:
     return export_model(base / f"ckpt-{schema.fingerprint()}", out)
 
 
+def tiny_prob_export(base: Path, schema) -> Path:
+    """An untrained small ``mtc`` with ``posterior = prob`` (every vector [p, slack]) exported for
+    ``schema``; built once per session. Untrained posteriors are flat, but the slack value is there."""
+    out = base / f"tiny-prob-export-{schema.fingerprint()}"
+    if (out / "model_card.json").is_file():
+        return out
+    from fgplugin.export import export_model
+    import torch
+
+    from fgplugin.models import build_model, load_config, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(load_config("mtc", {"trunk": "resnet_tiny", "image_size": 64, "posterior": "prob"}), schema)
+    save_checkpoint(base / f"ckpt-prob-{schema.fingerprint()}", model)
+    return export_model(base / f"ckpt-prob-{schema.fingerprint()}", out)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from fgplugin.synth import synth_schema

@@ -40,6 +40,17 @@ def encoder(tmp_path_factory):
     return ExportedEncoder.load(tiny_export(tmp_path_factory.getbasetemp(), synth_schema()), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def prob_encoder(tmp_path_factory):
+    """A posterior = prob export: every vector ends with the slack value a query drops."""
+    from fgplugin.export import ExportedEncoder
+    from fgplugin.synth import synth_schema
+
+    from test_encoder import tiny_prob_export
+
+    return ExportedEncoder.load(tiny_prob_export(tmp_path_factory.getbasetemp(), synth_schema()), device="cpu")
+
+
 def _png(color=(200, 30, 30), size=(48, 40), pattern: int = 0) -> bytes:
     rng = np.random.default_rng(pattern)
     arr = np.clip(np.array(color, np.float32) + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
@@ -131,6 +142,47 @@ def test_single_and_batch_vectors_match_the_encoder(encoder, images):
     for a in encoder.attributes:
         assert len(single.json()[a]) == encoder.dims[a]
         assert abs(np.linalg.norm(single.json()[a]) - 1) < 1e-4
+
+
+def test_query_form_drops_the_slack_value(encoder, prob_encoder, images):
+    """``form: query`` answers with the vectors a query scores with: for a posterior = prob model the
+    slack value zeroed and the rest re-normalised (what OpenSearch's image-query pipeline needs); for
+    any other model the stored vectors. Every way of asking agrees; an unknown form is a 422."""
+    from fgplugin.similarity import query_form
+
+    stored = _expected(prob_encoder, images)
+    assert prob_encoder.query_slack and not encoder.query_slack
+
+    async def calls(c):
+        return (await c.post("/encode", json={"image": _b64(images[0]), "form": "query"}),
+                await c.post("/encode?form=query", json={"images": [{"b64": _b64(b)} for b in images]}),
+                await c.post("/encode", files={"file": ("x.png", images[1], "image/png")}, data={"form": "query"}),
+                await c.post("/encode", json={"image": _b64(images[0]), "form": "stored"}),
+                await c.post("/encode", json={"image": _b64(images[0]), "form": "raw"}))
+
+    single, batch, upload, as_stored, bad = _asgi(create_app(prob_encoder), calls)
+    for r in (single, batch, upload, as_stored):
+        assert r.status_code == 200, r.text
+    rows = [(single.json(), 0), (upload.json(), 1)] + [(item, i) for i, item in enumerate(batch.json()["items"])]
+    for out, i in rows:
+        blocks = []
+        for a in prob_encoder.attributes:
+            got = np.asarray(out[a], np.float64)
+            assert got[-1] == 0.0 and abs(np.linalg.norm(got) - 1) < 1e-5  # slack dropped, unit again
+            want = query_form(stored[a][i], True)
+            np.testing.assert_allclose(got, want, atol=ATOL, err_msg=a)
+            assert stored[a][i][-1] > 1e-3  # ...where the stored vector has a real slack value
+            blocks.append(want)
+        np.testing.assert_allclose(out[CONCAT_FIELD], np.concatenate(blocks), atol=ATOL)
+    _check_vectors(prob_encoder, as_stored.json(), stored, 0)
+    err = _err(bad)
+    assert bad.status_code == 422 and "'raw'" in err["message"] and err["known"] == ["stored", "query"]
+
+    # a model without the slack: the query form is the stored vector
+    async def plain(c):
+        return await c.post("/encode", json={"image": _b64(images[2]), "form": "query"})
+
+    _check_vectors(encoder, _asgi(create_app(encoder), plain).json(), _expected(encoder, images), 2)
 
 
 def test_health_and_model_card(encoder):
