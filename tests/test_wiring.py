@@ -60,6 +60,17 @@ def card(encoder):
     return encoder.card
 
 
+@pytest.fixture(scope="module")
+def prob_encoder(tmp_path_factory):
+    """A posterior = prob export (card ``query_slack``): its vectors end with a slack value queries drop."""
+    from fgplugin.export import ExportedEncoder
+    from fgplugin.synth import synth_schema
+
+    from test_encoder import tiny_prob_export
+
+    return ExportedEncoder.load(tiny_prob_export(tmp_path_factory.getbasetemp(), synth_schema()), device="cpu")
+
+
 def spec_errors(api_spec, where: tuple[str, str], body: Any) -> list[str]:
     """Violations of the spec's request body schema ``(namespace file, requestBodies name)``."""
     ns, name = where
@@ -164,14 +175,48 @@ def test_query_template_is_the_compiled_query(api_spec, card, mode, weights, fil
     assert sorted(names) == sorted(expect)
 
 
-def test_image_query_pipeline_refuses_posterior_prob_models(card):
-    """The search pipeline queries with the service's vectors as stored; a posterior = prob model's must
-    drop their slack value first, which ML Commons cannot do, so setup refuses it and says what to use."""
-    options = wiring.WiringOptions(serve_url=SERVE_URL, attributes={"neckline": 1.0})
-    wiring.search_pipeline_body(card, "model-1", options)  # the fixture's model has no slack
-    with pytest.raises(wiring.WiringError, match="slack value.*fgplugin query"):
-        wiring.search_pipeline_body({**card, "query_slack": True}, "model-1", options)
-    assert wiring.layout_for({**card, "query_slack": True}).query_slack
+def test_posterior_prob_plan_adds_a_query_connector(api_spec, card, prob_encoder):
+    """The search pipeline puts the service's answer into the query as it is; a posterior = prob model's
+    query must drop the slack value first, so its plan adds a connector + model asking /encode for the
+    query form, and the search pipeline (only it) calls that model. Other models' plans are unchanged."""
+    from fgplugin.similarity import query_form
+
+    pcard = prob_encoder.card
+    assert wiring.needs_query_form(pcard) and not wiring.needs_query_form(card)
+    options = wiring.WiringOptions(serve_url=SERVE_URL, token="t0k3n")
+    steps = wiring.plan(pcard, options)
+    assert [s.key for s in steps] == ["cluster-settings", "stored-script", "search-template", "connector",
+                                      "model-group", "model", "model-deploy", "query-connector", "query-model",
+                                      "query-model-deploy", "ingest-pipeline", "search-pipeline"]
+    for s in steps:
+        if s.spec is not None and s.key != "search-pipeline":  # ml_inference: not in the spec (see above)
+            assert spec_errors(api_spec, s.spec, s.body) == [], s.key
+    bodies = {s.key: s.body for s in steps}
+    v = wiring.Names.for_version(pcard["version"]).version
+    assert bodies["query-connector"]["name"] == bodies["query-model"]["name"] == f"fgplugin-encoder-query-{v}"
+    assert wiring.connector_payload(bodies["query-connector"], {"url": "u"}) == {"url": "u", "form": "query"}
+    assert wiring.connector_payload(bodies["connector"], {"url": "u"}) == {"url": "u"}
+    assert bodies["query-model"]["connector_id"] == "<query_connector_id>"
+    assert steps[9].path.endswith("/<query_model_id>/_deploy")
+    assert bodies["ingest-pipeline"]["processors"][0]["ml_inference"]["model_id"] == "<model_id>"
+    assert bodies["search-pipeline"]["request_processors"][0]["ml_inference"]["model_id"] == "<query_model_id>"
+    assert "t0k3n" not in json.dumps(bodies["query-connector"])
+    # the checks: a query connector that sends the stored form, or a plan without one, is refused
+    assert wiring.check_connector(bodies["query-connector"], SERVE_URL, "query") == []
+    assert "query form" in " ".join(wiring.check_connector(bodies["connector"], SERVE_URL, "query"))
+    assert "stored form" in " ".join(wiring.check_connector(bodies["query-connector"], SERVE_URL))
+    plain = {"connector": bodies["connector"], "ingest_pipeline": bodies["ingest-pipeline"],
+             "search_pipeline": bodies["search-pipeline"]}
+    with pytest.raises(wiring.WiringError, match="needs the query connector"):
+        wiring.check_plan_bodies(pcard, options, plain)
+    assert "query-connector" not in {s.key for s in wiring.plan(card, options)}
+    # ann modes: the service's query-form emb_all is what the compiled query searches with
+    ann = wiring.WiringOptions(serve_url=SERVE_URL, mode="ann")
+    template, used = wiring.query_template(pcard, ann)
+    q = {a: query_form(v, True) for a, v in unit_vectors(pcard, seed=5).items()}
+    body = fill(template, {"emb_all": np.concatenate([q[a] for a in pcard["attributes"]]).tolist()})
+    assert used == ["emb_all"]
+    assert_same_body(body, to_opensearch(wiring.query_spec(pcard, ann), wiring.layout_for(pcard), query_vectors=q))
 
 
 def test_ann_with_unequal_weights_cannot_be_templated(card):
@@ -364,6 +409,50 @@ def test_pipelines_end_to_end_through_fgplugin_serve(api_spec, encoder, card, im
             wiring.simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/0.png"}, bad, _post)
 
 
+def test_posterior_prob_pipelines_end_to_end_through_fgplugin_serve(api_spec, prob_encoder, image_host):
+    """Documents are ingested in the stored form ([p, slack]); the image query goes through the query
+    connector, so the search body is exactly what ``fgplugin query`` compiles (slack dropped), and the
+    cluster scores each item p_q . p_x / |p_q| per attribute. The stored-form connector would not."""
+    from fgplugin.opensearch.store import OpenSearchStore
+    from fgplugin.similarity import query_form
+
+    card = prob_encoder.card
+    host, blobs = image_host
+    app = create_app(prob_encoder, ServeConfig(allow_hosts=("127.0.0.1",)))
+    stored = prob_encoder.encode_images([Image.open(io.BytesIO(blobs[f"/img/{i}.png"])).convert("RGB") for i in range(6)])
+    attrs = card["attributes"]
+    with BackgroundServer(app) as srv, FakeOpenSearch(api_spec.errors) as fake:
+        options = wiring.WiringOptions(serve_url=srv.url)
+        steps = {s.key: s.body for s in wiring.plan(card, options, {"model": "m-1", "query_model": "m-2"}, redact=False)}
+        docs = [wiring.simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/{i}.png"}, steps["connector"],
+                                       _post) for i in range(6)]
+        for i, d in enumerate(docs):
+            for a in attrs:
+                np.testing.assert_allclose(d[f"emb_{a}"], stored[a][i], atol=ATOL)
+                assert d[f"emb_{a}"][-1] > 1e-3  # the slack value is stored
+        store = OpenSearchStore.from_url(fake.url, index="fgplugin", env={})
+        layout = wiring.layout_for(card)
+        assert layout.query_slack
+        store.ensure_index(layout)
+        lines = []
+        for i, d in enumerate(docs):
+            lines += [{"index": {"_index": versioned_index_name("fgplugin", card["version"]), "_id": f"d{i}"}}, d]
+        assert not store.client.bulk(body=lines, refresh="true")["errors"]
+        request = wiring.image_query(f"{host}/img/3.png")
+        body = wiring.simulate_search(steps["search-pipeline"], request, steps["query-connector"], _post)
+        spec = wiring.query_spec(card, options)
+        assert_same_body(body, to_opensearch(spec, layout, query_vectors={a: stored[a][3] for a in attrs}))
+        with pytest.raises(AssertionError):  # through the stored-form connector the query keeps the slack
+            assert_same_body(wiring.simulate_search(steps["search-pipeline"], request, steps["connector"], _post), body)
+        hits = store.client.search(index="fgplugin", body=body)["hits"]["hits"]
+        assert len(hits) == 6 and fake.spec_errors == []
+        for h in hits:  # the script's 1 + cos per attribute, the query in its query form
+            i = int(h["_id"][1:])
+            want = sum(1 + float(query_form(stored[a][3], True) @ stored[a][i]) for a in attrs)
+            assert abs(h["_score"] - want) < 1e-4, (h["_id"], h["_score"], want)
+        assert [h["_score"] for h in hits] == sorted((h["_score"] for h in hits), reverse=True)
+
+
 # -- applying, against a stateful fake of the cluster's ML Commons side --------------------------
 class FakeCluster:
     """Just the cluster calls ``wiring.apply`` makes, with ML Commons' answers; bodies spec-checked."""
@@ -481,6 +570,33 @@ def test_apply_registers_everything_once(api_spec, card):
     third = wiring.apply(other, options, cluster)
     assert third.ids["connector"] != first.ids["connector"] and third.ids["model_group"] == first.ids["model_group"]
     assert len(cluster.objects["models"]) == 2
+
+
+def test_apply_registers_the_query_model_for_posterior_prob(api_spec, prob_encoder):
+    card = prob_encoder.card
+    options = wiring.WiringOptions(serve_url=SERVE_URL, token="tok")
+    cluster = FakeCluster(api_spec)
+    first = wiring.apply(card, options, cluster, cluster_settings=True)
+    actions = {r.key: r.action for r in first.rows}
+    assert {k: actions[k] for k in ("connector", "model", "model-deploy", "query-connector", "query-model",
+                                    "query-model-deploy")} == {
+        "connector": "created", "model": "created", "model-deploy": "deployed", "query-connector": "created",
+        "query-model": "created", "query-model-deploy": "deployed"}
+    ids, names = first.ids, first.names
+    assert ids["query_model"] != ids["model"] and ids["query_connector"] != ids["connector"]
+    qmodel = cluster.objects["models"][ids["query_model"]]
+    assert qmodel["connector_id"] == ids["query_connector"] and qmodel["model_state"] == "DEPLOYED"
+    qconn = cluster.objects["connectors"][ids["query_connector"]]
+    assert wiring.connector_payload(qconn, {"url": "u"}) == {"url": "u", "form": "query"}
+    assert qconn["credential"] == {"token": "tok"}
+    ingest = cluster.docs[f"/_ingest/pipeline/{names.ingest_pipeline}"]["processors"][0]["ml_inference"]
+    search = cluster.docs[f"/_search/pipeline/{names.search_pipeline}"]["request_processors"][0]["ml_inference"]
+    assert ingest["model_id"] == ids["model"] and search["model_id"] == ids["query_model"]
+    assert cluster.spec_problems == []
+    writes = len(cluster.writes)
+    again = wiring.apply(card, options, cluster)
+    assert again.ids == ids and len(cluster.writes) == writes
+    assert {r.action for r in again.rows} <= {"unchanged", "reused", "ready", "stored"}
 
 
 # -- the CLI -------------------------------------------------------------------------------------

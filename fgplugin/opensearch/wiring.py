@@ -11,6 +11,8 @@ stored painless script      ``scripts.SCRIPT_ID``                  weighted cosi
 mustache search template    ``TEMPLATE_ID``                        the exact weighted query, params in
 ML connector                ``fgplugin-encoder-<v>``               POST ``<serve-url>/encode`` {"url": ...}
 ML model group / model      ``fgplugin-encoder`` / ``...-<v>``     ``function_name: remote`` on the connector
+query connector / model     ``fgplugin-encoder-query-<v>``         only for ``posterior = prob`` models (card
+                                                                   ``query_slack``): {"url": ..., "form": "query"}
 ingest pipeline             ``fgplugin-encode-<v>``                ``image`` URL -> every ``emb_<attr>``,
                                                                    ``emb_all`` and ``model_version``
 search pipeline             ``fgplugin-image-query-<v>``           ``{"query": {"term": {"image": URL}}}`` ->
@@ -34,6 +36,10 @@ the tests can run the whole chain against ``fgplugin serve`` without a cluster):
   (``[0.1, -0.2]``, valid JSON), then replaces the whole request with the result. The template is
   ``to_opensearch`` of a fixed QuerySpec (attributes and weights, k, mode chosen at setup) with the
   vectors swapped for placeholders, so it is exactly the query ``fgplugin query`` sends.
+- A ``posterior = prob`` model stores [p, slack] vectors, and a query must drop the slack value
+  (``fgplugin.similarity``). ML Commons puts the service's answer into the query as it is, so the
+  search pipeline calls a second connector that asks ``/encode`` for ``"form": "query"``: the
+  service drops it. Documents are still encoded (ingest pipeline) in the stored form.
 
 Cluster settings it needs are printed with a warning, never applied silently (``--cluster-settings``
 applies them): ``plugins.ml_commons.trusted_connector_endpoints_regex`` (this REPLACES the list),
@@ -63,6 +69,7 @@ from ..errors import FgpluginError, StoreError
 from ..query.spec import QuerySpec, parse_filter
 from ..schema import AttributeSchema
 from ..serve import CONCAT_FIELD, DEFAULT_PORT, VERSION_KEY
+from ..similarity import query_form
 from ..stores.base import IndexLayout
 from .client import DEFAULT_INDEX
 from .compile import to_opensearch
@@ -109,6 +116,21 @@ class Names:
     search_pipeline: str
     script: str = SCRIPT_ID
     template: str = TEMPLATE_ID
+
+    @property
+    def query_connector(self) -> str:
+        """Connector and model whose /encode answers in the query form (posterior = prob models)."""
+        return f"fgplugin-encoder-query-{self.version}"
+
+    @property
+    def query_model(self) -> str:
+        return self.query_connector
+
+    def connector_for(self, form: str) -> str:
+        return self.query_connector if form == "query" else self.connector
+
+    def model_for(self, form: str) -> str:
+        return self.query_model if form == "query" else self.model
 
     @classmethod
     def for_version(cls, version: str) -> "Names":
@@ -163,8 +185,22 @@ def query_spec(card: Mapping[str, Any], options: WiringOptions) -> QuerySpec:
 
 
 # -- ML Commons bodies ---------------------------------------------------------------------------
-def connector_body(card: Mapping[str, Any], options: WiringOptions, *, redact: bool = False) -> dict[str, Any]:
-    """``POST /_plugins/_ml/connectors/_create``: POST {"url": ...} to ``<serve-url>/encode``.
+def needs_query_form(card: Mapping[str, Any]) -> bool:
+    """Whether queries need vectors other than the stored ones (posterior = prob: the slack dropped)."""
+    return bool(card.get("query_slack", False))  # cards before it: never
+
+
+def request_body(form: str) -> str:
+    """The connector's ``request_body``: the image URL, and for the query connector the form to answer in."""
+    if form not in ("stored", "query"):
+        raise WiringError(f"form must be 'stored' or 'query', got {form!r}")
+    return '{"url": "${parameters.url}"' + (', "form": "query"}' if form == "query" else "}")
+
+
+def connector_body(card: Mapping[str, Any], options: WiringOptions, *, redact: bool = False,
+                   form: str = "stored") -> dict[str, Any]:
+    """``POST /_plugins/_ml/connectors/_create``: POST {"url": ...} to ``<serve-url>/encode``
+    (``form="query"``: {"url": ..., "form": "query"}, the query connector of posterior = prob models).
 
     ML Commons refuses a connector without a non-empty ``credential``; with no token the service runs
     open and the placeholder is sent but never checked. ``redact`` hides a real token (files, output).
@@ -173,9 +209,10 @@ def connector_body(card: Mapping[str, Any], options: WiringOptions, *, redact: b
     token = options.token or "none"
     if options.token and redact:
         token = "<set FGPLUGIN_SERVE_TOKEN>"
+    what = "query vectors (slack value dropped)" if form == "query" else "encoder"
     return {
-        "name": names.connector,
-        "description": (f"fgplugin encoder {names.version} ({len(card['attributes'])} attributes: "
+        "name": names.connector_for(form),
+        "description": (f"fgplugin {what} {names.version} ({len(card['attributes'])} attributes: "
                         f"{', '.join(card['attributes'])}) served by `fgplugin serve`"),
         "version": 1,
         "protocol": "http",
@@ -187,7 +224,7 @@ def connector_body(card: Mapping[str, Any], options: WiringOptions, *, redact: b
             "method": "POST",
             "url": f"{options.serve_url}/encode",
             "headers": {"Content-Type": "application/json", "Authorization": "Bearer ${credential.token}"},
-            "request_body": '{"url": "${parameters.url}"}',
+            "request_body": request_body(form),
         }],
     }
 
@@ -196,14 +233,16 @@ def model_group_body() -> dict[str, Any]:
     return {"name": MODEL_GROUP, "description": "fgplugin attribute encoders (one model per export version)"}
 
 
-def register_model_body(card: Mapping[str, Any], connector_id: str, model_group_id: str) -> dict[str, Any]:
+def register_model_body(card: Mapping[str, Any], connector_id: str, model_group_id: str,
+                        form: str = "stored") -> dict[str, Any]:
     names = Names.for_version(card["version"])
+    what = "query vectors" if form == "query" else "encoder"
     return {
-        "name": names.model,
+        "name": names.model_for(form),
         "function_name": "remote",
         "model_group_id": model_group_id,
         "connector_id": connector_id,
-        "description": f"fgplugin encoder, model card version {card['version']}",
+        "description": f"fgplugin {what}, model card version {card['version']}",
     }
 
 
@@ -234,13 +273,11 @@ def ingest_pipeline_body(card: Mapping[str, Any], model_id: str, options: Wiring
 
 # -- templating a compiled query -----------------------------------------------------------------
 def _sentinels(card: Mapping[str, Any], seed: int = 7) -> dict[str, np.ndarray]:
-    """Random unit vectors per attribute: recognisable wherever the compiler puts them."""
+    """Random unit vectors per attribute: recognisable wherever the compiler puts them. Already in the
+    query form (slack zeroed, for posterior = prob cards), which the compiler then leaves as it is."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for a in card["attributes"]:
-        v = rng.normal(size=int(card["dims"][a]))
-        out[a] = (v / np.linalg.norm(v)).astype(np.float32)
-    return out
+    slack = needs_query_form(card)
+    return {a: query_form(rng.normal(size=int(card["dims"][a])), slack).astype(np.float32) for a in card["attributes"]}
 
 
 def _is_vector(x: Any) -> bool:
@@ -299,13 +336,8 @@ def query_template(card: Mapping[str, Any], options: WiringOptions) -> tuple[str
 
 
 def search_pipeline_body(card: Mapping[str, Any], model_id: str, options: WiringOptions) -> dict[str, Any]:
-    if card.get("query_slack"):
-        # the pipeline puts the service's (stored-form) vectors into the query as they are; a query
-        # must drop their slack value first (fgplugin.similarity), which ML Commons cannot do
-        raise WiringError("this model's vectors end with the posterior = prob slack value, which a query must drop; "
-                          "OpenSearch's search pipeline would query with them as stored. Query through "
-                          "`fgplugin query` or the search template (both drop it), or export a model with "
-                          "posterior = softmax for the image-query pipeline")
+    """``model_id``: the model whose vectors a query scores with, i.e. the query model where
+    :func:`needs_query_form` (ML Commons puts the answer into the query as it is)."""
     names = Names.for_version(card["version"])
     template, placeholders = query_template(card, options)
     out_of = {emb_field(a): a for a in card["attributes"]}
@@ -314,7 +346,7 @@ def search_pipeline_body(card: Mapping[str, Any], model_id: str, options: Wiring
     return {
         "description": (f"fgplugin {names.version}: {{\"query\": {{\"term\": {{\"{IMAGE_FIELD}\": URL}}}}}} -> "
                         f"{spec.mode} weighted query over {', '.join(f'{a}={w:g}' for a, w in spec.attributes.items())}, "
-                        f"k={spec.k}, encoded by {names.model}"),
+                        f"k={spec.k}, encoded by {names.model_for(query_form_of(card))}"),
         "request_processors": [{"ml_inference": {
             "tag": "fgplugin-image-query",
             "description": "query image URL -> per-attribute vectors -> the fgplugin query",
@@ -325,6 +357,11 @@ def search_pipeline_body(card: Mapping[str, Any], model_id: str, options: Wiring
             "ignore_missing": False,
         }}],
     }
+
+
+def query_form_of(card: Mapping[str, Any]) -> str:
+    """The /encode form the search pipeline's model answers in."""
+    return "query" if needs_query_form(card) else "stored"
 
 
 def image_query(url: str) -> dict[str, Any]:
@@ -561,7 +598,7 @@ def check_ml_inference(proc: Any, where: str, *, kind: str, outputs: Sequence[st
     return p
 
 
-def check_connector(body: Mapping[str, Any], serve_url: str) -> list[str]:
+def check_connector(body: Mapping[str, Any], serve_url: str, form: str = "stored") -> list[str]:
     p: list[str] = []
     if not body.get("credential"):
         p.append("credential must be a non-empty object (ML Commons refuses an empty one)")
@@ -574,9 +611,11 @@ def check_connector(body: Mapping[str, Any], serve_url: str) -> list[str]:
     if a.get("url") != f"{serve_url}/encode" or a.get("method") != "POST":
         p.append(f"the predict action must POST {serve_url}/encode")
     try:
-        payload = connector_payload(body, {"url": 'http://img.example/a "quoted" \\ name.jpg'})
-        if set(payload) != {"url"}:
-            p.append(f"request_body must send exactly {{\"url\": ...}}, sends {sorted(payload)}")
+        url = 'http://img.example/a "quoted" \\ name.jpg'
+        payload = connector_payload(body, {"url": url})
+        want = {"url": url, "form": "query"} if form == "query" else {"url": url}
+        if payload != want:
+            p.append(f"request_body must send exactly {sorted(want)} ({form} form), sends {payload}")
     except WiringError as e:
         p.append(str(e))
     if a.get("post_process_function") or a.get("pre_process_function"):
@@ -589,6 +628,10 @@ def check_plan_bodies(card: Mapping[str, Any], options: WiringOptions, bodies: M
     """Run the project's checks over the generated bodies; raise WiringError listing every problem."""
     outs = output_names(card)
     problems = [f"connector: {x}" for x in check_connector(bodies["connector"], options.serve_url)]
+    if "query_connector" in bodies:
+        problems += [f"query connector: {x}" for x in check_connector(bodies["query_connector"], options.serve_url, "query")]
+    elif needs_query_form(card):
+        problems.append("a posterior = prob model needs the query connector for the search pipeline")
     for i, proc in enumerate(bodies["ingest_pipeline"]["processors"]):
         problems += check_ml_inference(proc.get("ml_inference"), f"ingest.processors[{i}].ml_inference",
                                        kind="ingest", outputs=outs, fields=index_fields)
@@ -662,16 +705,29 @@ def plan(card: Mapping[str, Any], options: WiringOptions, ids: Mapping[str, str]
     connector_id = ids.get("connector", "<connector_id>")
     group_id = ids.get("model_group", "<model_group_id>")
     model_id = ids.get("model", "<model_id>")
+    query = needs_query_form(card)
+    query_connector_id = ids.get("query_connector", "<query_connector_id>")
+    query_model_id = ids.get("query_model", "<query_model_id>") if query else model_id
     bodies = {
         "connector": connector_body(card, options, redact=redact),
         "ingest_pipeline": ingest_pipeline_body(card, model_id, options),
-        "search_pipeline": search_pipeline_body(card, model_id, options),
+        "search_pipeline": search_pipeline_body(card, query_model_id, options),
     }
+    if query:
+        bodies["query_connector"] = connector_body(card, options, redact=redact, form="query")
     layout = layout_for(card, options.metadata_types)
     fields = {emb_field(a): layout.dims[a] for a in layout.attributes}
     fields[ALL_FIELD] = layout.total_dim
     fields["model_version"] = 0
     check_plan_bodies(card, options, bodies, fields)
+    query_steps = [
+        Step("query-connector", "POST", f"{ML}/connectors/_create", bodies["query_connector"],
+             ("ml.yaml", "ml.create_connector"), f"name {names.query_connector}: queries drop the slack value"),
+        Step("query-model", "POST", f"{ML}/models/_register",
+             register_model_body(card, query_connector_id, group_id, form="query"), ("ml.yaml", "ml.register_model"),
+             f"name {names.query_model}"),
+        Step("query-model-deploy", "POST", f"{ML}/models/{query_model_id}/_deploy", None, None),
+    ] if query else []
     return [
         Step("cluster-settings", "PUT", "/_cluster/settings", cluster_settings_body(options),
              ("cluster.yaml", "cluster.put_settings"), "printed, applied only with --cluster-settings"),
@@ -685,6 +741,7 @@ def plan(card: Mapping[str, Any], options: WiringOptions, ids: Mapping[str, str]
         Step("model", "POST", f"{ML}/models/_register", register_model_body(card, connector_id, group_id),
              ("ml.yaml", "ml.register_model"), f"name {names.model}"),
         Step("model-deploy", "POST", f"{ML}/models/{model_id}/_deploy", None, None),
+        *query_steps,
         Step("ingest-pipeline", "PUT", f"/_ingest/pipeline/{names.ingest_pipeline}", bodies["ingest_pipeline"],
              ("ingest.yaml", "ingest.put_pipeline")),
         Step("search-pipeline", "PUT", f"/_search/pipeline/{names.search_pipeline}", bodies["search_pipeline"],
@@ -828,17 +885,9 @@ def apply(card: Mapping[str, Any], options: WiringOptions, store: Any, *, cluste
                                                           f"/_scripts/{names.template}").get("script") or {}).items()
                             if k in ("lang", "source")}}))
 
-    # 3. connector, model group, model (looked up by name first).
+    # 3. model group, then connector + model (looked up by name first): one pair, and for posterior = prob
+    # models a second that answers in the query form, for the search pipeline.
     ids: dict[str, str] = {}
-    found = _search_by_name(store, f"{ML}/connectors/_search", names.connector, "connector")
-    if found:
-        ids["connector"] = found[0]["_id"]
-        rows.append(Applied("connector", names.connector, ids["connector"], "reused"))
-    else:
-        res = store.call("creating the connector", t.perform_request, "POST", f"{ML}/connectors/_create",
-                         body=connector_body(card, options))
-        ids["connector"] = res["connector_id"]
-        rows.append(Applied("connector", names.connector, ids["connector"], "created"))
     found = _search_by_name(store, f"{ML}/model_groups/_search", MODEL_GROUP, "model group")
     if found:
         ids["model_group"] = found[0]["_id"]
@@ -848,29 +897,8 @@ def apply(card: Mapping[str, Any], options: WiringOptions, store: Any, *, cluste
                          body=model_group_body())
         ids["model_group"] = res["model_group_id"]
         rows.append(Applied("model-group", MODEL_GROUP, ids["model_group"], "created"))
-    found = [h for h in _search_by_name(store, f"{ML}/models/_search", names.model, "model")
-             if (h.get("_source") or {}).get("connector_id") in (None, ids["connector"])]
-    if found:
-        ids["model"] = found[0]["_id"]
-        rows.append(Applied("model", names.model, ids["model"], "reused"))
-    else:
-        res = store.call("registering the model", t.perform_request, "POST", f"{ML}/models/_register",
-                         body=register_model_body(card, ids["connector"], ids["model_group"]))
-        ids["model"] = res.get("model_id") or _wait_task(store, res["task_id"], deploy_timeout_s)["model_id"]
-        rows.append(Applied("model", names.model, ids["model"], "created"))
-    state = store.call("reading the model", t.perform_request, "GET", f"{ML}/models/{ids['model']}").get("model_state")
-    if state != "DEPLOYED":
-        store.call("deploying the model", t.perform_request, "POST", f"{ML}/models/{ids['model']}/_deploy")
-        deadline = time.monotonic() + deploy_timeout_s
-        while state != "DEPLOYED":
-            if time.monotonic() > deadline:
-                raise WiringError(f"model {ids['model']} is {state} after {deploy_timeout_s:g} s of deploying; "
-                                  "check GET _plugins/_ml/profile/models")
-            time.sleep(1.0)
-            state = store.call("reading the model", t.perform_request, "GET", f"{ML}/models/{ids['model']}").get("model_state")
-        rows.append(Applied("model-deploy", names.model, ids["model"], "deployed"))
-    else:
-        rows.append(Applied("model-deploy", names.model, ids["model"], "unchanged"))
+    for form in ("stored", "query") if needs_query_form(card) else ("stored",):
+        ids.update(_ensure_model(store, card, options, form, ids["model_group"], deploy_timeout_s, rows))
 
     # 4. pipelines (PUT by id; unchanged ones are left alone).
     steps = {s.key: s for s in plan(card, options, ids, redact=False)}
@@ -883,6 +911,50 @@ def apply(card: Mapping[str, Any], options: WiringOptions, store: Any, *, cluste
                                                                 or {}).get(n)))
         log(f"{key} {name}: {rows[-1].action}")
     return SetupResult(names, index, ids, rows, warnings)
+
+
+def _ensure_model(store: Any, card: Mapping[str, Any], options: WiringOptions, form: str, group_id: str,
+                  deploy_timeout_s: float, rows: list[Applied]) -> dict[str, str]:
+    """The connector and deployed remote model for one /encode form: ``{"connector": id, "model": id}``
+    (keys prefixed ``query_`` for the query form); reused when one of the name exists."""
+    names = Names.for_version(card["version"])
+    t = store.client.transport
+    prefix = "query_" if form == "query" else ""
+    key = prefix.replace("_", "-")
+    cname, mname = names.connector_for(form), names.model_for(form)
+    found = _search_by_name(store, f"{ML}/connectors/_search", cname, "connector")
+    if found:
+        connector_id = found[0]["_id"]
+        rows.append(Applied(f"{key}connector", cname, connector_id, "reused"))
+    else:
+        res = store.call(f"creating the connector {cname}", t.perform_request, "POST", f"{ML}/connectors/_create",
+                         body=connector_body(card, options, form=form))
+        connector_id = res["connector_id"]
+        rows.append(Applied(f"{key}connector", cname, connector_id, "created"))
+    found = [h for h in _search_by_name(store, f"{ML}/models/_search", mname, "model")
+             if (h.get("_source") or {}).get("connector_id") in (None, connector_id)]
+    if found:
+        model_id = found[0]["_id"]
+        rows.append(Applied(f"{key}model", mname, model_id, "reused"))
+    else:
+        res = store.call(f"registering the model {mname}", t.perform_request, "POST", f"{ML}/models/_register",
+                         body=register_model_body(card, connector_id, group_id, form=form))
+        model_id = res.get("model_id") or _wait_task(store, res["task_id"], deploy_timeout_s)["model_id"]
+        rows.append(Applied(f"{key}model", mname, model_id, "created"))
+    state = store.call("reading the model", t.perform_request, "GET", f"{ML}/models/{model_id}").get("model_state")
+    if state != "DEPLOYED":
+        store.call(f"deploying the model {mname}", t.perform_request, "POST", f"{ML}/models/{model_id}/_deploy")
+        deadline = time.monotonic() + deploy_timeout_s
+        while state != "DEPLOYED":
+            if time.monotonic() > deadline:
+                raise WiringError(f"model {model_id} is {state} after {deploy_timeout_s:g} s of deploying; "
+                                  "check GET _plugins/_ml/profile/models")
+            time.sleep(1.0)
+            state = store.call("reading the model", t.perform_request, "GET", f"{ML}/models/{model_id}").get("model_state")
+        rows.append(Applied(f"{key}model-deploy", mname, model_id, "deployed"))
+    else:
+        rows.append(Applied(f"{key}model-deploy", mname, model_id, "unchanged"))
+    return {f"{prefix}connector": connector_id, f"{prefix}model": model_id}
 
 
 def _wait_task(store: Any, task_id: str, timeout_s: float) -> dict[str, Any]:
@@ -900,11 +972,13 @@ def teardown(card: Mapping[str, Any], store: Any, ids: Mapping[str, str]) -> Non
     """Remove what ``apply`` registered for this model version (the live test's cleanup)."""
     names = Names.for_version(card["version"])
     t = store.client.transport
-    for method, path in (("DELETE", f"/_search/pipeline/{names.search_pipeline}"),
-                         ("DELETE", f"/_ingest/pipeline/{names.ingest_pipeline}"),
-                         ("POST", f"{ML}/models/{ids.get('model')}/_undeploy"),
-                         ("DELETE", f"{ML}/models/{ids.get('model')}"),
-                         ("DELETE", f"{ML}/connectors/{ids.get('connector')}")):
+    calls = [("DELETE", f"/_search/pipeline/{names.search_pipeline}"),
+             ("DELETE", f"/_ingest/pipeline/{names.ingest_pipeline}")]
+    for prefix in ("", "query_"):
+        calls += [("POST", f"{ML}/models/{ids.get(prefix + 'model')}/_undeploy"),
+                  ("DELETE", f"{ML}/models/{ids.get(prefix + 'model')}"),
+                  ("DELETE", f"{ML}/connectors/{ids.get(prefix + 'connector')}")]
+    for method, path in calls:
         if "None" in path:
             continue
         try:
@@ -920,5 +994,6 @@ __all__ = [
     "search_template_source", "search_template_request", "render_mustache", "simulate_ingest", "simulate_search",
     "java_list_string", "connector_payload", "check_ml_inference", "check_connector", "check_plan_bodies",
     "cluster_settings_body", "cluster_settings_warnings", "endpoint_regex", "is_private_host", "plan", "write_plan",
-    "apply", "teardown", "output_names", "layout_for", "query_spec", "missing_cluster_settings",
+    "apply", "teardown", "output_names", "layout_for", "query_spec", "missing_cluster_settings", "needs_query_form",
+    "query_form_of", "request_body",
 ]
