@@ -68,7 +68,7 @@ import numpy as np
 from ..errors import FgpluginError, StoreError
 from ..query.spec import QuerySpec, parse_filter
 from ..schema import AttributeSchema
-from ..serve import CONCAT_FIELD, DEFAULT_PORT, VERSION_KEY
+from ..serve import CONCAT_FIELD, DEFAULT_PORT, FORMS, VERSION_KEY
 from ..similarity import query_form
 from ..stores.base import IndexLayout
 from .client import DEFAULT_INDEX
@@ -170,7 +170,7 @@ def check_serve_url(url: str) -> str:
 def layout_for(card: Mapping[str, Any], metadata_types: Mapping[str, str] | None = None) -> IndexLayout:
     schema = AttributeSchema.from_dict(card["schema"], source="model card")
     return IndexLayout(schema, {a: int(card["dims"][a]) for a in schema.names}, dict(metadata_types or {}),
-                       str(card["version"]), query_slack=bool(card.get("query_slack", False)))
+                       str(card["version"]), query_slack=needs_query_form(card))
 
 
 def query_spec(card: Mapping[str, Any], options: WiringOptions) -> QuerySpec:
@@ -192,8 +192,8 @@ def needs_query_form(card: Mapping[str, Any]) -> bool:
 
 def request_body(form: str) -> str:
     """The connector's ``request_body``: the image URL, and for the query connector the form to answer in."""
-    if form not in ("stored", "query"):
-        raise WiringError(f"form must be 'stored' or 'query', got {form!r}")
+    if form not in FORMS:
+        raise WiringError(f"form must be one of {', '.join(FORMS)} (what /encode answers in), got {form!r}")
     return '{"url": "${parameters.url}"' + (', "form": "query"}' if form == "query" else "}")
 
 
