@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, demo, evaluate, export, index, opensearch, query, serve, train
+from . import data, demo, evaluate, export, index, opensearch, query, serve, store, train
 
 app = typer.Typer(
     name="fgplugin",
@@ -21,6 +21,7 @@ app.command("index")(index.index)
 app.command("query")(query.query)
 app.command("serve")(serve.serve)
 app.add_typer(opensearch.app, name="opensearch", help="Generate and register the OpenSearch wiring.")
+app.add_typer(store.app, name="store", help="Check a store (every value readable).")
 app.command("demo")(demo.demo)
 
 

@@ -60,6 +60,8 @@ def check(
             for pr in cat.problems:
                 p.add_row(str(pr.row or ""), str(pr.item_id or ""), pr.cause)
             console.print(p)
+        for note in cat.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
     if cat.problems:
         raise typer.Exit(1)
 

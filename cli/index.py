@@ -25,7 +25,15 @@ def index(
         None, "--errors", help="Errors file (default: DIR/errors.jsonl for embedded stores, INDEX.errors.jsonl here otherwise)."
     ),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Reprocess only the items in the errors file."),
-    prune: bool = typer.Option(False, "--prune", help="Delete documents whose ids are no longer in the catalog."),
+    prune: bool = typer.Option(
+        False, "--prune",
+        help="Delete documents whose ids are in no row of the catalog; refused while any row cannot be read or has no id.",
+    ),
+    max_removal: float = typer.Option(
+        10.0, "--max-removal", min=0.0, max=100.0, metavar="PERCENT",
+        help="Most documents (percent of those stored) one run may remove: pruned, of invalid rows, or whose update "
+             "failed. Past it nothing is removed and the report says how many and why; raise it to confirm.",
+    ),
     promote: Optional[bool] = typer.Option(
         None, "--promote/--no-promote",
         help="OpenSearch, new model version: switch the alias to the new index (default: once it holds every item).",
@@ -64,7 +72,7 @@ def index(
             )
         report = index_catalog(
             cat, encoder, st, batch_size=batch_size, workers=workers, errors_path=errors_path,
-            retry_errors=retry_errors, prune=prune, progress=not as_json,
+            retry_errors=retry_errors, prune=prune, max_removal=max_removal / 100, progress=not as_json,
             limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote,
         )
     finally:
@@ -75,5 +83,7 @@ def index(
         console.print(report_table(report))
         if report.errors_in_file:
             err_console.print(f"failures are listed in {report.errors_path}", highlight=False)
+    if report.aborted and report.aborted.startswith("interrupted"):
+        raise typer.Exit(130)  # the shell's code for a run ended by Ctrl-C
     if not report.ok:
         raise typer.Exit(1)

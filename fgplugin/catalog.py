@@ -15,6 +15,7 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ _INT_RE = re.compile(r"^[+-]?\d+$")
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}([T ][0-9:.]+(Z|[+-]\d{2}:?\d{2})?)?$")
 _TRUE = {"true", "yes", "1"}
+UNREADABLE = "unreadable"  # Problem.kind of a row that could not be read as a record at all
 _FALSE = {"false", "no", "0"}
 
 
@@ -71,6 +73,16 @@ class Catalog:
     items: list[CatalogItem]
     metadata_types: dict[str, str]
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings that invalidate no row (e.g. a type inferred as text)
+
+    @property
+    def complete(self) -> bool:
+        """Every row of the file was read and identified: no row is unreadable or without an id. Only
+        then does "not in the catalog" mean "gone from the catalog" (what ``--prune`` acts on)."""
+        return not any(p.kind == UNREADABLE or p.item_id is None for p in self.problems)
+
+    def unidentified(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind == UNREADABLE or p.item_id is None]
 
     @property
     def base_dir(self) -> Path:
@@ -102,7 +114,7 @@ class Catalog:
 
     def subset(self, ids: Iterable[str]) -> "Catalog":
         lookup = self.by_id()
-        return Catalog(self.path, self.schema, [lookup[i] for i in ids], dict(self.metadata_types))
+        return Catalog(self.path, self.schema, [lookup[i] for i in ids], dict(self.metadata_types), notes=list(self.notes))
 
     def summary(self) -> dict[str, Any]:
         """Counts per attribute value (plus missing / not visible) and problems, for ``data check``."""
@@ -117,56 +129,168 @@ class Catalog:
             "attributes": counts,
             "metadata_types": dict(self.metadata_types),
             "problems": [str(p) for p in self.problems],
+            "notes": list(self.notes),
         }
 
 
 # -- reading --------------------------------------------------------------------------------------
+_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16", b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32"}
+_ID_HINT = re.compile(r'"id"\s*:\s*"?([^",}\s]+)')  # names the item of a line that is not valid JSON
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, int | None]]:
+    """(byte offset of the line, the line decoded, offset of its first non-UTF-8 byte or None).
+
+    Lines are decoded one by one so that a bad byte costs its row, not the file; a UTF-8 byte-order
+    mark is dropped (spreadsheets write one, and it would rename the first column to "\\ufeffid"),
+    and a UTF-16/32 file is refused as a whole: every line of it would be garbage."""
+    with path.open("rb") as f:
+        offset = 0
+        for n, raw in enumerate(f):
+            if n == 0:
+                for bom, name in sorted(_BOMS.items(), key=lambda kv: -len(kv[0])):
+                    if raw.startswith(bom):
+                        raise CatalogError([Problem(None, None, f"{path}: the file is {name} encoded; save it as "
+                                                    "UTF-8", kind=UNREADABLE)])
+                if raw.startswith(b"\xef\xbb\xbf"):
+                    raw, offset = raw[3:], 3
+            try:
+                yield offset, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield offset, raw.decode("utf-8", errors="replace"), offset + e.start
+            offset += len(raw)
+
+
+def _not_utf8(at: int, path: Path) -> str:
+    with path.open("rb") as f:
+        f.seek(at)
+        byte = f.read(1)
+    return f"byte 0x{byte.hex()} at file offset {at} is not UTF-8 (save the catalog as UTF-8)"
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
+    n = 0
+    for _, line, bad_at in _lines(path):
+        if not line.strip():
+            continue
+        n += 1
+        hint = _ID_HINT.search(line)
+        guess = hint.group(1) if hint else None
+        if bad_at is not None:
+            yield n, Problem(n, guess, _not_utf8(bad_at, path), kind=UNREADABLE)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, Problem(n, guess, f"not valid JSON ({e.msg} at column {e.colno})", kind=UNREADABLE)
+            continue
+        if not isinstance(row, dict):
+            yield n, Problem(n, None, f"a JSONL row must be an object, not {type(row).__name__}", kind=UNREADABLE)
+            continue
+        yield n, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
+    physical: list[tuple[int, int | None]] = []  # per line read so far: (byte offset, first bad byte)
+
+    def feed() -> Iterator[str]:
+        for offset, line, bad_at in _lines(path):
+            physical.append((offset, bad_at))
+            yield line
+
+    # strict: a stray or unclosed quote is an error at its row, instead of silently swallowing the
+    # rows after it into one cell (which would read the file as fewer rows than it has).
+    reader = csv.reader(feed(), strict=True)
+    header: list[str] | None = None
+    id_at: int | None = None
+    n, last_line = 0, 0
+    while True:
+        first_line = last_line + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if header is None:
+                raise CatalogError([Problem(None, None, f"{path}: the header line cannot be read as CSV ({e})",
+                                            kind=UNREADABLE)]) from None
+            n += 1
+            last_line = reader.line_num
+            cause = f"not valid CSV at line {first_line}" + (f"-{last_line}" if last_line > first_line else "")
+            yield n, Problem(n, None, f"{cause} ({e}; a quote inside a cell must be doubled)", kind=UNREADABLE)
+            continue
+        last_line = reader.line_num
+        bad = next((b for _, b in physical[first_line - 1:last_line] if b is not None), None)
+        if header is None:
+            if bad is not None:
+                raise CatalogError([Problem(None, None, f"{path}: header: {_not_utf8(bad, path)}", kind=UNREADABLE)])
+            header = cells
+            dup = sorted({c for c in header if header.count(c) > 1})
+            if dup:
+                raise CatalogError([Problem(None, None, f"{path}: duplicate header column(s) {', '.join(map(repr, dup))}",
+                                            kind=UNREADABLE)])
+            id_at = header.index("id") if "id" in header else None
+            continue
+        if not cells:  # a blank line
+            continue
+        n += 1
+        rid = cells[id_at] if id_at is not None and id_at < len(cells) else None
+        if bad is not None:
+            yield n, Problem(n, rid or None, _not_utf8(bad, path), kind=UNREADABLE)
+            continue
+        if len(cells) != len(header):
+            more_or_fewer = "more" if len(cells) > len(header) else "fewer"
+            yield n, Problem(n, rid or None, f"{len(cells)} cells, {more_or_fewer} than the header's {len(header)} "
+                             f"columns (line {first_line})", kind=UNREADABLE)
+            continue
+        yield n, {k: (v if v != "" else None) for k, v in zip(header, cells)}
+
+
 def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            n = 0
-            for line in f:
-                if not line.strip():
-                    continue
-                n += 1
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, Problem(n, None, f"not valid JSON ({e.msg})")
-                    continue
-                if not isinstance(row, dict):
-                    yield n, Problem(n, None, "a JSONL row must be an object")
-                    continue
-                yield n, row
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            for n, row in enumerate(csv.DictReader(f), start=1):
-                if None in row:
-                    yield n, Problem(n, row.get("id"), "more cells than header columns")
-                    continue
-                yield n, {k: (v if v != "" else None) for k, v in row.items()}
-    else:
-        raise CatalogError([Problem(None, None, f"{path}: unsupported catalog format {suffix!r} (use .jsonl or .csv)")])
+        return _read_jsonl(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise CatalogError([Problem(None, None, f"{path}: unsupported catalog format {suffix!r} (use .jsonl or .csv)")])
+
+
+def _is_int(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and bool(_INT_RE.match(v)))
+
+
+def _is_float(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, str) and bool(_FLOAT_RE.match(v)))
 
 
 def _infer_type(values: list[Any]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
         return "keyword"
-
-    def all_(pred) -> bool:
-        return all(pred(v) for v in vals)
-
-    if all_(lambda v: isinstance(v, bool) or (isinstance(v, str) and v.lower() in ("true", "false"))):
+    if all(isinstance(v, bool) or (isinstance(v, str) and v.lower() in ("true", "false")) for v in vals):
         return "boolean"
-    if all_(lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and _INT_RE.match(v))):
+    if all(map(_is_int, vals)):
         return "integer"
-    if all_(lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, str) and _FLOAT_RE.match(v))):
+    if all(map(_is_float, vals)):
         return "float"
-    if all_(lambda v: isinstance(v, str) and _DATE_RE.match(v)):
+    if all(isinstance(v, str) and _DATE_RE.match(v) for v in vals):
         return "date"
     return "keyword"
+
+
+def _mostly_numbers_note(name: str, cells: list[tuple[int, str | None, Any]]) -> str | None:
+    """A column inferred as text although most of its values are numbers ("n/a" among ratings): say so,
+    naming the rows that made it text, since range filters on it are then refused (text would compare
+    "5" > "10")."""
+    vals = [c for c in cells if c[2] is not None]
+    odd = [c for c in vals if not _is_float(c[2])]
+    if not vals or len(odd) > 0.2 * len(vals) or len(odd) == len(vals):
+        return None
+    shown = ", ".join(f"row {n} {v!r}" for n, _, v in odd[:3]) + (f" (+{len(odd) - 3} more)" if len(odd) > 3 else "")
+    return (f"metadata {name!r} is stored as text: {len(vals) - len(odd)} of its {len(vals)} values are numbers, "
+            f"but {shown} {'is' if len(odd) == 1 else 'are'} not; range filters on it are refused. Declare "
+            f"{name} = \"float\" under [metadata] in the schema to store numbers (those rows are then reported "
+            "as invalid), or blank the odd values")
 
 
 def coerce(value: Any, type_: str) -> Any:
@@ -230,9 +354,11 @@ def load_catalog(
     and returns the problems on ``catalog.problems`` (what ``data check`` and the index worker use).
     check_images=True also opens every local image (URLs are only checked for their scheme).
     """
-    p = Path(path)
+    # Absolute, so that relative image paths resolve against the catalog's folder whatever the working
+    # directory of the run (stored image sources and fingerprints must not depend on it).
+    p = Path(os.path.abspath(Path(path).expanduser()))  # abspath also folds "..", unlike Path.absolute
     if not p.is_file():
-        raise CatalogError([Problem(None, None, f"{p}: catalog file not found", kind="missing")])
+        raise CatalogError([Problem(None, None, f"{path}: catalog file not found", kind="missing")])
     problems: list[Problem] = []
     raw: list[tuple[int, dict[str, Any]]] = []
     for n, row in _read_rows(p):
@@ -242,14 +368,19 @@ def load_catalog(
             raw.append((n, row))
 
     attr_names = set(schema.names)
-    meta_values: dict[str, list[Any]] = {}
-    for _, row in raw:
+    meta_values: dict[str, list[tuple[int, str | None, Any]]] = {}
+    for n, row in raw:
         for k, v in row.items():
             if k not in RESERVED and k not in attr_names:
-                meta_values.setdefault(k, []).append(v)
+                meta_values.setdefault(k, []).append((n, row.get("id"), v))
     meta_types: dict[str, str] = {}
-    for k, vals in meta_values.items():
-        meta_types[k] = schema.metadata.get(k) or _infer_type(vals)
+    notes: list[str] = []
+    for k, cells in meta_values.items():
+        meta_types[k] = schema.metadata.get(k) or _infer_type([v for _, _, v in cells])
+        if k not in schema.metadata and meta_types[k] == "keyword":
+            note = _mostly_numbers_note(k, cells)
+            if note:
+                notes.append(note)
     for k, t in schema.metadata.items():
         meta_types.setdefault(k, t)
 
@@ -265,6 +396,10 @@ def load_catalog(
 
         if item_id is None or item_id.strip() == "":
             bad("missing id")
+        elif item_id != item_id.strip() or not item_id.isprintable():
+            # Most likely damage or a spreadsheet's stray space rather than a new item: "unreadable", so
+            # that prune does not take the clean id's document for gone.
+            bad("the id has surrounding spaces or control characters", UNREADABLE)
         elif item_id in seen:
             bad(f"duplicate id (first seen in row {seen[item_id]})", "duplicate")
         image = row.get("image")
@@ -319,7 +454,7 @@ def load_catalog(
 
     if strict and problems:
         raise CatalogError(problems)
-    return Catalog(p, schema, items, meta_types, problems)
+    return Catalog(p, schema, items, meta_types, problems, notes)
 
 
 def write_catalog(path: str | Path, items: Iterable[CatalogItem | dict[str, Any]]) -> Path:

@@ -21,7 +21,9 @@ One run:
 5. reports every item that was not indexed: catalog rows that do not validate (stage ``catalog``),
    images that cannot be read or decoded, model failures, and store rejections, each in the errors
    file with id, stage, kind, reason and time;
-6. with ``prune=True`` deletes documents whose ids are no longer in the catalog;
+6. removes what the catalog no longer describes (see "Removals" below): documents whose update
+   failed, documents of rows that are now invalid, and with ``prune=True`` documents whose ids are no
+   longer in the catalog;
 7. on a store that builds a new model version's index beside the one it serves (OpenSearch: an alias
    over versioned indices), switches the alias to the new index once every catalog item is in it
    (``promote=None``), always (``True``) or never (``False``).
@@ -30,11 +32,19 @@ The errors file (JSONL, one object per line) always describes what is currently 
 are appended as failures happen (so a killed run loses none), and the file is rewritten compactly at
 the end without the items that have since succeeded or left the catalog.
 
-A stored document that is out of date and fails to be brought up to date (its re-encoding with a new
-model or from a new image fails, or the store rejects its new metadata) is deleted rather than left
-stale: scores between vectors of different models are meaningless, and vectors or metadata the
-catalog no longer describes would answer queries wrongly. The item is then in the errors file like any
-other failure.
+Removals. A stored document that is out of date and fails to be brought up to date (its re-encoding
+with a new model or from a new image fails, or the store rejects its new metadata), and the document
+of a row that has become invalid (a bad value, a duplicate of another row's id is not one of them),
+is deleted rather than left stale: scores between vectors of different models are meaningless, and
+vectors or metadata the catalog no longer describes would answer queries wrongly (an old
+``in_stock=true``). The item is then in the errors file like any other failure. ``prune=True`` also
+deletes documents whose ids are in no row of the catalog, but only when every row of the file was read
+and identified (:attr:`Catalog.complete`): a line that cannot be parsed, a bad byte or a row without an
+id would otherwise make its item look gone. All removals of a run happen at its end, together, and
+only while they stay within ``max_removal`` (a fraction of the stored documents, default 10 %): more
+than that looks like a damaged catalog, an unmounted image folder or the wrong file, so nothing is
+removed and the report says how many and why (pass a higher ``max_removal`` to confirm). A run that
+was aborted or interrupted removes nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,14 +65,15 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from .catalog import Catalog, Problem, load_catalog
+from .catalog import UNREADABLE, Catalog, Problem, load_catalog
 from .encoder import BatchTimings, EncodedBatch, iter_encoded
 from .errors import ImageError, ModelCardError, StoreError
 from .images import DEFAULT_LIMITS, ImageLimits
-from .stores.base import Document, Failure, Fingerprint, IndexLayout, Store, image_key, metadata_key
+from .stores.base import Document, Failure, Fingerprint, IndexLayout, Store, image_key, metadata_key, same_image
 
 ERRORS_FILE = "errors.jsonl"
 METADATA_CHUNK = 500  # documents per get_vectors + upsert round of metadata-only updates
+MAX_REMOVAL = 0.10  # default share of the stored documents one run may remove (see "Removals")
 
 
 # -- the errors file -------------------------------------------------------------------------------
@@ -138,8 +150,12 @@ class IndexReport:
     failures: list[Failure] = field(default_factory=list)  # this run's
     catalog_problems: list[Problem] = field(default_factory=list)
     stale_removed: int = 0  # out-of-date documents deleted because bringing them up to date failed
+    invalid_removed: int = 0  # documents of rows that are now invalid
     orphans: int = 0  # in the store, not in the catalog (deleted with prune)
     pruned: int = 0
+    not_pruned: str | None = None  # why --prune removed nothing although there were orphans
+    removal_refused: str | None = None  # why nothing was removed (over max_removal)
+    notes: list[str] = field(default_factory=list)  # the catalog's warnings (e.g. a type inferred as text)
     promoted: str | None = None  # the index a store's alias was switched to, if any
     not_promoted: str | None = None  # why a new model version's index does not serve queries yet
     errors_path: str | None = None
@@ -152,7 +168,8 @@ class IndexReport:
     @property
     def ok(self) -> bool:
         """True when everything in the catalog is indexed and current."""
-        return not (self.failures or self.catalog_problems or self.skipped_failed or self.aborted or self.not_attempted)
+        return not (self.failures or self.catalog_problems or self.skipped_failed or self.aborted or self.not_attempted
+                    or self.removal_refused or self.not_pruned)
 
     def failed_by_cause(self) -> dict[str, int]:
         c = collections.Counter(f"{f.stage}/{f.kind or '?'}" for f in self.failures)
@@ -176,8 +193,12 @@ class IndexReport:
             "failed_by_cause": self.failed_by_cause(),
             "failures": [f.__dict__ for f in self.failures[:1000]],
             "stale_removed": self.stale_removed,
+            "invalid_removed": self.invalid_removed,
             "orphans": self.orphans,
             "pruned": self.pruned,
+            "not_pruned": self.not_pruned,
+            "removal_refused": self.removal_refused,
+            "notes": list(self.notes),
             "promoted": self.promoted,
             "not_promoted": self.not_promoted,
             "errors_path": self.errors_path,
@@ -207,10 +228,18 @@ def report_table(report: IndexReport) -> Table:
         t.add_row(f"[red]failed: {cause}", str(n))
     if report.stale_removed:
         t.add_row("[red]out-of-date documents removed (update failed)", str(report.stale_removed))
+    if report.invalid_removed:
+        t.add_row("[red]documents of invalid rows removed", str(report.invalid_removed))
     if report.pruned:
         t.add_row("pruned (not in catalog)", str(report.pruned))
     elif report.orphans:
         t.add_row("[yellow]in store, not in catalog (--prune)", str(report.orphans))
+    if report.not_pruned:
+        t.add_row("[bold red]not pruned", report.not_pruned)
+    if report.removal_refused:
+        t.add_row("[bold red]nothing removed", report.removal_refused)
+    for note in report.notes:
+        t.add_row("[yellow]note", note)
     if report.promoted:
         t.add_row("[green]now serving", report.promoted)
     if report.not_promoted:
@@ -265,6 +294,7 @@ def index_catalog(
     errors_path: str | Path | None = None,
     retry_errors: bool = False,
     prune: bool = False,
+    max_removal: float = MAX_REMOVAL,
     progress: bool | Console = True,
     limits: ImageLimits = DEFAULT_LIMITS,
     model_path: str | Path | None = None,
@@ -278,7 +308,10 @@ def index_catalog(
     in the report). ``model_path``: recorded in the store's meta (``model_path``) where the store
     supports it, so image queries find the encoder; defaults to ``encoder.path``. ``progress``: show a
     rich progress bar (on stderr, or on the Console given). ``promote``: see step 7 of the module
-    docstring. ``on_batch``: called after each batch is written.
+    docstring. ``on_batch``: called after each batch is written. ``max_removal``: see "Removals".
+
+    Ctrl-C (KeyboardInterrupt) ends the run early with a report (``aborted``) of what was done; what
+    was written stays, and a rerun continues from there.
     """
     t_start = time.perf_counter()
     if not isinstance(catalog, Catalog):
@@ -286,9 +319,14 @@ def index_catalog(
     check_schema(catalog, encoder)
     version = encoder.version
     report = IndexReport(str(catalog.path), getattr(store, "url", repr(store)), version,
-                         catalog_items=len(catalog), catalog_problems=list(catalog.problems))
+                         catalog_items=len(catalog), catalog_problems=list(catalog.problems),
+                         notes=list(catalog.notes))
     layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), version,
                          query_slack=bool(getattr(encoder, "query_slack", False)))  # encoders before it: none
+    # A damaged store must not pass for "already current": read it whole first (cheap next to encoding).
+    verify = getattr(store, "verify", None)
+    if verify is not None:
+        verify()
     store.ensure_index(layout)
     path = model_path if model_path is not None else getattr(encoder, "path", None)
     if path is not None and hasattr(store, "set_meta"):
@@ -314,8 +352,10 @@ def index_catalog(
             continue
         ik, mk = image_key(src), metadata_key(layout, it.metadata)
         fp = stored.get(it.id)
-        same_vectors = fp is not None and fp.model_version == version and fp.image_key == ik
-        if same_vectors and fp is not None and fp.meta_key == mk:
+        # same_image: also a key stored before image sources were made absolute, for the same file
+        # (its document is then rewritten with the absolute source, without re-encoding).
+        same_vectors = fp is not None and fp.model_version == version and same_image(fp.image_key, ik)
+        if same_vectors and fp is not None and fp.image_key == ik and fp.meta_key == mk:
             report.skipped_current += 1
             continue
         keys[it.id] = (ik, mk)
@@ -353,12 +393,6 @@ def index_catalog(
                 err_fh.write(json.dumps(e, ensure_ascii=False, default=str) + "\n")
         if err_fh is not None and failed:
             err_fh.flush()
-        # Only out-of-date items are attempted: one that failed keeps no stale vectors or metadata.
-        stale = [f.id for f in failed if f.id in stored]
-        if stale:
-            report.stale_removed += store.delete(stale)
-            for i in stale:
-                stored.pop(i, None)
 
     def written(ids: Iterable[str]) -> None:
         for i in ids:
@@ -421,19 +455,27 @@ def index_catalog(
                 bar.update(task, advance=len(batch), description=f"indexing ({nfail} failed)" if nfail else "indexing")
             if on_batch is not None:
                 on_batch(batch)
+    except KeyboardInterrupt:
+        # Written batches stay (each upsert is all or nothing); report what was done instead of a traceback.
+        report.aborted = "interrupted (Ctrl-C); what was written stays, rerun to continue"
     finally:
         if bar is not None:
             bar.stop()
         if err_fh is not None:
             err_fh.close()
 
-    problem_ids = {p.item_id for p in report.catalog_problems if p.item_id is not None}
-    orphans = [i for i in stored if i not in catalog_ids and i not in problem_ids]
-    report.orphans = len(orphans)
-    if prune and orphans and not report.aborted:
-        report.pruned = store.delete(orphans)
+    # ``stored`` now holds this run's fingerprints for what it wrote: a failed id still in it keeps a
+    # document that was not brought up to date.
+    plan = plan_removals(catalog, stored, errors, prune=prune, max_removal=max_removal)
+    report.orphans, report.not_pruned, report.removal_refused = len(plan.orphans), plan.not_pruned, plan.refused
+    if plan.ids and not report.aborted:
+        report.stale_removed = store.delete(plan.stale) if plan.stale else 0
+        report.invalid_removed = store.delete(plan.invalid) if plan.invalid else 0
+        report.pruned = store.delete(plan.prune) if plan.prune else 0
     if getattr(store, "pending_promotion", False):
-        if promote or (promote is None and report.ok):
+        if report.aborted:
+            report.not_promoted = "the run did not finish; queries still use the previous index"
+        elif promote or (promote is None and report.ok):
             report.promoted = str(store.promote()["index"])
         else:
             report.not_promoted = (
@@ -449,6 +491,56 @@ def index_catalog(
     return report
 
 
+@dataclass
+class Removals:
+    """What one run removes (module docstring, "Removals"): all of it, or nothing with ``refused`` set."""
+
+    stale: list[str] = field(default_factory=list)  # documents whose update failed
+    invalid: list[str] = field(default_factory=list)  # documents of rows that are now invalid
+    orphans: list[str] = field(default_factory=list)  # documents in no row of the catalog
+    prune: list[str] = field(default_factory=list)  # the orphans that go (with prune, on a complete catalog)
+    not_pruned: str | None = None
+    refused: str | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return [] if self.refused else [*self.stale, *self.invalid, *self.prune]
+
+
+def plan_removals(catalog: Catalog, stored_ids: Iterable[str], failed_ids: Iterable[str], *, prune: bool,
+                  max_removal: float = MAX_REMOVAL) -> Removals:
+    """Decide the run's removals from the catalog as read, the stored ids, and the ids with a standing
+    failure whose stored document was not rewritten this run."""
+    stored = list(stored_ids)
+    stored_set = set(stored)
+    catalog_ids = set(catalog.ids)
+    plan = Removals(stale=[i for i in failed_ids if i in stored_set])
+    # Rows with an id that no longer validate (a duplicate row's id is valid in its first row).
+    plan.invalid = sorted({p.item_id for p in catalog.problems if p.kind != UNREADABLE and p.item_id is not None
+                           and p.item_id in stored_set and p.item_id not in catalog_ids} - set(plan.stale))
+    named = {p.item_id for p in catalog.problems if p.item_id is not None}  # unreadable rows' guesses too
+    plan.orphans = [i for i in stored if i not in catalog_ids and i not in named]
+    if prune and plan.orphans and not catalog.complete:
+        bad = catalog.unidentified()
+        plan.not_pruned = (
+            f"{len(bad)} row(s) of the catalog could not be read or have no id ({bad[0]}"
+            f"{'; ...' if len(bad) > 1 else ''}), so an item missing from what was read may still be in the file; "
+            "fix them, then prune")
+    elif prune:
+        plan.prune = list(plan.orphans)
+    total = len(plan.stale) + len(plan.invalid) + len(plan.prune)
+    if total > max_removal * len(stored):
+        parts = [f"{n} {what}" for n, what in ((len(plan.prune), "not in the catalog"), (len(plan.invalid), "of invalid rows"),
+                                               (len(plan.stale), "whose update failed")) if n]
+        needed = 100 * total / len(stored)
+        plan.refused = (
+            f"{total} of the {len(stored)} stored documents would be removed ({', '.join(parts)}): {needed:.0f} %, "
+            f"more than the {100 * max_removal:.0f} % one run may remove. A damaged or partial catalog, a wrong file "
+            "or an unmounted image folder looks like this; if these items really are gone or broken, rerun with "
+            f"--max-removal {min(100, math.ceil(needed))}")
+    return plan
+
+
 def default_errors_path(store: Any, index: str | None = None) -> Path:
     """DIR/errors.jsonl for an embedded store; ``<index>.errors.jsonl`` in the working folder otherwise."""
     directory = getattr(store, "directory", None)
@@ -458,5 +550,5 @@ def default_errors_path(store: Any, index: str | None = None) -> Path:
     return Path.cwd() / f"{name}.{ERRORS_FILE}"
 
 
-__all__ = ["index_catalog", "IndexReport", "report_table", "read_errors", "write_errors", "default_errors_path",
+__all__ = ["index_catalog", "IndexReport", "Removals", "plan_removals", "MAX_REMOVAL", "report_table", "read_errors", "write_errors", "default_errors_path",
            "check_schema", "ERRORS_FILE"]

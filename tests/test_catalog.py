@@ -197,7 +197,7 @@ def test_catalog_file_level_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"id": "a", "image": "x.jpg"}\nnot json\n[1]\n')
     cat = load_catalog(tmp_path / "c.jsonl", _schema(), strict=False)
     assert [str(p) for p in cat.problems][0].startswith("row 2: not valid JSON")
-    assert str(cat.problems[1]) == "row 3: a JSONL row must be an object"
+    assert str(cat.problems[1]) == "row 3: a JSONL row must be an object, not list"
     with pytest.raises(FgpluginError, match="no schema.toml or schema.json next to"):
         find_schema(tmp_path / "c.jsonl")
     _schema().save(tmp_path / "schema.toml")

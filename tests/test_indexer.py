@@ -229,8 +229,13 @@ def test_prune_removes_rows_deleted_from_the_catalog(env, tmp_path):
 
     rep = index_catalog(fewer, enc, st, progress=False)
     assert (rep.orphans, rep.pruned, st.count()) == (5, 0, N)  # reported, kept without --prune
+    # 5 of 24 is more than one run may remove by default: refused, with the count and the way to confirm.
     rep = index_catalog(fewer, enc, st, prune=True, progress=False)
-    assert (rep.pruned, rep.indexed, rep.skipped_current) == (5, 0, N - 5)
+    assert (rep.pruned, rep.ok, st.count()) == (0, False, N)
+    assert rep.removal_refused.startswith("5 of the 24 stored documents would be removed (5 not in the catalog)")
+    assert "--max-removal 21" in rep.removal_refused
+    rep = index_catalog(fewer, enc, st, prune=True, max_removal=0.21, progress=False)
+    assert (rep.pruned, rep.indexed, rep.skipped_current, rep.ok) == (5, 0, N - 5, True)
     assert st.count() == N - 5 and not removed & set(st.versions())
     st.close()
 
@@ -425,6 +430,9 @@ def test_a_changed_image_that_fails_drops_the_stale_document_until_the_file_is_f
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
     assert [(f.id, f.kind) for f in rep.failures] == [(rows[0]["id"], "missing")]
+    assert rep.stale_removed == 0 and "1 whose update failed" in rep.removal_refused  # 1 of 4: over 10 %
+    rep = index_catalog(catalog, enc, st, errors_path=errors, max_removal=0.25, progress=False)
+    assert (rep.skipped_failed, rep.removal_refused) == (1, None)  # failed before, and its document goes now
     assert rep.stale_removed == 1 and rows[0]["id"] not in st.versions()  # no vectors of the old image left
     assert set(read_errors(errors)) == {rows[0]["id"]}
     rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)

@@ -108,7 +108,9 @@ def test_ann_mode_notes_exact(runner, store_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--like", "sku001", "--attr", "sleeve"], "unknown attribute 'sleeve'; known attributes: sleeve_length, neckline, colour"),
-    (["--like", "sku001", "--attr", "colour=-1"], "must be >= 0"),
+    (["--like", "sku001", "--attr", "colour=-1"], "must be a number from 0 to 1e+06"),
+    (["--like", "sku001", "--attr", "colour=inf"], "must be a number from 0 to 1e+06"),  # every score would be inf
+    (["--like", "sku001", "--attr", "colour=nan"], "must be a number from 0 to 1e+06"),
     (["--like", "sku001", "--attr", "colour", "--filter", "price"], "cannot read filter"),
     (["--like", "sku001", "--attr", "colour", "--filter", "brand=x"], "unknown field 'brand'"),
     (["--like", "sku001", "--attr", "colour", "--filter", "price<cheap"], "not a number"),

@@ -28,6 +28,8 @@ from ..errors import QueryError
 from ..schema import AttributeSchema
 
 MODES = ("exact", "ann", "ann+rescore")
+# Weights are relative; past this a weighted sum can overflow float32 scores (and inf is not JSON).
+MAX_WEIGHT = 1e6
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ class QuerySpec:
             raise QueryError(f"no attribute chosen; pick one or more of: {', '.join(schema.names)}")
         schema.check_names(self.attributes)
         for a, w in self.attributes.items():
-            if not isinstance(w, (int, float)) or math.isnan(w) or w < 0:
-                raise QueryError(f"weight of {a!r} is {w!r}; weights must be numbers >= 0")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= MAX_WEIGHT:
+                raise QueryError(f"weight of {a!r} is {w!r}; weights must be numbers from 0 to {MAX_WEIGHT:g}")
         if sum(self.attributes.values()) <= 0:
             raise QueryError("at least one weight must be > 0")
         refs = [self.like_id is not None, self.image is not None, self.vectors is not None]
@@ -153,8 +155,8 @@ def parse_attribute(text: str) -> tuple[str, float]:
         weight = float(w)
     except ValueError:
         raise QueryError(f"weight in {text!r} is not a number") from None
-    if math.isnan(weight) or weight < 0:
-        raise QueryError(f"weight in {text!r} must be >= 0")
+    if not 0 <= weight <= MAX_WEIGHT:  # NaN fails too; inf would make every score infinite
+        raise QueryError(f"weight in {text!r} must be a number from 0 to {MAX_WEIGHT:g}")
     return name, weight
 
 
@@ -236,7 +238,13 @@ def coerce_filters(filters: Sequence[Filter], types: Mapping[str, str]) -> list[
         if isinstance(f, Terms):
             return Terms(f.field, tuple(c(v) for v in f.values))
         if isinstance(f, Range):
-            if t not in ("integer", "float", "date", "keyword"):
+            if t in ("keyword", "text"):
+                # As text "5" > "10": a range on a column of numbers read as text would answer wrongly.
+                raise QueryError(
+                    f"range filter on {f.field!r} needs a number or date field, but {f.field!r} is stored as text "
+                    f"({t}), which compares \"5\" > \"10\"; declare it under [metadata] in the schema (e.g. "
+                    f"{f.field} = \"float\") and index again")
+            if t not in ("integer", "float", "date"):
                 raise QueryError(f"range filter on {f.field!r} needs a number or date field (it is {t})")
             return Range(f.field, *(None if v is None else c(v) for v in (f.gt, f.gte, f.lt, f.lte)))
         return f

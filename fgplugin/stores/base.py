@@ -185,6 +185,24 @@ def image_key(source: str) -> str:
     return f"{source}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def same_image(stored_key: str | None, current_key: str) -> bool:
+    """Whether a stored image key and the current one name the same image. Besides equal keys: a key
+    written before image sources were made absolute ("images/a.jpg|size|mtime", relative to the
+    working directory of that run) and the absolute source of the same file, recognised by the
+    relative path being a tail of the absolute one with the same size and mtime (nanoseconds)."""
+    if stored_key is None:
+        return False
+    if stored_key == current_key:
+        return True
+    old, new = stored_key.rsplit("|", 2), current_key.rsplit("|", 2)
+    if len(old) != 3 or len(new) != 3 or old[1:] != new[1:] or "missing" in new[1:] or is_url(new[0]):
+        return False
+    rel = os.path.normpath(old[0])
+    if os.path.isabs(rel) or rel.startswith(".."):
+        return False
+    return os.path.normpath(new[0]).endswith(os.sep + rel)
+
+
 def _canonical(value: Any) -> Any:
     return {"$date": value.isoformat()} if isinstance(value, dt.datetime) else value
 

@@ -27,6 +27,7 @@ Concurrency: one writer per store (DuckDB locks the file); readers open it read-
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import threading
 from pathlib import Path
@@ -54,6 +55,35 @@ NO_ANN_NOTE = (
 FINGERPRINT_COLUMNS = ("image_key", "meta_key")  # added after format 1 shipped: ALTERed into older stores
 MISSING_COSINE = -1.0  # what a missing attribute vector counts as (see the module docstring)
 UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised on upsert
+
+
+_DAMAGE = ("Corrupt database file", "Could not read enough bytes", "not a valid DuckDB database file",
+           "Checksum", "checksum", "Invalid block", "INTERNAL Error")
+
+
+def _damage_message(path: Path, e: BaseException) -> str:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"the embedded store file {path} is damaged ({first}); `fgplugin store verify` checks every column. "
+            "Restore it from a backup, or index the catalog into a new folder")
+
+
+def _store_errors(fn: Any) -> Any:
+    """DuckDB errors out of a store method become one-line StoreErrors; a damaged file says so (instead
+    of a traceback, or a hint about another writer), and DuckDB's Ctrl-C interrupt is a KeyboardInterrupt."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "DuckDBStore", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except duckdb.InterruptException:
+            raise KeyboardInterrupt from None
+        except duckdb.Error as e:
+            if any(d in str(e) for d in _DAMAGE):
+                raise StoreError(_damage_message(self.path, e)) from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(f"embedded store {self.path}: {first}") from None
+
+    return wrapper
 
 
 def _q(name: str) -> str:
@@ -101,11 +131,19 @@ class DuckDBStore:
                 # This process already holds the store for writing: share that database (DuckDB
                 # isolates transactions within a process); this object still refuses writes.
                 self.con = duckdb.connect(str(self.path))
-        except (duckdb.IOException, duckdb.ConnectionException) as e:
-            raise StoreError(
-                f"cannot open the embedded store {self.path}: {str(e).splitlines()[0]} "
-                "(a store has a single writer: is another fgplugin process indexing into it?)"
-            ) from None
+        except duckdb.Error as e:
+            if any(d in str(e) for d in _DAMAGE):
+                raise StoreError(_damage_message(self.path, e)) from None
+            hint = " (a store has a single writer: is another fgplugin process indexing into it?)" if "lock" in str(e) else ""
+            raise StoreError(f"cannot open the embedded store {self.path}: {str(e).splitlines()[0]}{hint}") from None
+        try:
+            self._setup(read_only)
+        except BaseException:
+            self.con.close()
+            raise
+
+    @_store_errors
+    def _setup(self, read_only: bool) -> None:
         self._lock = threading.Lock()
         if not read_only:
             # Random-looking floats barely compress, and ALP decompression tripled scan times (bench/query.py).
@@ -151,12 +189,14 @@ class DuckDBStore:
             self._has_fingerprints = got == len(FINGERPRINT_COLUMNS)
         return self._has_fingerprints
 
+    @_store_errors
     def get_meta(self, key: str, default: Any = None) -> Any:
         if not self._has_table("fg_meta"):
             return default
         rows = self._sql("SELECT value FROM fg_meta WHERE key = ?", [key])
         return json.loads(rows[0][0]) if rows else default
 
+    @_store_errors
     def set_meta(self, key: str, value: Any) -> None:
         self._writable()
         with self._lock:
@@ -190,6 +230,7 @@ class DuckDBStore:
         return self.layout
 
     # -- index ------------------------------------------------------------------------------------
+    @_store_errors
     def ensure_index(self, layout: IndexLayout) -> None:
         """Create the table, or check that the existing one fits ``layout``.
 
@@ -310,6 +351,7 @@ class DuckDBStore:
                 good[ids[j]][1][a] = (m[j] / norms[j]).astype(np.float32)
         return bad
 
+    @_store_errors
     def upsert(self, docs: list[Document]) -> UpsertResult:
         """Insert or replace documents. Invalid ones come back as Failures; the rest are written."""
         self._writable()
@@ -378,6 +420,7 @@ class DuckDBStore:
         result.ok.extend(good)
         return result
 
+    @_store_errors
     def delete(self, ids: Iterable[str]) -> int:
         self._writable()
         self._need_layout()
@@ -395,6 +438,7 @@ class DuckDBStore:
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()  # one cursor per call: safe from several threads
 
+    @_store_errors
     def get_vectors(
         self, ids: Iterable[str], attributes: Iterable[str] | None = None
     ) -> dict[str, dict[str, np.ndarray]]:
@@ -416,16 +460,19 @@ class DuckDBStore:
             }
         return out
 
+    @_store_errors
     def exists(self, id_: str) -> bool:
         self._need_layout()
         return self._cursor().execute("SELECT count(*) FROM docs WHERE id = ?", [id_]).fetchall()[0][0] > 0
 
+    @_store_errors
     def image_of(self, id_: str) -> str | None:
         """The image source recorded for a document (None if unknown)."""
         self._need_layout()
         rows = self._cursor().execute("SELECT image FROM docs WHERE id = ?", [id_]).fetchall()
         return rows[0][0] if rows else None
 
+    @_store_errors
     def get_documents(self, ids: Sequence[str]) -> dict[str, Document]:
         """Full documents (vectors, metadata, version, image, fingerprint) for the ids that exist."""
         vecs = self.get_vectors(ids)
@@ -460,21 +507,25 @@ class DuckDBStore:
         types = self._need_layout().metadata_types
         return {f: _from_sql(v, types[f]) for f, v in zip(fields, values) if v is not None}
 
+    @_store_errors
     def versions(self) -> dict[str, str]:
         self._need_layout()
         return dict(self._cursor().execute("SELECT id, model_version FROM docs").fetchall())
 
+    @_store_errors
     def fingerprints(self) -> dict[str, Fingerprint]:
         """id -> Fingerprint(model_version, image_key, meta_key); keys are None where unknown."""
         self._need_layout()
         rows = self._cursor().execute(f"SELECT id, {self._fingerprint_sql()} FROM docs").fetchall()
         return {r[0]: Fingerprint(r[1], r[2], r[3]) for r in rows}
 
+    @_store_errors
     def count(self) -> int:
         if self.layout is None:
             return 0
         return int(self._cursor().execute("SELECT count(*) FROM docs").fetchall()[0][0])
 
+    @_store_errors
     def stats(self) -> dict[str, Any]:
         """Document count, file size and layout, for reports and the bench."""
         layout = self._need_layout()
@@ -491,6 +542,7 @@ class DuckDBStore:
         }
 
     # -- search -----------------------------------------------------------------------------------
+    @_store_errors
     def search(self, spec: QuerySpec) -> SearchResult:
         """Exact top-k by the weighted sum of cosines (``spec.like_id`` or ``spec.vectors``).
 
@@ -538,6 +590,17 @@ class DuckDBStore:
                             metadata=self._meta_dict(fields, r[base + 1:]), image=r[base]))
         note = NO_ANN_NOTE if spec.mode != "exact" else ""
         return SearchResult(hits=hits, mode="exact", total_candidates=total, note=note)
+
+    @_store_errors
+    def verify(self) -> dict[str, Any]:
+        """Read every value of every column (DuckDB checks each block's checksum as it reads it): a damaged
+        file raises StoreError naming it; a sound one answers {"documents": n, "ok": True}. A full scan:
+        about as long as reading the file once."""
+        tables = [r[0] for r in self._cursor().execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()]
+        for t in tables:
+            self._cursor().execute(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {_q(t)}").fetchall()
+        return {"store": self.url, "documents": self.count() if "docs" in tables else 0, "ok": True}
 
     def close(self) -> None:
         try:
