@@ -39,7 +39,14 @@ redirect leaving http(s), 413 too large (body, image bytes, pixels, image count)
 attribute (listing the known ones), 401 missing/wrong bearer token (when started with one), 415
 other content types, 429 saturated (``--max-concurrency`` requests in flight), 502/504 upstream
 fetch error/timeout. A 5xx never carries internals: a generic message and the
-request id; the log has the traceback.
+request id; the log has the traceback. Messages name URLs without user:password or query.
+
+Limits hold against hostile clients: the request body is counted as it arrives, however it is
+framed (Content-Length, chunked, a Content-Length that lies), and refused with 413 as soon as it
+passes ``max_request_bytes``; multipart bodies are parsed as they stream, with bounds on the number
+of files and fields, each file's bytes (the image byte limit), each field's and each part's header
+bytes. An error answered before the body was read in full closes the connection, so the rest of
+the body is never read.
 
 Throughput: a micro-batcher gathers single images from concurrent requests into one model call
 (up to ``max_batch`` images or ``max_wait_ms`` after the first), run in one worker thread so the
@@ -76,14 +83,20 @@ import httpx
 import numpy as np
 import torch
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .errors import FgpluginError, ImageError, ModelCardError
-from .images import ImageLimits, decode, read_bytes
+from .images import ImageLimits, decode, read_bytes, shown_url
 from .similarity import query_form
+
+try:
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+except ModuleNotFoundError:  # python-multipart < 0.0.13 names its module "multipart"
+    from multipart.exceptions import FormParserError  # type: ignore[no-redef]
+    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
 
 log = logging.getLogger("fgplugin.serve")
 
@@ -97,6 +110,11 @@ RESERVED = (CONCAT_FIELD, VERSION_KEY, ITEMS_KEY)
 # Server-side defaults: tighter than the batch indexer's (a request should fail fast, not retry long).
 SERVE_LIMITS = ImageLimits(max_bytes=10 * 1024 * 1024, max_pixels=40_000_000, timeout_s=5.0, retries=1, backoff_s=0.2)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Multipart bounds besides the image count and byte limits: the only non-file fields are "attributes"
+# and "form", so a few short ones; a part's headers are a Content-Disposition and a Content-Type.
+MAX_FORM_FIELDS = 16
+MAX_FIELD_BYTES = 64 * 1024
+MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,138 @@ def _problem_from_image_error(e: ImageError, item: int) -> Problem:
     status = _IMAGE_KIND_STATUS.get(e.kind, 400)
     what = {502: "upstream fetch failed: ", 504: "upstream fetch timed out: "}.get(status, "")
     return Problem(status, f"item {item}: {what}{e}", item=item)
+
+
+class _BodyCap:
+    """The ASGI ``receive`` of a request, counting body bytes as they arrive: past ``limit`` it raises
+    a 413 before the next chunk is read, whatever the framing (Content-Length, chunked, or a
+    Content-Length that lies); starlette's ``body()`` and ``stream()`` read through it."""
+
+    def __init__(self, receive: Callable[[], Any], headers: Any, limit: int):
+        self.receive = receive
+        self.limit = limit
+        self.seen = 0
+        # No Content-Length (or 0) and no Transfer-Encoding: there is no body to wait for.
+        self.done = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
+
+    async def __call__(self) -> Any:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+            if self.seen > self.limit:
+                raise Problem(413, f"request body is over the {self.limit}-byte limit")
+        return message
+
+
+@dataclass
+class _Part:
+    name: str
+    filename: str | None  # None: a plain form field
+    index: int  # among the files, or among the fields
+    data: bytearray = field(default_factory=bytearray)
+
+
+class _MultipartReader:
+    """A multipart/form-data body parsed as it streams in (python-multipart's push parser), refusing
+    with 413 the moment a bound is passed: more than ``max_files`` files or MAX_FORM_FIELDS fields, a
+    file over ``max_file_bytes`` (the image byte limit), a field over MAX_FIELD_BYTES, a part's headers
+    over MAX_PART_HEADER_BYTES. Parts are kept in memory: the body cap bounds them all together."""
+
+    def __init__(self, content_type: str, *, max_files: int, max_file_bytes: int):
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise Problem(400, "multipart content type has no boundary")
+        self.max_files = max_files
+        self.max_file_bytes = max_file_bytes
+        self.parts: list[_Part] = []
+        self.files = 0
+        self.fields = 0
+        self.ended = False
+        self._part: _Part | None = None
+        self._header_bytes = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        try:
+            self._parser = MultipartParser(boundary, {
+                "on_part_begin": self._on_part_begin, "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end, "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value, "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished, "on_end": self._on_end,
+            })
+        except (FormParserError, ValueError):
+            raise Problem(400, "multipart content type has an invalid boundary") from None
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except FormParserError:
+            raise Problem(400, "multipart body is malformed (parts must be separated by the boundary "
+                          "its content type names)") from None
+
+    def finish(self) -> list[_Part]:
+        if not self.ended:
+            raise Problem(400, "multipart body ends before its closing boundary")
+        return self.parts
+
+    def _on_part_begin(self) -> None:
+        self._part, self._header_bytes, self._disposition = None, 0, b""
+
+    def _header_grew(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise Problem(413, f"multipart part headers are over the {MAX_PART_HEADER_BYTES}-byte limit")
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_grew(end - start)
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_grew(end - start)
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        if bytes(self._header_name).strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_name, self._header_value = bytearray(), bytearray()
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise Problem(400, "a multipart part has no name in its Content-Disposition header")
+        name = options[b"name"].decode("utf-8", "replace")
+        if b"filename" in options:
+            self.files += 1
+            if self.files > self.max_files:
+                raise Problem(413, f"more than {self.max_files} images in one request, over the limit of "
+                              f"{self.max_files}")
+            self._part = _Part(name, options[b"filename"].decode("utf-8", "replace"), self.files - 1)
+        else:
+            self.fields += 1
+            if self.fields > MAX_FORM_FIELDS:
+                raise Problem(413, f"more than {MAX_FORM_FIELDS} form fields in one request")
+            self._part = _Part(name, None, self.fields - 1)
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if part is None:  # data before any headers: python-multipart reports it itself
+            return
+        part.data += data[start:end]
+        if part.filename is not None and len(part.data) > self.max_file_bytes:
+            raise Problem(413, f"item {part.index}: {part.filename or 'upload'} is over the "
+                          f"{self.max_file_bytes}-byte limit", item=part.index)
+        if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
+            raise Problem(413, f"form field {part.name!r} is over the {MAX_FIELD_BYTES}-byte limit")
+
+    def _on_part_end(self) -> None:
+        if self._part is not None:
+            self.parts.append(self._part)
+        self._part = None
+
+    def _on_end(self) -> None:
+        self.ended = True
 
 
 # -- micro-batcher -------------------------------------------------------------------------------
@@ -332,7 +482,7 @@ class EncoderService:
 
     def _check_hop(self, request: httpx.Request) -> None:
         """Runs before every request the client sends, redirects included."""
-        url = str(request.url)
+        url = shown_url(str(request.url))
         if request.url.scheme not in ("http", "https"):
             raise ImageError(url, f"redirect to a {request.url.scheme!r} URL refused (only http and https)", kind="forbidden")
         if not host_allowed(request.url.host, self.config.allow_hosts):
@@ -360,12 +510,20 @@ class EncoderService:
     async def encode(self, request: Request) -> JSONResponse:
         rid = request.headers.get("x-request-id", "")
         rid = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        body_in = _BodyCap(request.receive, request.headers, self.config.max_request_bytes)
+        request = Request(request.scope, body_in)
+        # An answer given before the body was read in full closes the connection: otherwise the server
+        # would go on reading (and dropping) whatever the client still sends, for as long as it sends.
+        def closing(headers: dict[str, str] | None = None) -> dict[str, str]:
+            return {**(headers or {}), **({} if body_in.done else {"Connection": "close"})}
+
         if not self._authorized(request):
-            return self._error(Problem(401, "missing or wrong bearer token"), rid, headers={"WWW-Authenticate": "Bearer"})
+            return self._error(Problem(401, "missing or wrong bearer token"), rid,
+                               headers=closing({"WWW-Authenticate": "Bearer"}))
         if self.in_flight >= self.config.max_concurrency:
             self.rejected += 1
             return self._error(Problem(429, f"busy: {self.in_flight} requests in flight; retry shortly"), rid,
-                               headers={"Retry-After": "1"})
+                               headers=closing({"Retry-After": "1"}))
         self.in_flight += 1
         t0 = time.perf_counter()
         try:
@@ -373,12 +531,12 @@ class EncoderService:
             return JSONResponse(body, headers={"X-Request-ID": rid})
         except Problem as p:
             log.info("request %s: %d %s", rid, p.status, p.message)
-            return self._error(p, rid)
+            return self._error(p, rid, headers=closing())
         except ClientDisconnect:
-            return self._error(Problem(400, "client disconnected"), rid)
+            return self._error(Problem(400, "client disconnected"), rid, headers=closing())
         except Exception:  # noqa: BLE001 - never leak internals; the log has the details
             log.exception("request %s: internal error", rid)
-            return self._error(Problem(500, "internal error"), rid)
+            return self._error(Problem(500, "internal error"), rid, headers=closing())
         finally:
             self.in_flight -= 1
             log.debug("request %s took %.1f ms", rid, 1000 * (time.perf_counter() - t0))
@@ -412,11 +570,7 @@ class EncoderService:
             return await self._parse_multipart(request)
         if ctype not in ("application/json", ""):
             raise Problem(415, f"unsupported content type {ctype!r}; send application/json or multipart/form-data")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.config.max_request_bytes:
-                raise Problem(413, f"request body is over the {self.config.max_request_bytes}-byte limit")
+        raw = await request.body()  # bounded as it arrives by the request's _BodyCap
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -459,9 +613,12 @@ class EncoderService:
         return self._b64_item(i, v["b64"])
 
     def _url_item(self, i: int, url: str) -> _Item:
-        parts = urlparse(url)
+        try:
+            parts = urlparse(url)
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+            raise Problem(400, f"item {i}: not a valid URL", item=i) from None
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise Problem(400, f"item {i}: {url!r} is not an http(s) URL", item=i)
+            raise Problem(400, f"item {i}: {shown_url(url)!r} is not an http(s) URL", item=i)
         if not self.config.allow_hosts:
             raise Problem(403, f"item {i}: URL fetching is off on this server (no allowed hosts; "
                           "start it with --allow-host HOST); send the image as base64 instead", item=i)
@@ -489,34 +646,23 @@ class EncoderService:
         return _Item(i, data=data)
 
     async def _parse_multipart(self, request: Request) -> _Parsed:
-        try:
-            form = await request.form(max_files=self.config.max_images, max_fields=100)
-        except Exception as e:  # noqa: BLE001 - malformed multipart: say so, whatever the parser raised
-            msg = str(getattr(e, "detail", None) or e)
-            status = 413 if re.search(r"too many|exceed|too large", msg, re.I) else 400
-            raise Problem(status, f"cannot read the multipart body ({msg})") from None
-        try:
-            files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-            if not files:
-                raise Problem(400, "multipart body has no file; upload the image as a file field")
-            batch = all(k == "images" for k, _ in files)
-            if not batch and len(files) > 1:
-                raise Problem(400, "several files: send them all under the field name 'images' for a batch")
-            self._check_count(len(files))
-            items = []
-            for i, (_, f) in enumerate(files):
-                if f.size is not None and f.size > self.config.limits.max_bytes:
-                    raise Problem(413, f"item {i}: {f.filename or 'upload'} is {f.size} bytes, over the "
-                                  f"{self.config.limits.max_bytes}-byte limit", item=i)
-                data = await f.read()
-                if not data:
-                    raise Problem(400, f"item {i}: {f.filename or 'upload'} is empty", item=i)
-                items.append(_Item(i, data=data))
-            attrs, vform = form.get("attributes"), form.get("form")
-            return _Parsed(items, not batch, self._attributes_field(attrs if isinstance(attrs, str) else None),
-                           vform if isinstance(vform, str) else None)
-        finally:
-            await form.close()
+        reader = _MultipartReader(request.headers.get("content-type", ""), max_files=self.config.max_images,
+                                  max_file_bytes=self.config.limits.max_bytes)
+        async for chunk in request.stream():
+            reader.feed(chunk)
+        parts = reader.finish()
+        files = [p for p in parts if p.filename is not None]
+        if not files:
+            raise Problem(400, "multipart body has no file; upload the image as a file field")
+        batch = all(p.name == "images" for p in files)
+        if not batch and len(files) > 1:
+            raise Problem(400, "several files: send them all under the field name 'images' for a batch")
+        for p in files:
+            if not p.data:
+                raise Problem(400, f"item {p.index}: {p.filename or 'upload'} is empty", item=p.index)
+        fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
+        return _Parsed([_Item(p.index, data=bytes(p.data)) for p in files], not batch,
+                       self._attributes_field(fields.get("attributes")), fields.get("form"))
 
     def _attributes_field(self, v: Any) -> list[str] | None:
         if v is None:
@@ -530,6 +676,8 @@ class EncoderService:
     def _form(self, v: Any) -> str:
         if v is None:
             return "stored"
+        if not isinstance(v, str):
+            raise Problem(400, f"'form' must be a string: one of {', '.join(FORMS)}")
         if v not in FORMS:
             raise Problem(422, f"unknown form {v!r}; known: {', '.join(FORMS)}", known=list(FORMS))
         return v
@@ -569,11 +717,11 @@ class EncoderService:
                 raise _problem_from_image_error(ImageError("image", e.cause, kind=e.kind), item.index) from None
             raise _problem_from_image_error(e, item.index) from None
         except httpx.TooManyRedirects:
-            raise Problem(502, f"item {item.index}: upstream fetch failed: {item.url}: more than "
-                          f"{self.config.max_redirects} redirects", item=item.index) from None
+            raise Problem(502, f"item {item.index}: upstream fetch failed: {shown_url(item.url or '')}: more "
+                          f"than {self.config.max_redirects} redirects", item=item.index) from None
         except httpx.HTTPError as e:
-            raise Problem(502, f"item {item.index}: upstream fetch failed: {item.url}: {type(e).__name__}",
-                          item=item.index) from None
+            raise Problem(502, f"item {item.index}: upstream fetch failed: {shown_url(item.url or '')}: "
+                          f"{type(e).__name__}", item=item.index) from None
         return self.encoder.preprocess(image)
 
     def _format(self, row: dict[str, np.ndarray], wanted: list[str], form: str = "stored") -> dict[str, list[float]]:
