@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import console, err_console, friendly_errors
+from .common import PS_WARNING, console, err_console, friendly_errors, resolve_secret, warn_password_in_url
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,7 +23,9 @@ def setup(
     index: Optional[str] = typer.Option(None, "--index", help="Index alias (default: the store URL's, else fgplugin)."),
     apply: bool = typer.Option(False, "--apply", help="Register everything on the cluster (idempotent)."),
     store: str = typer.Option("opensearch:http://localhost:9200", "--store",
-                              help="opensearch:URL of the cluster for --apply (credentials: FGPLUGIN_OPENSEARCH_*)."),
+                              help="opensearch:URL of the cluster for --apply. Credentials: FGPLUGIN_OPENSEARCH_USER/"
+                                   "PASSWORD or _API_KEY, or a config file (FGPLUGIN_OPENSEARCH_CONFIG); a password "
+                                   "in the URL is visible to every user in `ps`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write one JSON file per request here."),
     attribute: Optional[List[str]] = typer.Option(
         None, "--attribute", "-a", help="NAME or NAME=WEIGHT for the search pipeline's query (repeat; default: all, 1.0)."),
@@ -32,8 +34,13 @@ def setup(
     mode: str = typer.Option("exact", "--mode", help="exact | ann | ann+rescore (the ann modes need every attribute at weight 1)."),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="Catalog whose metadata fields the query returns "
                                            "(with --apply they are read from the index)."),
-    serve_token: Optional[str] = typer.Option(None, "--serve-token", envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,
-                                              help="Bearer token of `fgplugin serve --token` (kept out of --out files)."),
+    serve_token: Optional[str] = typer.Option(
+        None, "--serve-token", envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,
+        help=f"Bearer token of `fgplugin serve --token` (kept out of --out files). Prefer the env var or "
+             f"--serve-token-file: {PS_WARNING}."),
+    serve_token_file: Optional[Path] = typer.Option(
+        None, "--serve-token-file", envvar="FGPLUGIN_SERVE_TOKEN_FILE", show_default=False,
+        help="Read the --serve-token from this file (one line; chmod 600 it)."),
     cluster_settings: bool = typer.Option(False, "--cluster-settings",
                                           help="With --apply: also PUT the ML Commons cluster settings it needs."),
 ) -> None:
@@ -43,6 +50,19 @@ def setup(
     from fgplugin.query.spec import parse_attributes
     from fgplugin.stores.open import parse_store_url
 
+    # Everything the command line decides is checked before any work (reading the model, the cluster).
+    serve_token = resolve_secret(serve_token, serve_token_file, param="serve_token", option="--serve-token",
+                                 file_option="--serve-token-file", env="FGPLUGIN_SERVE_TOKEN")
+    wiring.check_serve_url(serve_url)
+    warn_password_in_url(store, param="store", option="--store")
+    scheme, cluster = parse_store_url(store)
+    if scheme != "opensearch":
+        raise typer.BadParameter("--store must be opensearch:URL", param_hint="--store")
+    cluster_url = cluster if "://" in cluster else f"http://{cluster}"
+    if apply:
+        from fgplugin.opensearch.client import split_url
+
+        split_url(cluster_url)  # a malformed URL: one line naming the problem, before the model is read
     card = read_card(model)
     metadata_types: dict[str, str] = {}
     if catalog is not None:
@@ -50,14 +70,11 @@ def setup(
         from fgplugin.schema import AttributeSchema
 
         metadata_types = dict(load_catalog(catalog, AttributeSchema.from_dict(card["schema"]), strict=False).metadata_types)
-    scheme, cluster = parse_store_url(store)
-    if scheme != "opensearch":
-        raise typer.BadParameter("--store must be opensearch:URL", param_hint="--store")
     os_store = None
     if apply:
         from fgplugin.opensearch.store import OpenSearchStore
 
-        os_store = OpenSearchStore.from_url(cluster if "://" in cluster else f"http://{cluster}", index=index)
+        os_store = OpenSearchStore.from_url(cluster_url, index=index, interactive=True)
         existing = os_store.get_layout()
         if existing is not None and existing.model_version == card["version"]:
             metadata_types = {**existing.metadata_types, **metadata_types}

@@ -7,7 +7,11 @@ from typing import List, Optional
 
 import typer
 
-from .common import console, err_console, friendly_errors, print_json
+from .common import check_writable, console, err_console, friendly_errors, print_json, warn_password_in_url
+
+STORE_HELP = ("embedded:DIR or opensearch:URL. OpenSearch credentials: FGPLUGIN_OPENSEARCH_USER/PASSWORD or "
+              "_API_KEY, or a config file (FGPLUGIN_OPENSEARCH_CONFIG); a password in the URL is visible to "
+              "every user in `ps`.")
 
 
 @friendly_errors
@@ -23,7 +27,7 @@ def query(
     ),
     k: int = typer.Option(20, "-k", "--k", help="Number of results."),
     mode: str = typer.Option("exact", "--mode", help="exact, ann or ann+rescore (the embedded store is always exact)."),
-    store: str = typer.Option("embedded:fgplugin-store", "--store", help="embedded:DIR or opensearch:URL."),
+    store: str = typer.Option("embedded:fgplugin-store", "--store", help=STORE_HELP),
     index: Optional[str] = typer.Option(None, "--index", help="OpenSearch index name (OpenSearch stores only)."),
     model: Optional[Path] = typer.Option(
         None, "--model", help="Export folder for --image (default: the one the store was indexed with)."
@@ -33,13 +37,14 @@ def query(
     ),
     include_self: bool = typer.Option(False, "--include-self", help="Keep the --like item in its own results."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
+    html_out: Optional[Path] = typer.Option(
+        None, "--html", help="Also write a self-contained HTML page here (checked before the query runs)."),
     explain: bool = typer.Option(
         False, "--explain", help="Print the compiled OpenSearch request; with --html, add attention heat maps."
     ),
 ) -> None:
     """Find the items most similar to a reference on the chosen attributes (weighted sum of cosines)."""
-    from fgplugin.errors import QueryError
+    from fgplugin.errors import OutputError, QueryError
     from fgplugin.query.execute import result_table, result_to_dict, run_query
     from fgplugin.query.spec import QuerySpec, parse_attributes, parse_filter
     from fgplugin.stores.open import open_store
@@ -57,7 +62,11 @@ def query(
         mode=mode,
         exclude_self=not include_self,
     )
-    st = open_store(store, index=index, read_only=True)
+    if html_out is not None:
+        check_writable(html_out, "--html")  # an unwritable path fails now, not after the query
+    warn_password_in_url(store, param="store", option="--store")
+    st = open_store(store, index=index, read_only=True, interactive=True)
+    html_error = None
     try:
         run = run_query(st, spec, model=str(model) if model else None)
         if explain:
@@ -69,17 +78,23 @@ def query(
                 from .evaluate import load_model
 
                 run.encoder = load_model(checkpoint, None, "cpu")
-            path = write_report(run, html_out, explain=explain)
-            if not as_json:
-                err_console.print(f"wrote {path}", highlight=False)
+            try:
+                path = write_report(run, html_out, explain=explain)
+            except OSError as e:  # passed the early check, failed anyway (disk full, a race): results still print
+                html_error = OutputError(f"--html {html_out}: cannot write it ({e.strerror or e.__class__.__name__})")
+            else:
+                if not as_json:
+                    err_console.print(f"wrote {path}", highlight=False)
     finally:
         st.close()
     if as_json:
         print_json(result_to_dict(run))
-        return
-    console.print(result_table(run))
-    for n in run.notes:
-        console.print(f"[yellow]note:[/] {n}", highlight=False)
+    else:
+        console.print(result_table(run))
+        for n in run.notes:
+            console.print(f"[yellow]note:[/] {n}", highlight=False)
+    if html_error is not None:
+        raise html_error
 
 
 def _print_explain(run, as_json: bool) -> None:

@@ -10,7 +10,7 @@ import typer
 from fgplugin.images import ImageLimits
 from fgplugin.serve import DEFAULT_HOST, DEFAULT_PORT, SERVE_LIMITS, ServeConfig
 
-from .common import err_console, friendly_errors
+from .common import PS_WARNING, err_console, friendly_errors, resolve_secret
 
 
 @friendly_errors
@@ -34,14 +34,21 @@ def serve(
     max_pixels: int = typer.Option(SERVE_LIMITS.max_pixels, help="Largest image (pixels) accepted for decoding."),
     fetch_timeout: float = typer.Option(SERVE_LIMITS.timeout_s, help="Seconds to wait on an image URL (per read)."),
     fetch_retries: int = typer.Option(SERVE_LIMITS.retries, help="Extra attempts for URL timeouts and 5xx."),
-    token: Optional[str] = typer.Option(None, envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,
-                                        help="Require 'Authorization: Bearer TOKEN' on /encode and /model."),
+    token: Optional[str] = typer.Option(
+        None, envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,
+        help=f"Require 'Authorization: Bearer TOKEN' on /encode and /model. Prefer the env var or --token-file: "
+             f"{PS_WARNING}."),
+    token_file: Optional[Path] = typer.Option(
+        None, "--token-file", envvar="FGPLUGIN_SERVE_TOKEN_FILE", show_default=False,
+        help="Read the --token from this file (one line; chmod 600 it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     log_level: str = typer.Option("info", help="debug, info, warning, error."),
 ) -> None:
     """Serve the encoder over HTTP: POST /encode, GET /health, GET /model."""
     from fgplugin.serve import run
 
+    token = resolve_secret(token, token_file, param="token", option="--token", file_option="--token-file",
+                           env="FGPLUGIN_SERVE_TOKEN")
     hosts = list(allow_host or []) + [h.strip() for h in allow_hosts_env.split(",") if h.strip()]
     limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_pixels, timeout_s=fetch_timeout,
                          retries=fetch_retries, backoff_s=SERVE_LIMITS.backoff_s)

@@ -90,7 +90,7 @@ def _load(id_: str, source: str, transform: Callable[[Any], torch.Tensor], limit
         out.failure = Failure(id_, "read", str(e), kind=_read_kind(e))
         return out
     except Exception as e:  # noqa: BLE001 - an unexpected error on one item must not end the run
-        out.failure = Failure(id_, "read", f"{source}: {type(e).__name__}: {e}", kind="error")
+        out.failure = Failure(id_, "read", f"{images.shown_source(source)}: {images.plain_cause(e)}", kind="error")
         return out
     t1 = time.perf_counter()
     out.read_s = t1 - t0
@@ -100,7 +100,7 @@ def _load(id_: str, source: str, transform: Callable[[Any], torch.Tensor], limit
     except ImageError as e:
         out.failure = Failure(id_, "decode", str(e), kind=e.kind)
     except Exception as e:  # noqa: BLE001
-        out.failure = Failure(id_, "decode", f"{source}: {type(e).__name__}: {e}", kind="corrupt")
+        out.failure = Failure(id_, "decode", f"{images.shown_source(source)}: {images.plain_cause(e)}", kind="corrupt")
     out.decode_s = time.perf_counter() - t1
     return out
 
@@ -128,7 +128,7 @@ def _forward(encoder: Any, tensors: list[torch.Tensor], ids: list[str]) -> tuple
         keep = list(range(len(ids)))
     except Exception as e:  # noqa: BLE001 - isolate the item that broke the batch
         if len(ids) == 1:
-            return {}, [], [Failure(ids[0], "encode", f"model failed: {type(e).__name__}: {e}", kind="model")]
+            return {}, [], [Failure(ids[0], "encode", f"model failed: {images.plain_cause(e)}", kind="model")]
         parts, keep, failures = [], [], []
         for i, t in enumerate(tensors):
             got, k, f = _forward(encoder, [t], [ids[i]])

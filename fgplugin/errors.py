@@ -51,3 +51,11 @@ class StoreError(FgpluginError):
 
 class QueryError(FgpluginError):
     """A query is malformed: bad filter syntax, negative weight, unknown id, wrong vector size."""
+
+
+class OutputError(FgpluginError):
+    """An output file cannot be written: it is a directory, its folder cannot be created, no permission."""
+
+
+class SettingError(FgpluginError):
+    """A setting or secret cannot be read: a missing or empty token file, both forms of one option given."""

@@ -55,7 +55,8 @@ def shown_url(url: str) -> str:
     return f"{p.scheme}://{p.netloc.rpartition('@')[2]}{p.path}"
 
 
-def _shown(source: str) -> str:
+def shown_source(source: str) -> str:
+    """A local path as it is; a URL as :func:`shown_url` shows it."""
     return shown_url(source) if is_url(source) else source
 
 
@@ -184,7 +185,7 @@ _REPR_RE = re.compile(r"\s*<[^<>]*(?: at 0x[0-9A-Fa-f]+|class '[^']*')>")  # <_i
 _BOMB_PIXELS_RE = re.compile(r"\((\d+) pixels\)")  # Pillow: "Image size (N pixels) exceeds limit of M pixels"
 
 
-def _plain(e: Exception) -> str:
+def plain_cause(e: Exception) -> str:
     """An exception as a one-line cause, without the object reprs some decoders put in messages."""
     if isinstance(e, UnidentifiedImageError):  # its message is "cannot identify image file <BytesIO ...>"
         return "not a known image format"
@@ -194,7 +195,7 @@ def _plain(e: Exception) -> str:
 
 def decode(data: bytes, source: str, *, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode to RGB, refusing corrupt data and images over the pixel limit (decompression bombs)."""
-    shown = _shown(source)
+    shown = shown_source(source)
     try:
         with warnings.catch_warnings():
             # Our pixel limit decides below, with the image's size; Pillow's own warning is noise.
@@ -214,7 +215,7 @@ def decode(data: bytes, source: str, *, limits: ImageLimits = DEFAULT_LIMITS) ->
         size = f"{m.group(1)} pixels" if m else "too many pixels"
         raise ImageError(shown, f"{size}, over the {cap}-pixel limit", kind="too_large") from None
     except Exception as e:  # noqa: BLE001 - a hostile file can make a decoder raise anything
-        raise ImageError(shown, f"corrupt or unreadable image ({_plain(e)})", kind="corrupt") from None
+        raise ImageError(shown, f"corrupt or unreadable image ({plain_cause(e)})", kind="corrupt") from None
 
 
 def load_image(

@@ -12,14 +12,19 @@ versioned index ``<alias>-<model_version[:12]>`` (``mapping.py``). ``ensure_inde
 Writes use ``helpers.streaming_bulk(raise_on_error=False, max_retries=N)``: per-document 429s are
 retried with backoff by the helper, every other per-item failure becomes a ``Failure(id, "store",
 reason, kind)``; nothing is dropped. Whole-request failures (connection errors, 429, 5xx) are retried
-with exponential backoff up to ``retry_total_s`` of waiting, then raise a StoreError naming the URL
-(never credentials) and the cause. Every request body passes ``checks.check_request`` before it is sent.
+with exponential backoff up to ``retry_total_s`` of waiting (each wait logged: what failed, why, how
+long), then raise a StoreError naming the URL (never credentials) and the cause. Timeouts are retried
+only when ``retry_timeouts`` (the indexer; interactive commands fail at once, see ``client.INTERACTIVE``);
+the first request (the alias lookup) must answer within ``connect_timeout``, so an address that
+accepts connections but never answers is reported in seconds too. Every request body passes
+``checks.check_request`` before it is sent.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -30,7 +35,7 @@ from ..query.spec import QuerySpec, SearchResult
 from ..stores.base import (Document, Failure, Fingerprint, IndexLayout, UpsertResult, reference_vectors,
                            typed_metadata)
 from .checks import RequestCheckError, check_request
-from .client import OpenSearchConfig, describe_cause, load_config, make_client
+from .client import OpenSearchConfig, describe_cause, is_timeout, load_config, make_client, redact_url
 from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
 from .mapping import (ALL_FIELD, FINGERPRINT_FIELDS, alias_swap_body, build_index_body, build_properties,
                       check_index_name, emb_field, fingerprint_properties, layout_from_meta, layout_meta,
@@ -42,6 +47,7 @@ log = logging.getLogger("fgplugin.opensearch")
 RETRY_STATUS = (429, 500, 502, 503, 504)
 UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised (as the embedded store)
 MGET_CHUNK = 1000
+ENGINE_ENV = "FGPLUGIN_OPENSEARCH_ENGINE"  # the k-NN engine of new indices (faiss when unset)
 
 
 class OpenSearchStore:
@@ -78,6 +84,10 @@ class OpenSearchStore:
         """``url``: the cluster (``http(s)://[user:pass@]host:port[/index]``); credentials may also come
         from FGPLUGIN_OPENSEARCH_* env vars or the TOML config file (see ``client.py``)."""
         options = {k: kwargs.pop(k) for k in ("refresh", "engine", "index_options", "stored_script") if k in kwargs}
+        if options.get("engine") is None:
+            # The k-NN engine of new indices: faiss unless the environment names another (a cluster
+            # without the native libraries, such as the test node, needs lucene).
+            options["engine"] = os.environ.get(ENGINE_ENV) or "faiss"
         return cls(load_config(url, index=index, config_path=config_path, **kwargs), **options)
 
     def __repr__(self) -> str:
@@ -91,32 +101,41 @@ class OpenSearchStore:
     @property
     def url(self) -> str:
         """The store URL without credentials."""
-        return f"opensearch:{self.config.url}/{self.alias}"
+        return f"opensearch:{redact_url(self.config.url)}/{self.alias}"
 
     # -- transport with retries -------------------------------------------------------------------------
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one client call; retry connection errors, 429 and 5xx with backoff (bounded total wait)."""
         from opensearchpy import exceptions as ex
 
-        waited, delay, attempt = 0.0, self.config.retry_initial_s, 0
+        cfg = self.config
+        waited, delay, attempt = 0.0, cfg.retry_initial_s, 0
         while True:
             attempt += 1
             try:
                 return fn(*args, **kwargs)
             except (ex.ConnectionError, ex.TransportError) as e:
                 status = getattr(e, "status_code", None)
-                retryable = isinstance(e, ex.ConnectionError) or status in RETRY_STATUS
-                if retryable and waited + delay <= self.config.retry_total_s:
-                    log.warning("%s on %s failed (%s); retrying in %.1f s", what, self.config.url,
-                                describe_cause(e, self.config), delay)
+                timed_out = is_timeout(e)
+                retryable = ((isinstance(e, ex.ConnectionError) or status in RETRY_STATUS)
+                             and (cfg.retry_timeouts or not timed_out))
+                cause = describe_cause(e, cfg, timeout=kwargs.get("request_timeout"))
+                if isinstance(e, ex.ConnectionTimeout):
+                    knob = "CONNECT_TIMEOUT" if "request_timeout" in kwargs else "TIMEOUT"
+                    cause += f" (FGPLUGIN_OPENSEARCH_{knob} sets the limit)"
+                if retryable and waited + delay <= cfg.retry_total_s:
+                    log.warning("OpenSearch at %s: %s failed (%s); retrying in %.1f s (waited %.1f s of at most "
+                                "%g s; FGPLUGIN_OPENSEARCH_RETRY_TOTAL_S sets it)", cfg.url, what, cause, delay,
+                                waited, cfg.retry_total_s)
                     time.sleep(delay)
                     waited += delay
                     delay = min(delay * 2, 10.0)
                     continue
                 tries = f" after {attempt} attempts over {waited:.1f} s" if attempt > 1 else ""
-                raise StoreError(
-                    f"OpenSearch at {self.config.url}: {what} failed{tries}: {describe_cause(e, self.config)}"
-                ) from None
+                hint = ""
+                if isinstance(e, ex.ConnectionError) and not isinstance(e, ex.SSLError):
+                    hint = "; check that OpenSearch runs at that address and answers"
+                raise StoreError(f"OpenSearch at {cfg.url}: {what} failed{tries}: {cause}{hint}") from None
             except ex.ImproperlyConfigured as e:
                 raise StoreError(f"OpenSearch at {self.config.url}: {what}: bad client settings: "
                                  f"{self.config.scrub(str(e))}") from None
@@ -130,18 +149,21 @@ class OpenSearchStore:
     # -- layout -----------------------------------------------------------------------------------------
     def _alias_targets(self) -> list[str]:
         try:
-            got = self.call(f"reading alias {self.alias!r}", self._get_alias)
+            # The first request of every command: small, so a cluster that cannot answer it within
+            # connect_timeout is reported unreachable instead of waiting out the (longer) request timeout.
+            got = self.call(f"reading alias {self.alias!r}", self._get_alias,
+                            request_timeout=self.config.connect_timeout)
         except _NotFound:
             return []
         return sorted(got)
 
-    def _get_alias(self) -> dict[str, Any]:
+    def _get_alias(self, request_timeout: float) -> dict[str, Any]:
         from opensearchpy import NotFoundError
 
         try:
-            return self.client.indices.get_alias(name=self.alias)
+            return self.client.indices.get_alias(name=self.alias, request_timeout=request_timeout)
         except NotFoundError:
-            if self.client.indices.exists(index=self.alias):
+            if self.client.indices.exists(index=self.alias, request_timeout=request_timeout):
                 raise StoreError(
                     f"OpenSearch at {self.config.url}: {self.alias!r} is a plain index, not an fgplugin alias; "
                     "pick another --index name (fgplugin creates <name>-<model version> behind the alias <name>)"

@@ -71,7 +71,7 @@ from ..schema import AttributeSchema
 from ..serve import CONCAT_FIELD, DEFAULT_PORT, FORMS, VERSION_KEY
 from ..similarity import query_form
 from ..stores.base import IndexLayout
-from .client import DEFAULT_INDEX
+from .client import DEFAULT_INDEX, parse_http_url, redact_url
 from .compile import to_opensearch
 from .mapping import ALL_FIELD, emb_field, versioned_index_name
 from .scripts import SCRIPT_ID, stored_script_body
@@ -159,12 +159,15 @@ class WiringOptions:
 
 
 def check_serve_url(url: str) -> str:
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WiringError(f"--serve-url must be an http(s) URL of `fgplugin serve` (e.g. {DEFAULT_SERVE_URL}); got {url!r}")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise WiringError(f"--serve-url {url!r}: no credentials, query or fragment (use --serve-token for auth)")
-    return url.strip().rstrip("/")
+    """The --serve-url, checked; messages show it only through ``redact_url`` (never a password)."""
+    shown = redact_url(url)
+    if "://" not in str(url):
+        raise WiringError(f"--serve-url must be an http(s) URL of `fgplugin serve` (e.g. {DEFAULT_SERVE_URL}); "
+                          f"got {shown!r}")
+    parts = parse_http_url(url, "--serve-url", WiringError)
+    if parts.user is not None or parts.password is not None or parts.query is not None or parts.fragment is not None:
+        raise WiringError(f"--serve-url {shown!r}: no credentials, query or fragment (use --serve-token for auth)")
+    return str(url).strip().rstrip("/")
 
 
 def layout_for(card: Mapping[str, Any], metadata_types: Mapping[str, str] | None = None) -> IndexLayout:

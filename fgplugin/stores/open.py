@@ -1,10 +1,14 @@
-"""Store URLs: ``embedded:DIR`` (the default; a DuckDB file in DIR) or ``opensearch:URL``."""
+"""Store URLs: ``embedded:DIR`` (the default; a DuckDB file in DIR) or ``opensearch:URL``.
+
+A store URL may carry a password (``opensearch:https://user:pass@host:9200``): every message shows it
+through ``redact_url`` only."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import StoreError
+from ..redact import redact_url, url_secrets
 from .base import Store
 
 DEFAULT_STORE = "embedded:fgplugin-store"
@@ -17,25 +21,35 @@ def parse_store_url(url: str) -> tuple[str, str]:
     A bare path (no scheme) means an embedded store in that directory.
     """
     text = (url or "").strip()
+    shown = redact_url(text)
     if not text:
         raise StoreError(f"empty store URL; write embedded:DIR or opensearch:URL (default {DEFAULT_STORE})")
     scheme, sep, rest = text.partition(":")
     if sep and scheme in SCHEMES:
         if not rest.strip():
-            raise StoreError(f"store URL {url!r} names no {'directory' if scheme == 'embedded' else 'cluster URL'}")
+            raise StoreError(f"store URL {shown!r} names no {'directory' if scheme == 'embedded' else 'cluster URL'}")
+        if scheme == "embedded" and url_secrets(rest):
+            raise StoreError(f"store URL {shown!r} holds a user and password, which an embedded store has no use "
+                             "for; write opensearch:URL for an OpenSearch cluster")
         return scheme, rest.strip()
     if sep and scheme in ("http", "https"):
-        raise StoreError(f"store URL {url!r}: write opensearch:{text} for an OpenSearch cluster")
+        raise StoreError(f"store URL {shown!r}: put opensearch: in front of an OpenSearch cluster's URL "
+                         f"(opensearch:{shown})")
+    if url_secrets(text):  # "user:pass@host:9200": never a directory name (it would show the password)
+        raise StoreError(f"store URL {shown!r} holds a user and password; write opensearch:http://HOST:PORT for an "
+                         "OpenSearch cluster")
     if sep and len(scheme) > 1 and "/" not in scheme and "\\" not in scheme:
-        raise StoreError(f"unknown store kind {scheme!r} in {url!r}; use embedded:DIR or opensearch:URL")
+        raise StoreError(f"unknown store kind {redact_url(scheme)!r} in {shown!r}; use embedded:DIR or opensearch:URL")
     return "embedded", text
 
 
-def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only: bool = False) -> Store:
+def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only: bool = False,
+               interactive: bool = False) -> Store:
     """Open the store a URL names. ``index``: the OpenSearch index name (ignored by embedded stores).
 
     ``read_only`` opens an embedded store for queries only (several readers may share it; a store has
-    a single writer); OpenSearch ignores it.
+    a single writer); OpenSearch ignores it. ``interactive``: someone waits (a query), so an unreachable
+    OpenSearch fails within seconds (``opensearch.client.INTERACTIVE``); embedded stores ignore it.
     """
     scheme, rest = parse_store_url(url)
     if scheme == "embedded":
@@ -46,4 +60,4 @@ def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only:
         from ..opensearch.store import OpenSearchStore
     except ImportError as e:
         raise StoreError(f"the OpenSearch store is not available in this install ({e})") from None
-    return OpenSearchStore.from_url(rest if "://" in rest else f"http://{rest}", index=index)
+    return OpenSearchStore.from_url(rest if "://" in rest else f"http://{rest}", index=index, interactive=interactive)
