@@ -1,0 +1,245 @@
+"""The embedded DuckDB store vs a real OpenSearch node (k-NN plugin, lucene HNSW), side by side.
+
+Same data as bench/query.py (clustered unit vectors, A attributes x d, metadata ``category`` with 5
+values, ``price``): write throughput and bytes per item of each store, then k=20 like-id queries over
+1, 2 and 4 attributes (weights 1, .5, .25, .125), with and without ``category=c0`` (20 %): exact on
+both stores, ann and ann+rescore on OpenSearch (over the concatenated ``emb_all`` field), p50/p95
+latency, recall@k of ann / ann+rescore against OpenSearch exact, and exact-vs-exact agreement
+between the stores. Without ``--url`` it starts its own node (docker/opensearch-node.sh, instance
+``bench``) and stops it at the end, even on errors.
+
+    OPENSEARCH_NODE_HEAP=2g .venv/bin/python bench/opensearch.py --n 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from query import CATEGORIES, build_store, console, generate  # noqa: E402  (bench/ is not a package)
+
+from fgplugin.opensearch.client import OpenSearchConfig  # noqa: E402
+from fgplugin.opensearch.store import OpenSearchStore  # noqa: E402
+from fgplugin.query.spec import QuerySpec, Term  # noqa: E402
+from fgplugin.stores.base import Document  # noqa: E402
+from fgplugin.stores.duckdb_store import DB_FILE, DuckDBStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = [str(ROOT / "docker" / "opensearch-node.sh"), "--instance", "bench"]
+WEIGHTS = (1.0, 0.5, 0.25, 0.125)
+WARMUP = 3
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")))
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**20:.0f} GiB RAM"
+
+
+def disk_parts(index_uuid: str) -> dict[str, int]:
+    """Bytes per Lucene file kind of a local node's index (the _stats file_sizes keep one file per
+    extension, so they undercount per-field files such as .vec/.vex)."""
+    base = Path(os.environ.get("OPENSEARCH_NODE_HOME", ROOT / ".opensearch")) / "nodes-bench"
+    sizes: dict[str, int] = {}
+    for f in base.glob(f"node-*/data/nodes/*/indices/{index_uuid}/*/index/*"):
+        sizes[f.suffix] = sizes.get(f.suffix, 0) + f.stat().st_size
+    return sizes
+
+
+def index_opensearch(store: OpenSearchStore, layout, vecs, attrs, category, price, ids, batch: int) -> dict:
+    """Bulk through store.upsert (refresh off while loading), then refresh and force-merge to 1 segment."""
+    store.ensure_index(layout)
+    index = store.write_index
+    store.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
+    n, t, cpu = len(ids), time.perf_counter(), time.process_time()
+    for s in range(0, n, batch):
+        docs = [Document(str(ids[i]), {a: vecs[a][i] for a in attrs},
+                         {"category": str(category[i]), "price": float(price[i])}, "bench")
+                for i in range(s, min(n, s + batch))]
+        res = store.upsert(docs)
+        assert not res.failed, res.failed[:3]
+        if (s // batch + 1) % max(1, n // batch // 10) == 0:
+            console.print(f"  opensearch: {s + len(docs):,}/{n:,} items, {time.perf_counter() - t:.0f} s")
+    store.client.indices.put_settings(index=index, body={"index": {"refresh_interval": None}})
+    store.refresh()
+    write_s, client_cpu_s = time.perf_counter() - t, time.process_time() - cpu
+    t = time.perf_counter()
+    store.client.indices.forcemerge(index=index, max_num_segments=1, request_timeout=7200)
+    store.refresh()
+    merge_s = time.perf_counter() - t
+    assert store.count() == n, (store.count(), n)
+    stats = store.client.indices.stats(index=index, metric="store,segments", include_segment_file_sizes=True)
+    prim = stats["indices"][index]["primaries"]
+    files = {k: v["size_in_bytes"] for k, v in prim["segments"].get("file_sizes", {}).items()}
+    knn = store.client.transport.perform_request("GET", "/_plugins/_knn/stats")
+    graph_kb = sum(int(nd.get("graph_memory_usage", 0)) for nd in knn.get("nodes", {}).values())
+    uuid = store.client.indices.get_settings(index=index)[index]["settings"]["index"]["uuid"]
+    return {"write_s": write_s, "client_cpu_s": client_cpu_s, "merge_s": merge_s, "rate": n / write_s,
+            "store_bytes": prim["store"]["size_in_bytes"], "segments": prim["segments"]["count"], "file_sizes": files,
+            "disk_parts": disk_parts(uuid), "knn_graph_memory_kb": graph_kb}
+
+
+def run(store, specs: list[QuerySpec]) -> tuple[float, float, list]:
+    """p50 / p95 ms over specs[WARMUP:] (the first WARMUP are warm-ups) and the timed results."""
+    for s in specs[:WARMUP]:
+        store.search(s)
+    times, out = [], []
+    for s in specs[WARMUP:]:
+        t = time.perf_counter()
+        out.append(store.search(s))
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95)), out
+
+
+def recall(got: list, ref: list, k: int) -> float:
+    return float(np.mean([len({h.id for h in g.hits} & {h.id for h in r.hits}) / k for g, r in zip(got, ref)]))
+
+
+def agreement(a: list, b: list) -> tuple[float, float]:
+    """Fraction of queries whose id lists are identical, and the largest |score diff| over shared ids."""
+    same = np.mean([[h.id for h in x.hits] == [h.id for h in y.hits] for x, y in zip(a, b)])
+    diff = max((abs(sa[i] - sb[i]) for x, y in zip(a, b)
+                for sa, sb in [({h.id: h.score for h in x.hits}, {h.id: h.score for h in y.hits})]
+                for i in sa.keys() & sb.keys()), default=0.0)
+    return float(same), float(diff)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="an OpenSearch cluster already running (default: start a node, instance 'bench')")
+    ap.add_argument("--port", type=int, default=9270, help="HTTP port of the node this script starts")
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--attributes", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=30, help="timed queries per configuration (after 3 warm-ups)")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=2000, help="documents per store.upsert call")
+    ap.add_argument("--index", default="fgbench")
+    ap.add_argument("--keep", action="store_true", help="do not stop the node this script started")
+    ap.add_argument("--out", type=Path, help="write the raw figures to this JSON file")
+    args = ap.parse_args()
+    console.width = max(console.width, 200)  # wide tables stay readable when piped to a file
+
+    attrs = [f"attr{i}" for i in range(args.attributes)]
+    n, d, k = args.n, args.dim, args.k
+    raw: dict = {"argv": sys.argv, "n": n, "attributes": args.attributes, "dim": d, "k": k, "queries": args.queries}
+    started = args.url is None
+    url = args.url
+    tmp = tempfile.TemporaryDirectory(prefix="fg-bench-os-")
+    store = duck = None
+    try:
+        if started:
+            out = subprocess.run(NODE + ["start", "--port", str(args.port), "--clean"], check=True,
+                                 stdout=subprocess.PIPE, text=True)
+            url = out.stdout.strip().splitlines()[-1]
+        store = OpenSearchStore(OpenSearchConfig(url=url, index=args.index, timeout=120), engine="lucene", refresh=False)
+        info = store.client.info()
+        jvm = store.client.nodes.stats(metric="jvm")["nodes"]
+        heap = max(nd["jvm"]["mem"]["heap_max_in_bytes"] for nd in jvm.values())
+        header = (f"{machine()}; OpenSearch {info['version']['number']} at {url} ({len(jvm)} node(s), heap "
+                  f"{heap / 2**30:.1f} GiB, k-NN engine lucene); {n:,} items x {args.attributes} x {d}-d, k={k}\n"
+                  f"command: {' '.join(sys.argv)}")
+        console.print(header)
+        raw["header"] = header
+
+        rng = np.random.default_rng(n)
+        vecs = generate(n, attrs, d, seed=n)
+        ids = np.array([f"item{i:08d}" for i in range(n)])
+        category = np.array(CATEGORIES)[rng.integers(0, len(CATEGORIES), size=n)]
+        price = rng.uniform(1, 500, size=n).round(2)
+
+        path = Path(tmp.name) / "duck"
+        t = time.perf_counter()
+        duck_rate = build_store(path, vecs, attrs, d, category, price, ids, batch=20000)
+        raw["duckdb"] = {"rate": duck_rate, "write_s": time.perf_counter() - t,
+                         "file_bytes": (path / DB_FILE).stat().st_size}
+        duck = DuckDBStore(path, read_only=True)
+        console.print(f"duckdb: {duck_rate:,.0f} items/s; indexing into OpenSearch ...")
+        raw["opensearch"] = osr = index_opensearch(store, duck.layout, vecs, attrs, category, price, ids, args.batch)
+        console.print(f"opensearch: {osr['rate']:,.0f} items/s, force-merge {osr['merge_s']:.0f} s" + " " * 20)
+
+        refs = [str(ids[i]) for i in np.random.default_rng(7).choice(n, WARMUP + args.queries, replace=False)]
+        for m in ("exact", "ann", "ann+rescore"):  # warm caches and JIT once before the first timed row
+            for r in refs[:10]:
+                duck.search(QuerySpec({attrs[0]: 1.0}, like_id=r, k=k))
+                store.search(QuerySpec({attrs[0]: 1.0}, like_id=r, k=k, mode=m))
+        qt = Table(title=f"like-id queries, k={k}: p50 / p95 ms ({args.queries} queries each after {WARMUP} warm-ups); "
+                         "recall@k vs OpenSearch exact", title_justify="left")
+        for col in ("attrs", "filter", "DuckDB exact", "OS exact", "OS ann", "OS ann+rescore", "recall ann",
+                    "recall ann+rescore", "exact ids = DuckDB", "max |score diff|"):
+            qt.add_column(col, justify="right")
+        raw["queries_table"] = []
+        for na in (1, 2, 4):
+            weights = dict(zip(attrs[:na], WEIGHTS))
+            for cat in (None, "c0"):
+                filters = [Term("category", cat)] if cat else []
+                specs = {m: [QuerySpec(dict(weights), like_id=r, filters=filters, k=k, mode=m) for r in refs]
+                         for m in ("exact", "ann", "ann+rescore")}
+                res = {"duckdb exact": run(duck, specs["exact"])}
+                for m, ss in specs.items():
+                    res[f"os {m}"] = run(store, ss)
+                rec_ann = recall(res["os ann"][2], res["os exact"][2], k)
+                rec_rs = recall(res["os ann+rescore"][2], res["os exact"][2], k)
+                same, diff = agreement(res["os exact"][2], res["duckdb exact"][2])
+                row = {"attrs": na, "filter": cat, "recall_ann": rec_ann, "recall_ann_rescore": rec_rs,
+                       "exact_same_ids": same, "max_score_diff": diff,
+                       **{f"{key} p50": v[0] for key, v in res.items()}, **{f"{key} p95": v[1] for key, v in res.items()}}
+                raw["queries_table"].append(row)
+                ms = [f"{res[key][0]:.1f} / {res[key][1]:.1f}" for key in ("duckdb exact", "os exact", "os ann", "os ann+rescore")]
+                qt.add_row(str(na), "20 %" if cat else "none", *ms, f"{rec_ann:.2f}", f"{rec_rs:.2f}", f"{same:.2f}",
+                           f"{diff:.1g}")
+                console.print(f"  {na} attr(s), filter {cat or 'none'}: done")
+
+        du = raw["duckdb"]
+        fs = osr["file_sizes"]
+        parts = osr["disk_parts"] or {"." + e + " (_stats: 1 file per ext)": b for e, b in fs.items()}
+        wt = Table(title=f"Writes and size, {n:,} items ({args.attributes} x {d}-d float32 = "
+                         f"{args.attributes * d * 4:,} B of vectors per item)", title_justify="left")
+        for col in ("store", "write items/s", "write s", "force-merge s", "bytes/item", "notes"):
+            wt.add_column(col, justify="right")
+        wt.add_row("DuckDB (embedded)", f"{du['rate']:,.0f}", f"{du['write_s']:.0f}", "-", f"{du['file_bytes'] / n:,.0f}",
+                   "file size incl. checkpoint")
+        wt.add_row("OpenSearch (lucene HNSW)", f"{osr['rate']:,.0f}", f"{osr['write_s']:.0f}", f"{osr['merge_s']:.0f}",
+                   f"{osr['store_bytes'] / n:,.0f}",
+                   f"primary store, {osr['segments']} segment(s); B/item: "
+                   + ", ".join(f"{e} {b / n:,.0f}" for e, b in sorted(parts.items(), key=lambda eb: -eb[1]) if b >= n)
+                   + f"; client CPU {osr['client_cpu_s']:.0f} s of the write; k-NN stats graph memory "
+                   f"{osr['knn_graph_memory_kb']} KB" + (" (lucene: graphs are Lucene files, not in the plugin's "
+                                                        "native cache)" if osr["knn_graph_memory_kb"] == 0 else ""))
+        console.print(wt)
+        console.print(qt)
+        console.print("OS = OpenSearch; latencies are client-side and include the like-id vector lookup (mget on "
+                      "OpenSearch); ann/ann+rescore search emb_all (concatenated vectors), rescore window 5*k. Lucene "
+                      "files: .fdt stored fields (_source), .dvd doc values (the vectors the exact script reads), .vec "
+                      "HNSW flat vectors, .vex HNSW graphs, .cfs compound file.")
+        if args.out:
+            args.out.write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    finally:
+        if duck is not None:
+            duck.close()
+        if store is not None:
+            try:
+                if store.write_index:
+                    store.client.indices.delete(index=store.write_index, ignore_unavailable=True)
+            except Exception as e:  # noqa: BLE001 - a dead node must not hide the real error
+                console.print(f"[yellow]could not delete the benchmark index: {e}")
+            store.close()
+        tmp.cleanup()
+        if started and not args.keep:
+            subprocess.run(NODE + ["stop"], check=False)
+
+
+if __name__ == "__main__":
+    main()
