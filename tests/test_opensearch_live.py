@@ -1,8 +1,7 @@
-"""Live tests against a real OpenSearch cluster with the k-NN plugin (docker/compose.yml gives one).
-
-Run with ``FGPLUGIN_OPENSEARCH_URL=http://localhost:9200 pytest -m live tests/test_opensearch_live.py``;
-credentials come from the usual FGPLUGIN_OPENSEARCH_* variables. Skipped when the URL is not set.
-Each run works in its own alias (``fgtest-<random>``) and deletes its indices afterwards.
+"""Live tests against a real OpenSearch cluster with the k-NN plugin: the node the test session starts
+(tests/conftest.py, docker/opensearch-node.sh), or the cluster FGPLUGIN_OPENSEARCH_URL names (credentials
+from the usual FGPLUGIN_OPENSEARCH_* variables). Skipped, saying why, only where no node can be had
+(no Java). Each run works in its own alias (``fgtest-<random>``) and deletes its indices afterwards.
 """
 
 from __future__ import annotations
@@ -19,11 +18,7 @@ from fgplugin.query.spec import QuerySpec, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
 from fgplugin.stores.base import Document, IndexLayout
 
-pytestmark = [
-    pytest.mark.live,
-    pytest.mark.skipif(not os.environ.get("FGPLUGIN_OPENSEARCH_URL"),
-                       reason="set FGPLUGIN_OPENSEARCH_URL (e.g. http://localhost:9200, see docker/README.md) to run live OpenSearch tests"),
-]
+pytestmark = [pytest.mark.live]
 
 DIMS = {"sleeve": 16, "neckline": 8, "colour": 8}
 TYPES = {"price": "float", "cat": "keyword", "stock": "boolean", "added": "date"}
@@ -75,9 +70,10 @@ FILTERS = ["cat=dress,skirt", "price<100", "stock=true"]
 
 
 @pytest.fixture(scope="module")
-def live():
+def live(opensearch_url):
     alias = f"fgtest-{uuid.uuid4().hex[:8]}"
-    store = OpenSearchStore.from_url(os.environ["FGPLUGIN_OPENSEARCH_URL"], index=alias, refresh="wait_for")
+    store = OpenSearchStore.from_url(opensearch_url, index=alias, refresh="wait_for",
+                                     engine=os.environ.get("FGPLUGIN_OPENSEARCH_ENGINE", "lucene"))
     docs = _docs(0, "live1aaaaaaaaaa")
     store.ensure_index(_layout("live1aaaaaaaaaa"))
     res = store.upsert(docs)

@@ -255,6 +255,8 @@ def output_names(card: Mapping[str, Any]) -> list[str]:
 
 
 def ingest_pipeline_body(card: Mapping[str, Any], model_id: str, options: WiringOptions) -> dict[str, Any]:
+    # No "_meta": the API spec allows it (Elasticsearch's), but OpenSearch 2.19 refuses the pipeline
+    # (found on the real node); the description names the model version instead.
     names = Names.for_version(card["version"])
     out = {emb_field(a): a for a in card["attributes"]}
     out[ALL_FIELD] = CONCAT_FIELD
@@ -262,7 +264,6 @@ def ingest_pipeline_body(card: Mapping[str, Any], model_id: str, options: Wiring
     return {
         "description": (f"fgplugin {names.version}: encode the '{IMAGE_FIELD}' URL with {names.model} "
                         f"(fgplugin serve at {options.serve_url}); fills {', '.join(out)}"),
-        "_meta": {"fgplugin": {"model_version": str(card["version"]), "serve_url": options.serve_url}},
         "processors": [{"ml_inference": {
             "tag": "fgplugin-encode",
             "description": "image URL -> one vector per attribute + emb_all",
