@@ -38,6 +38,10 @@ def index(
         None, "--promote/--no-promote",
         help="OpenSearch, new model version: switch the alias to the new index (default: once it holds every item).",
     ),
+    engine: Optional[str] = typer.Option(
+        None, "--engine", envvar="FGPLUGIN_OPENSEARCH_ENGINE", show_default=False,
+        help="k-NN engine of a new OpenSearch index: faiss (default) or lucene (pure Java: clusters without the "
+             "k-NN native libraries, such as docker/opensearch-node.sh's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (no progress bar)."),
 ) -> None:
     """Index a catalog: skips items already current, re-encodes changed images, rewrites changed metadata,
@@ -61,7 +65,7 @@ def index(
     # load(schema=...) refuses an export trained for another schema, naming the difference.
     encoder = ExportedEncoder.load(model, schema=declared, device=device)
     cat = load_catalog(catalog, encoder.schema, strict=False)
-    st = open_store(store, index=index_name)
+    st = open_store(store, index=index_name, engine=engine)
     try:
         errors_path = errors if errors is not None else default_errors_path(st, index_name)
         if not as_json:

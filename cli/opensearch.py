@@ -26,6 +26,10 @@ def setup(
                               help="opensearch:URL of the cluster for --apply. Credentials: FGPLUGIN_OPENSEARCH_USER/"
                                    "PASSWORD or _API_KEY, or a config file (FGPLUGIN_OPENSEARCH_CONFIG); a password "
                                    "in the URL is visible to every user in `ps`."),
+    engine: Optional[str] = typer.Option(
+        None, "--engine", envvar="FGPLUGIN_OPENSEARCH_ENGINE", show_default=False,
+        help="k-NN engine of a new OpenSearch index: faiss (default) or lucene (pure Java: clusters without the "
+             "k-NN native libraries, such as docker/opensearch-node.sh's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write one JSON file per request here."),
     attribute: Optional[List[str]] = typer.Option(
         None, "--attribute", "-a", help="NAME or NAME=WEIGHT for the search pipeline's query (repeat; default: all, 1.0)."),
@@ -74,7 +78,7 @@ def setup(
     if apply:
         from fgplugin.opensearch.store import OpenSearchStore
 
-        os_store = OpenSearchStore.from_url(cluster_url, index=index, interactive=True)
+        os_store = OpenSearchStore.from_url(cluster_url, index=index, interactive=True, engine=engine)
         existing = os_store.get_layout()
         if existing is not None and existing.model_version == card["version"]:
             metadata_types = {**existing.metadata_types, **metadata_types}

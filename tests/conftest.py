@@ -67,7 +67,7 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free loopback ports for the OpenSearch test node")
 
 
-class TestNode:
+class LocalCluster:
     """One test cluster started by this session (a single node, or two nodes on loopback), with its
     own instance name, ports and data, removed again when it stops."""
 
@@ -81,8 +81,9 @@ class TestNode:
 
     def start(self, *extra: str) -> str:
         http, transport = _free_ports(self.nodes), _free_ports(self.nodes)
-        r = self.run("start", "--nodes", str(self.nodes), "--port", str(http), "--transport-port", str(transport),
-                     "--clean", *extra)
+        self.last_start_args = ["start", "--nodes", str(self.nodes), "--port", str(http), "--transport-port",
+                                str(transport), "--clean", *extra]
+        r = self.run(*self.last_start_args)
         if r.returncode == 3:  # a prerequisite (java, mvn) is missing: skip live tests, saying why
             self.error = f"no OpenSearch test node: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
             return ""
@@ -108,7 +109,7 @@ def _test_node(request: pytest.FixtureRequest, instance: str, nodes: int) -> str
         pytest.skip("FGPLUGIN_TEST_NODE=0: no OpenSearch test node")
     if shutil.which("java") is None and not os.environ.get("OPENSEARCH_JAVA_HOME"):
         pytest.skip("no OpenSearch test node: java is not installed (the live tests need Java 17 and Maven)")
-    node = TestNode(instance, nodes)
+    node = LocalCluster(instance, nodes)
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """Nothing lost: ``--prune`` acts only on a catalog read completely, large removals need confirmation,
 rows that turn invalid stop serving, bad bytes and broken CSV shapes are reported by row, relative image
 paths do not depend on the working directory, and Ctrl-C ends a run with a report. Store behaviour is
-checked on the embedded store and on the OpenSearch store (the fake node here; the real node where
-FGPLUGIN_OPENSEARCH_URL is set)."""
+checked on the embedded store and on the OpenSearch store (the fake node, and the real node the test
+session starts, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from test_encoder import tiny_export
 
 N = 20
 REPO = Path(__file__).resolve().parents[1]
-LIVE_URL = os.environ.get("FGPLUGIN_OPENSEARCH_URL")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def fake(api_spec):
         yield f
 
 
-STORES = ["embedded", "opensearch-fake"] + (["opensearch-live"] if LIVE_URL else [])
+STORES = ["embedded", "opensearch-fake", "opensearch-live"]
 
 
 @pytest.fixture(params=STORES)
@@ -65,7 +64,9 @@ def make_store(request, tmp_path):
                 cfg = OpenSearchConfig(url=fake.url, index=alias, retry_total_s=0.2, retry_initial_s=0.01)
                 st = OpenSearchStore(cfg, refresh="wait_for")
             else:
-                st = OpenSearchStore.from_url(LIVE_URL, index=alias, refresh="wait_for")
+                url = request.getfixturevalue("opensearch_url")  # the session's real node
+                st = OpenSearchStore.from_url(url, index=alias, refresh="wait_for",
+                                              engine=os.environ.get("FGPLUGIN_OPENSEARCH_ENGINE", "lucene"))
         made.append(st)
         return st
 

@@ -34,7 +34,7 @@ from ..errors import QueryError, StoreError
 from ..query.spec import QuerySpec, SearchResult
 from ..stores.base import (Document, Failure, Fingerprint, IndexLayout, UpsertResult, reference_vectors,
                            typed_metadata)
-from .checks import RequestCheckError, check_request
+from .checks import ENGINES, RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, is_timeout, load_config, make_client, redact_url
 from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
 from .mapping import (ALL_FIELD, FINGERPRINT_FIELDS, alias_swap_body, build_index_body, build_properties,
@@ -84,10 +84,12 @@ class OpenSearchStore:
         """``url``: the cluster (``http(s)://[user:pass@]host:port[/index]``); credentials may also come
         from FGPLUGIN_OPENSEARCH_* env vars or the TOML config file (see ``client.py``)."""
         options = {k: kwargs.pop(k) for k in ("refresh", "engine", "index_options", "stored_script") if k in kwargs}
-        if options.get("engine") is None:
+        if options.get("engine") is None:  # (an explicit None: the default)
             # The k-NN engine of new indices: faiss unless the environment names another (a cluster
             # without the native libraries, such as the test node, needs lucene).
             options["engine"] = os.environ.get(ENGINE_ENV) or "faiss"
+        if options["engine"] not in ENGINES:
+            raise StoreError(f"k-NN engine {options['engine']!r} is not supported; use one of {', '.join(ENGINES)}")
         return cls(load_config(url, index=index, config_path=config_path, **kwargs), **options)
 
     def __repr__(self) -> str:

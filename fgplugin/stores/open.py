@@ -44,12 +44,13 @@ def parse_store_url(url: str) -> tuple[str, str]:
 
 
 def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only: bool = False,
-               interactive: bool = False) -> Store:
+               interactive: bool = False, engine: str | None = None) -> Store:
     """Open the store a URL names. ``index``: the OpenSearch index name (ignored by embedded stores).
 
     ``read_only`` opens an embedded store for queries only (several readers may share it; a store has
     a single writer); OpenSearch ignores it. ``interactive``: someone waits (a query), so an unreachable
     OpenSearch fails within seconds (``opensearch.client.INTERACTIVE``); embedded stores ignore it.
+    ``engine``: the k-NN engine of new OpenSearch indices (None: FGPLUGIN_OPENSEARCH_ENGINE, else faiss).
     """
     scheme, rest = parse_store_url(url)
     if scheme == "embedded":
@@ -60,4 +61,5 @@ def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only:
         from ..opensearch.store import OpenSearchStore
     except ImportError as e:
         raise StoreError(f"the OpenSearch store is not available in this install ({e})") from None
-    return OpenSearchStore.from_url(rest if "://" in rest else f"http://{rest}", index=index, interactive=interactive)
+    return OpenSearchStore.from_url(rest if "://" in rest else f"http://{rest}", index=index, interactive=interactive,
+                                   engine=engine)
