@@ -190,7 +190,8 @@ def check_writable(path: Path, option: str) -> None:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    # allow_nan=False: "Infinity"/"NaN" are not JSON; a non-finite number reaching here is a bug to see.
+    sys.stdout.write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -54,8 +54,9 @@ def index(
     from fgplugin.images import DEFAULT_LIMITS
     from fgplugin.indexer import default_errors_path, index_catalog, report_table
     from fgplugin.schema import AttributeSchema
-    from fgplugin.stores.open import open_store
+    from fgplugin.stores.open import check_store_url, open_store
 
+    check_store_url(store)  # a typo in --store is reported before the model is loaded
     if schema is None:
         try:
             schema = find_schema(catalog)

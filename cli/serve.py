@@ -32,7 +32,7 @@ def serve(
     max_images: int = typer.Option(64, help="Most images in one request."),
     max_image_bytes: int = typer.Option(SERVE_LIMITS.max_bytes, help="Largest image (bytes), uploaded or fetched."),
     max_pixels: int = typer.Option(SERVE_LIMITS.max_pixels, help="Largest image (pixels) accepted for decoding."),
-    fetch_timeout: float = typer.Option(SERVE_LIMITS.timeout_s, help="Seconds to wait on an image URL (per read)."),
+    fetch_timeout: float = typer.Option(SERVE_LIMITS.timeout_s, help="Seconds one attempt to fetch an image URL may take in all (connect, headers and body)."),
     fetch_retries: int = typer.Option(SERVE_LIMITS.retries, help="Extra attempts for URL timeouts and 5xx."),
     token: Optional[str] = typer.Option(
         None, envvar="FGPLUGIN_SERVE_TOKEN", show_default=False,

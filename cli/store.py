@@ -23,7 +23,7 @@ def verify(
     from fgplugin.errors import StoreError
     from fgplugin.stores.open import open_store
 
-    st = open_store(store, index=index_name, read_only=True)
+    st = open_store(store, index=index_name, read_only=True, interactive=True)
     try:
         check = getattr(st, "verify", None)
         if check is None:

@@ -54,6 +54,7 @@ class FakeOpenSearch:
         self.validate = validate
         self.indices: dict[str, dict[str, Any]] = {}
         self.aliases: dict[str, set[str]] = {}
+        self.red_indices: set[str] = set()  # indices whose health reads red (tests of a lost primary)
         self.scripts: dict[str, dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
         self.spec_errors: list[str] = []
@@ -147,6 +148,10 @@ class FakeOpenSearch:
                 raise FakeError(401, "security_exception", "missing or wrong authentication credentials")
             if segs[:1] == ["_alias"] and method == "GET":
                 return self._get_alias(segs[1])
+            if segs[:2] == ["_cluster", "health"] and method == "GET":
+                names = self._resolve(segs[2]) if len(segs) > 2 else list(self.indices)
+                red = [n for n in names if n in self.red_indices]  # a lost primary, which a real node cannot be told to show
+                return 200, {"status": "red" if red else "green", "unassigned_shards": len(red)}
             if segs[:1] == ["_aliases"]:
                 rec["kind"] = kind = "indices.update_aliases"
                 self._check(kind, body)

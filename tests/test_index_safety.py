@@ -375,3 +375,23 @@ def test_verify_passes_a_sound_store(env, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fgplugin_cli.app", "store", "verify", "--store",
                         f"embedded:{tmp_path / 'st'}", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout)["documents"] == N
+
+
+def test_a_red_opensearch_index_is_reported_by_index_and_verify(env, fake):
+    """A lost primary shard: only the fake node can be told to show it."""
+    enc, _, catalog_path = env
+    alias = f"fgred-{uuid.uuid4().hex[:6]}"
+    st = OpenSearchStore(OpenSearchConfig(url=fake.url, index=alias, retry_total_s=0.2, retry_initial_s=0.01),
+                         refresh="wait_for")
+    assert index_catalog(catalog_path, enc, st, progress=False).indexed == N
+    assert st.verify()["documents"] == N
+    fake.red_indices.add(st.write_index or next(iter(fake.aliases[alias])))
+    try:
+        with pytest.raises(Exception, match=r"is red: 1 shard\(s\) unassigned"):
+            index_catalog(catalog_path, enc, st, progress=False)
+        r = subprocess.run([sys.executable, "-m", "fgplugin_cli.app", "store", "verify", "--store",
+                            f"opensearch:{fake.url}/{alias}"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "is red" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        fake.red_indices.clear()
+        st.close()

@@ -660,7 +660,8 @@ def test_compose_serve_and_ml_commons_match_cli_defaults():
 
 # -- live ----------------------------------------------------------------------------------------
 @pytest.mark.live
-def test_live_register_index_and_query_through_the_pipelines(encoder, card, image_host, opensearch_url):  # noqa: ARG001
+def test_live_register_index_and_query_through_the_pipelines(encoder, card, image_host, opensearch_url,  # noqa: ARG001
+                                                             tmp_path_factory):
     """Needs a cluster that can reach this machine: the test serves images and `fgplugin serve` on
     0.0.0.0 and tells OpenSearch to call FGPLUGIN_SERVE_ADVERTISE_HOST (default: 127.0.0.1 for a node on
     this machine, host.docker.internal otherwise)."""
@@ -692,11 +693,38 @@ def test_live_register_index_and_query_through_the_pipelines(encoder, card, imag
             res = t.perform_request("POST", f"/{result.index}/_search", params={"search_pipeline": names.search_pipeline},
                                     body=wiring.image_query(f"http://{advertise}:{img_srv.server_port}/img/2.png"))
             assert res["hits"]["hits"][0]["_id"] == "d2"
+            # The same images indexed and queried by fgplugin itself (embedded store, the same encoder)
+            # rank the same ids with the same weighted cosine sums (the pipeline's scores are Σw(1+cos)).
+            from fgplugin.stores.base import Document
+            from fgplugin.stores.duckdb_store import DuckDBStore
+
+            layout = wiring.layout_for(card, {"brand": "keyword"})
+            blobs = [_Images.blobs[f"/img/{i}.png"] for i in range(4)]
+            vecs = encoder.encode_images([Image.open(io.BytesIO(b)) for b in blobs])
+            with DuckDBStore(tmp_path_factory.mktemp("wiring-embedded")) as emb:
+                emb.ensure_index(layout)
+                emb.upsert([Document(f"d{i}", {a: vecs[a][i] for a in card["attributes"]}, {"brand": "b"},
+                                     card["version"]) for i in range(4)])
+                spec = wiring.query_spec(card, options)
+                spec.vectors = {a: vecs[a][2] for a in card["attributes"]}
+                want = emb.search(spec).hits
+            total_w = sum(spec.attributes.values())
+            got = [(h["_id"], h["_score"] - total_w) for h in res["hits"]["hits"]]
+            assert [i for i, _ in got] == [h.id for h in want]
+            assert [sc for _, sc in got] == pytest.approx([h.score for h in want], abs=1e-4)
             again = wiring.apply(card, options, store)
             assert again.ids == result.ids
         finally:
             if result is not None:
                 wiring.teardown(card, store, result.ids)
+                # Nothing of this model version is left: pipelines, models, connectors.
+                gone = [f"/_search/pipeline/{result.names.search_pipeline}",
+                        f"/_ingest/pipeline/{result.names.ingest_pipeline}",
+                        *(f"/_plugins/_ml/{kind}s/{result.ids[kind]}" for kind in ("model", "connector")
+                          if result.ids.get(kind))]
+                for path in gone:
+                    with pytest.raises(Exception, match="404|NotFound|not found|Not Found"):
+                        store.client.transport.perform_request("GET", path)
                 try:
                     store.client.indices.delete(index=result.index)
                 except Exception:  # noqa: BLE001 - best-effort cleanup

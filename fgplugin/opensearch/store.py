@@ -514,6 +514,20 @@ class OpenSearchStore:
         index, _ = self._data_index()
         return int(self.call(f"counting {index!r}", self.client.count, index=index)["count"])
 
+    def verify(self) -> dict[str, Any]:
+        """The OpenSearch side of ``fgplugin store verify`` (and of the index worker's first step): the
+        index behind the alias must not be red (a primary shard lost or unreadable), else StoreError."""
+        self._load()
+        if self._read_index is None and self.write_index is None:
+            return {"store": self.url, "documents": 0, "ok": True}
+        index = self._read_index or self.write_index
+        health = self.call(f"checking the health of {index!r}", self.client.cluster.health, index=index)
+        if health.get("status") == "red":
+            raise StoreError(f"the OpenSearch index {index!r} at {redact_url(self.config.url)} is red: "
+                             f"{health.get('unassigned_shards', '?')} shard(s) unassigned, so some documents "
+                             "cannot be read; see GET _cluster/allocation/explain")
+        return {"store": self.url, "documents": self.count(), "ok": True, "health": health.get("status")}
+
     def search(self, spec: QuerySpec) -> SearchResult:
         """Top-k by the weighted cosine sum in ``spec.mode`` (exact, ann or ann+rescore), via the alias."""
         index, layout = self._need_read()

@@ -43,6 +43,15 @@ def parse_store_url(url: str) -> tuple[str, str]:
     return "embedded", text
 
 
+def check_store_url(url: str) -> None:
+    """Raise StoreError (one line, no credentials) for a store URL that cannot be opened as written."""
+    scheme, rest = parse_store_url(url)
+    if scheme == "opensearch":
+        from ..opensearch.client import split_url
+
+        split_url(rest if "://" in rest else f"http://{rest}")
+
+
 def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only: bool = False,
                interactive: bool = False, engine: str | None = None) -> Store:
     """Open the store a URL names. ``index``: the OpenSearch index name (ignored by embedded stores).
