@@ -381,7 +381,7 @@ def test_open_store_urls_and_missing_store(tmp_path):
     assert parse_store_url("some/dir") == ("embedded", "some/dir")
     with pytest.raises(StoreError, match="unknown store kind 'mongo'"):
         parse_store_url("mongo:x")
-    with pytest.raises(StoreError, match="write opensearch:http://h"):
+    with pytest.raises(StoreError, match=r"put opensearch: in front of an OpenSearch cluster.s URL \(opensearch:http://h\)"):
         parse_store_url("http://h")
     with pytest.raises(StoreError, match="no embedded store at"):
         open_store(f"embedded:{tmp_path / 'none'}", read_only=True)
