@@ -137,7 +137,7 @@ def test_live_inline_script_equals_stored_script(live):
 
 def test_live_model_upgrade_swaps_the_alias(live):
     store, docs = live
-    up = OpenSearchStore(store.config, client=store.client, refresh="wait_for")
+    up = OpenSearchStore(store.config, client=store.client, refresh="wait_for", engine=store.engine)
     up.ensure_index(_layout("live2bbbbbbbbbb"))
     assert up.pending_promotion
     new = _docs(1, "live2bbbbbbbbbb")[:100]

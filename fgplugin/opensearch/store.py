@@ -61,7 +61,7 @@ class OpenSearchStore:
         *,
         client: Any = None,
         refresh: bool | str = False,
-        engine: str = "faiss",
+        engine: str | None = None,
         index_options: Mapping[str, Any] | None = None,
         stored_script: bool = True,
     ):
@@ -69,7 +69,11 @@ class OpenSearchStore:
         self.alias = check_index_name(config.index)
         self.client = client if client is not None else make_client(config)
         self.refresh_writes = refresh  # bulk ?refresh= (tests use "wait_for")
-        self.engine = engine
+        # The k-NN engine of new indices: faiss unless the environment names another (a cluster without
+        # the native libraries, such as docker/opensearch-node.sh's, needs lucene).
+        self.engine = engine or os.environ.get(ENGINE_ENV) or "faiss"
+        if self.engine not in ENGINES:
+            raise StoreError(f"k-NN engine {self.engine!r} is not supported; use one of {', '.join(ENGINES)}")
         self.index_options = dict(index_options or {})
         self.script_id: str | None = SCRIPT_ID if stored_script else None
         self.write_index: str | None = None
@@ -84,12 +88,6 @@ class OpenSearchStore:
         """``url``: the cluster (``http(s)://[user:pass@]host:port[/index]``); credentials may also come
         from FGPLUGIN_OPENSEARCH_* env vars or the TOML config file (see ``client.py``)."""
         options = {k: kwargs.pop(k) for k in ("refresh", "engine", "index_options", "stored_script") if k in kwargs}
-        if options.get("engine") is None:  # (an explicit None: the default)
-            # The k-NN engine of new indices: faiss unless the environment names another (a cluster
-            # without the native libraries, such as the test node, needs lucene).
-            options["engine"] = os.environ.get(ENGINE_ENV) or "faiss"
-        if options["engine"] not in ENGINES:
-            raise StoreError(f"k-NN engine {options['engine']!r} is not supported; use one of {', '.join(ENGINES)}")
         return cls(load_config(url, index=index, config_path=config_path, **kwargs), **options)
 
     def __repr__(self) -> str:
