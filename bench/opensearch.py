@@ -27,12 +27,11 @@ import numpy as np
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query import CATEGORIES, build_store, console, generate  # noqa: E402  (bench/ is not a package)
+from query import CATEGORIES, bench_docs, build_store, console, generate  # noqa: E402  (bench/ is not a package)
 
 from fgplugin.opensearch.client import OpenSearchConfig  # noqa: E402
 from fgplugin.opensearch.store import OpenSearchStore  # noqa: E402
 from fgplugin.query.spec import QuerySpec, Term  # noqa: E402
-from fgplugin.stores.base import Document  # noqa: E402
 from fgplugin.stores.duckdb_store import DB_FILE, DuckDBStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +64,7 @@ def index_opensearch(store: OpenSearchStore, layout, vecs, attrs, category, pric
     store.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
     n, t, cpu = len(ids), time.perf_counter(), time.process_time()
     for s in range(0, n, batch):
-        docs = [Document(str(ids[i]), {a: vecs[a][i] for a in attrs},
-                         {"category": str(category[i]), "price": float(price[i])}, "bench")
-                for i in range(s, min(n, s + batch))]
+        docs = bench_docs(ids, vecs, attrs, category, price, s, min(n, s + batch))
         res = store.upsert(docs)
         assert not res.failed, res.failed[:3]
         if (s // batch + 1) % max(1, n // batch // 10) == 0:

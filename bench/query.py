@@ -84,6 +84,13 @@ def timed(fn, reps: int) -> tuple[float, float, object]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95)), out
 
 
+def bench_docs(ids, vecs, attrs, category, price, start: int, stop: int) -> list[Document]:
+    """Documents start..stop of the generated set (vectors, category and price)."""
+    return [Document(str(ids[i]), {a: vecs[a][i] for a in attrs}, {"category": str(category[i]),
+                                                                   "price": float(price[i])}, "bench")
+            for i in range(start, stop)]
+
+
 def build_store(path: Path, vecs, attrs, d, category, price, ids, batch: int) -> float:
     schema = AttributeSchema(tuple(Attribute(a, ("x", "y")) for a in attrs), name="bench")
     layout = IndexLayout(schema, {a: d for a in attrs}, {"category": "keyword", "price": "float"}, "bench")
@@ -94,9 +101,7 @@ def build_store(path: Path, vecs, attrs, d, category, price, ids, batch: int) ->
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task(f"writing {n:,} items", total=n)
         for s in range(0, n, batch):
-            docs = [Document(str(ids[i]), {a: vecs[a][i] for a in attrs},
-                             {"category": str(category[i]), "price": float(price[i])}, "bench")
-                    for i in range(s, min(n, s + batch))]
+            docs = bench_docs(ids, vecs, attrs, category, price, s, min(n, s + batch))
             res = store.upsert(docs)
             assert not res.failed, res.failed[:3]
             prog.advance(task, len(docs))

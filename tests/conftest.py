@@ -138,3 +138,25 @@ def opensearch_url(request) -> str:
 def opensearch_pair_url(request) -> str:
     """A two-node cluster on loopback (index with 2 primaries and 1 replica): per-shard scoring and k."""
     return _test_node(request, "pair", 2)
+
+
+@pytest.fixture(scope="module")
+def export_and_catalog(tmp_path_factory):
+    """The session's tiny untrained export (tests/test_encoder.py) and a two-item generated catalog: for
+    CLI tests whose subject is not the model."""
+    from fgplugin import synth
+
+    from test_encoder import tiny_export
+
+    export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
+    catalog = synth.generate(tmp_path_factory.mktemp("catalog"), 2, seed=1, size=64, workers=1, progress=False)
+    return export, catalog
+
+
+@pytest.fixture()
+def no_fgplugin_env(monkeypatch, tmp_path):
+    """No FGPLUGIN_* variables and no ~/.config/fgplugin/opensearch.toml: settings from the test alone."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for k in list(os.environ):
+        if k.startswith("FGPLUGIN_"):
+            monkeypatch.delenv(k)

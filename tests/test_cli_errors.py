@@ -29,11 +29,8 @@ def closed_port() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _no_config(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/fgplugin/opensearch.toml
-    for k in list(os.environ):
-        if k.startswith("FGPLUGIN_"):
-            monkeypatch.delenv(k)
+def _no_config(no_fgplugin_env):  # noqa: ARG001 - every test here starts from no settings
+    pass
 
 
 @pytest.fixture()
@@ -61,17 +58,6 @@ def silent_server():
     for c in conns:
         c.close()
     srv.close()
-
-
-@pytest.fixture(scope="module")
-def export_and_catalog(tmp_path_factory):
-    from fgplugin import synth
-
-    from test_encoder import tiny_export  # built once per session, shared with the encoder tests
-
-    export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
-    catalog = synth.generate(tmp_path_factory.mktemp("cli-errors"), 2, seed=1, size=64, workers=1, progress=False)
-    return export, catalog
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):

@@ -76,22 +76,8 @@ def assert_clean(text: str, what: str = "") -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_config(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/fgplugin/opensearch.toml
-    for k in list(os.environ):
-        if k.startswith("FGPLUGIN_"):
-            monkeypatch.delenv(k)
-
-
-@pytest.fixture(scope="module")
-def export_and_catalog(tmp_path_factory):
-    from fgplugin import synth
-
-    from test_encoder import tiny_export  # built once per session, shared with the encoder tests
-
-    export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
-    catalog = synth.generate(tmp_path_factory.mktemp("secrets"), 2, seed=1, size=64, workers=1, progress=False)
-    return export, catalog
+def _no_config(no_fgplugin_env):  # noqa: ARG001 - every test here starts from no settings
+    pass
 
 
 def run(*args: str, env: dict[str, str] | None = None):
