@@ -550,5 +550,5 @@ def default_errors_path(store: Any, index: str | None = None) -> Path:
     return Path.cwd() / f"{name}.{ERRORS_FILE}"
 
 
-__all__ = ["index_catalog", "IndexReport", "Removals", "plan_removals", "MAX_REMOVAL", "report_table", "read_errors", "write_errors", "default_errors_path",
-           "check_schema", "ERRORS_FILE"]
+__all__ = ["index_catalog", "IndexReport", "Removals", "plan_removals", "MAX_REMOVAL", "report_table", "read_errors",
+           "write_errors", "default_errors_path", "check_schema", "ERRORS_FILE"]

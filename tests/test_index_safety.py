@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from fake_opensearch import FakeOpenSearch
-from fgplugin import synth
 from fgplugin.catalog import UNREADABLE, load_catalog
-from fgplugin.export import ExportedEncoder
 from fgplugin.indexer import index_catalog
 from fgplugin.opensearch.client import OpenSearchConfig
 from fgplugin.opensearch.store import OpenSearchStore
@@ -26,18 +24,9 @@ from fgplugin.query.spec import QuerySpec, parse_filter
 from fgplugin.stores.base import same_image
 from fgplugin.stores.duckdb_store import DuckDBStore
 from opensearch_spec import api_spec  # noqa: F401 (session fixture)
-from test_encoder import tiny_export
+from test_indexer import N, env  # noqa: F401 (the tiny export and an N-item generated catalog)
 
-N = 20
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
-    data = tmp_path_factory.mktemp("data")
-    catalog_path = synth.generate(data, N, seed=5, size=64, workers=1, progress=False)
-    return ExportedEncoder.load(export, device="cpu"), export, catalog_path
 
 
 @pytest.fixture(scope="module")

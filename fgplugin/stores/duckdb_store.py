@@ -61,10 +61,13 @@ _DAMAGE = ("Corrupt database file", "Could not read enough bytes", "not a valid 
            "Checksum", "checksum", "Invalid block", "INTERNAL Error")
 
 
-def _damage_message(path: Path, e: BaseException) -> str:
+def _store_error(path: Path, e: BaseException, doing: str) -> StoreError:
+    """One line for a DuckDB error while ``doing`` something; a damaged file says so, whatever was done."""
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"the embedded store file {path} is damaged ({first}); `fgplugin store verify` checks every column. "
-            "Restore it from a backup, or index the catalog into a new folder")
+    if any(d in str(e) for d in _DAMAGE):
+        return StoreError(f"the embedded store file {path} is damaged ({first}); `fgplugin store verify` checks "
+                          "every column. Restore it from a backup, or index the catalog into a new folder")
+    return StoreError(f"{doing}: {first}")
 
 
 def _store_errors(fn: Any) -> Any:
@@ -78,10 +81,7 @@ def _store_errors(fn: Any) -> Any:
         except duckdb.InterruptException:
             raise KeyboardInterrupt from None
         except duckdb.Error as e:
-            if any(d in str(e) for d in _DAMAGE):
-                raise StoreError(_damage_message(self.path, e)) from None
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise StoreError(f"embedded store {self.path}: {first}") from None
+            raise _store_error(self.path, e, f"embedded store {self.path}") from None
 
     return wrapper
 
@@ -132,10 +132,10 @@ class DuckDBStore:
                 # isolates transactions within a process); this object still refuses writes.
                 self.con = duckdb.connect(str(self.path))
         except duckdb.Error as e:
-            if any(d in str(e) for d in _DAMAGE):
-                raise StoreError(_damage_message(self.path, e)) from None
-            hint = " (a store has a single writer: is another fgplugin process indexing into it?)" if "lock" in str(e) else ""
-            raise StoreError(f"cannot open the embedded store {self.path}: {str(e).splitlines()[0]}{hint}") from None
+            err = _store_error(self.path, e, f"cannot open the embedded store {self.path}")
+            if "lock" in str(e):
+                err = StoreError(f"{err} (a store has a single writer: is another fgplugin process indexing into it?)")
+            raise err from None
         try:
             self._setup(read_only)
         except BaseException:
@@ -413,7 +413,7 @@ class DuckDBStore:
                     # and finding the existing ids first scans the whole id column per batch.
                     self._sql(f"{insert} ON CONFLICT (id) DO UPDATE SET {updates}")
             except duckdb.Error as e:
-                raise StoreError(f"writing {n} documents to {self.path} failed: {e}") from None
+                raise _store_error(self.path, e, f"writing {n} documents to {self.path} failed") from None
             finally:
                 self.con.unregister("fg_stage_in")
                 self._sql("DROP TABLE IF EXISTS fg_stage")
