@@ -6,7 +6,7 @@ bottleneck. A bounded window of in-flight items keeps memory flat on catalogs of
 come back in input order, one :class:`EncodedBatch` per ``batch_size`` input items.
 
 A bad item never stops a batch: an unreadable file, a failed download, a corrupt or oversize image,
-or a model failure becomes a :class:`~fgplugin.stores.base.Failure` (stage ``read``, ``decode`` or
+or a model failure becomes a :class:`~fgplugin.search.store.Failure` (stage ``read``, ``decode`` or
 ``encode``) on the batch that item belonged to, and the other items go on.
 
 Vectors are float32 by default, each L2-normalised (the export does that). ``dtype="float16"`` or
@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from . import images
+from .encoding import DeployedEncoder
 from .errors import ImageError
 from .images import ImageLimits
-from .stores.base import Failure
+from .search.store import Failure
 
 DTYPES = ("float32", "float16", "int8")
 INT8_DEFAULT_SCALE = 127.0  # |v_i| <= 1 for a unit vector, so v * 127 always fits in int8
@@ -119,7 +120,7 @@ def make_client(limits: ImageLimits, workers: int) -> httpx.Client:
     )
 
 
-def _forward(encoder: Any, tensors: list[torch.Tensor], ids: list[str]) -> tuple[dict[str, np.ndarray], list[int], list[Failure]]:
+def _forward(encoder: DeployedEncoder, tensors: list[torch.Tensor], ids: list[str]) -> tuple[dict[str, np.ndarray], list[int], list[Failure]]:
     """Encode a batch; if the batch fails, encode item by item so one bad input costs only itself.
 
     Returns (vectors of the kept rows, indices of the kept rows, failures)."""
@@ -150,8 +151,65 @@ def _forward(encoder: Any, tensors: list[torch.Tensor], ids: list[str]) -> tuple
     return {a: v[finite] for a, v in out.items()}, [i for i in keep if finite[i]], failures
 
 
+def _assemble(encoder: DeployedEncoder, loaded: list[_Loaded], dtype: str, timings: BatchTimings) -> EncodedBatch:
+    """One batch from its loaded items: encode the good ones, keep every failure."""
+    failures = [x.failure for x in loaded if x.failure is not None]
+    good = [x for x in loaded if x.failure is None]
+    timings.read_s = sum(x.read_s for x in loaded)
+    timings.decode_s = sum(x.decode_s for x in loaded)
+    vectors: dict[str, np.ndarray] = {a: np.zeros((0, encoder.dims[a]), np.float32) for a in encoder.attributes}
+    ids: list[str] = []
+    sources: list[str] = []
+    if good:
+        t1 = time.perf_counter()
+        got, keep, model_failures = _forward(encoder, [x.tensor for x in good], [x.id for x in good])
+        timings.model_s = time.perf_counter() - t1
+        failures += model_failures
+        if keep:
+            vectors = got
+            ids = [good[i].id for i in keep]
+            sources = [good[i].source for i in keep]
+    if dtype != "float32":
+        vectors = quantize(vectors, dtype, scales=int8_scales(encoder.card) if dtype == "int8" else None)
+    return EncodedBatch(ids, vectors, failures, sources, timings)
+
+
+class _Loader:
+    """Keeps at most ``window`` items queued for the loader threads, in input order."""
+
+    def __init__(self, items: Iterable[tuple[str, str]], transform: Callable[[Any], torch.Tensor], limits: ImageLimits,
+                 workers: int, window: int):
+        self.items, self.transform, self.limits, self.window = iter(items), transform, limits, window
+        self.pending: collections.deque[Future[_Loaded]] = collections.deque()
+        self.client = make_client(limits, workers)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgplugin-load")
+        self.exhausted = False
+
+    def top_up(self) -> None:
+        while not self.exhausted and len(self.pending) < self.window:
+            try:
+                id_, source = next(self.items)
+            except StopIteration:
+                self.exhausted = True
+                return
+            self.pending.append(self.pool.submit(_load, str(id_), str(source), self.transform, self.limits, self.client))
+
+    def next_batch(self, batch_size: int) -> list[_Loaded]:
+        loaded: list[_Loaded] = []
+        while self.pending and len(loaded) < batch_size:
+            loaded.append(self.pending.popleft().result())
+            self.top_up()  # keep the loaders busy while this batch is assembled and encoded
+        return loaded
+
+    def close(self) -> None:
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+
+
 def iter_encoded(
-    encoder: Any,
+    encoder: DeployedEncoder,
     items: Iterable[tuple[str, str]],
     *,
     batch_size: int = 32,
@@ -163,11 +221,11 @@ def iter_encoded(
 ) -> Iterator[EncodedBatch]:
     """Encode ``(id, source)`` pairs (local paths or http(s) URLs), ``batch_size`` input items per batch.
 
-    ``encoder``: an :class:`fgplugin.export.ExportedEncoder` (or anything with ``preprocess``,
-    ``attributes``, ``dims`` and ``encode_tensors``). Up to ``workers`` threads load images while the
-    model runs; at most ``(prefetch_batches + 1) * batch_size`` items are queued for the loaders besides
-    the batch being encoded, so memory stays flat whatever the catalog size. ``progress`` is
-    called with each batch before it is yielded.
+    ``encoder``: an exported encoder (``DeployedEncoder``: ``preprocess``, ``attributes``, ``dims``,
+    ``encode_tensors``, and ``card`` for int8). Up to ``workers`` threads load images while the model
+    runs; at most ``(prefetch_batches + 1) * batch_size`` items are queued for the loaders besides the
+    batch being encoded, so memory stays flat whatever the catalog size. ``progress`` is called with
+    each batch before it is yielded.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -176,69 +234,28 @@ def iter_encoded(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     transform = encoder.preprocess.transform()  # built once; torchvision v2 transforms are thread-safe
-    window = (prefetch_batches + 1) * batch_size
-    it = iter(items)
-    pending: collections.deque[Future[_Loaded]] = collections.deque()
-    client = make_client(limits, workers)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgplugin-load")
-    exhausted = False
-
-    def top_up() -> None:
-        nonlocal exhausted
-        while not exhausted and len(pending) < window:
-            try:
-                id_, source = next(it)
-            except StopIteration:
-                exhausted = True
-                return
-            pending.append(pool.submit(_load, str(id_), str(source), transform, limits, client))
-
+    loader = _Loader(items, transform, limits, workers, (prefetch_batches + 1) * batch_size)
     try:
         while True:
-            top_up()
-            if not pending:
+            loader.top_up()
+            if not loader.pending:
                 return
             timings = BatchTimings()
-            loaded: list[_Loaded] = []
             t0 = time.perf_counter()
-            while pending and len(loaded) < batch_size:
-                loaded.append(pending.popleft().result())
-                top_up()  # keep the loaders busy while this batch is assembled and encoded
+            loaded = loader.next_batch(batch_size)
             timings.wait_s = time.perf_counter() - t0
-            failures = [x.failure for x in loaded if x.failure is not None]
-            good = [x for x in loaded if x.failure is None]
-            timings.read_s = sum(x.read_s for x in loaded)
-            timings.decode_s = sum(x.decode_s for x in loaded)
-            vectors: dict[str, np.ndarray] = {a: np.zeros((0, encoder.dims[a]), np.float32) for a in encoder.attributes}
-            ids: list[str] = []
-            sources: list[str] = []
-            if good:
-                t1 = time.perf_counter()
-                got, keep, model_failures = _forward(encoder, [x.tensor for x in good], [x.id for x in good])
-                timings.model_s = time.perf_counter() - t1
-                failures += model_failures
-                if keep:
-                    vectors = got
-                    ids = [good[i].id for i in keep]
-                    sources = [good[i].source for i in keep]
-            if dtype != "float32":
-                vectors = quantize(vectors, dtype, scales=int8_scales(encoder))
-            batch = EncodedBatch(ids, vectors, failures, sources, timings)
+            batch = _assemble(encoder, loaded, dtype, timings)
             if progress is not None:
                 progress(batch)
             yield batch
     finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-        client.close()
+        loader.close()
 
 
 # -- compact storage ---------------------------------------------------------------------------------
-def int8_scales(encoder_or_card: Any) -> dict[str, float]:
-    """Per-attribute int8 scale from the model card (``storage.int8.scale``), else 127 for every attribute."""
-    card = encoder_or_card if isinstance(encoder_or_card, Mapping) else getattr(encoder_or_card, "card", {}) or {}
-    names = list(card.get("attributes") or getattr(encoder_or_card, "attributes", []))
+def int8_scales(card: Mapping[str, Any]) -> dict[str, float]:
+    """Per-attribute int8 scale from a model card (``storage.int8.scale``), else 127 for every attribute."""
+    names = list(card.get("attributes") or [])
     storage = card.get("storage") if isinstance(card.get("storage"), Mapping) else {}
     int8 = storage.get("int8") if isinstance(storage.get("int8"), Mapping) else {}
     given = int8.get("scale") if isinstance(int8.get("scale"), Mapping) else {}

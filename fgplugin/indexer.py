@@ -4,7 +4,7 @@ One run:
 
 1. checks that the export was trained for the catalog's schema and creates (or checks) the index;
 2. compares each catalog item with what the store holds for its id (``store.fingerprints()``: model
-   version, image key, metadata key; see :class:`fgplugin.stores.base.Fingerprint`). The image key is
+   version, image key, metadata key; see :class:`fgplugin.search.store.Fingerprint`). The image key is
    the image source plus, for a local file, its size and mtime (one ``stat``), so a file replaced in
    place counts as a new image; the metadata key hashes the metadata as the store keeps it:
    - same model version, image key and metadata key: skipped as already current. So a run killed at
@@ -59,19 +59,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskProgressColumn,
-                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-from rich.table import Table
-from rich.text import Text
 
 from .catalog import UNREADABLE, Catalog, Problem, load_catalog
 from .encoder import BatchTimings, EncodedBatch, iter_encoded
+from .encoding import DeployedEncoder
 from .errors import ImageError, ModelCardError, StoreError
 from .images import DEFAULT_LIMITS, ImageLimits
-from .stores.base import Document, Failure, Fingerprint, IndexLayout, Store, image_key, metadata_key, same_image
+from .progress import OnProgress, report as report_step
+from .schema import require_same_schema
+from .search.store import (Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, image_key, metadata_key,
+                           same_image)
 
-ERRORS_FILE = "errors.jsonl"
 METADATA_CHUNK = 500  # documents per get_vectors + upsert round of metadata-only updates
 MAX_REMOVAL = 0.10  # default share of the stored documents one run may remove (see "Removals")
 
@@ -212,81 +210,189 @@ class IndexReport:
         }
 
 
-def report_table(report: IndexReport) -> Table:
-    t = Table(title="fgplugin index", title_justify="left", show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("", justify="right")
-    t.add_row("catalog items", str(report.catalog_items))
-    t.add_row("[green]indexed", str(report.indexed))
-    t.add_row("[green]metadata updated", str(report.metadata_updated))
-    t.add_row("skipped: already current", str(report.skipped_current))
-    if report.skipped_failed:
-        t.add_row("[yellow]skipped: failed before (--retry-errors)", str(report.skipped_failed))
-    if report.not_attempted:
-        t.add_row("[yellow]not attempted (run without --retry-errors)", str(report.not_attempted))
-    for cause, n in report.failed_by_cause().items():
-        t.add_row(f"[red]failed: {cause}", str(n))
-    if report.stale_removed:
-        t.add_row("[red]out-of-date documents removed (update failed)", str(report.stale_removed))
-    if report.invalid_removed:
-        t.add_row("[red]documents of invalid rows removed", str(report.invalid_removed))
-    if report.pruned:
-        t.add_row("pruned (not in catalog)", str(report.pruned))
-    elif report.orphans:
-        t.add_row("[yellow]in store, not in catalog (--prune)", str(report.orphans))
-    if report.not_pruned:
-        t.add_row("[bold red]not pruned", report.not_pruned)
-    if report.removal_refused:
-        t.add_row("[bold red]nothing removed", report.removal_refused)
-    for note in report.notes:
-        t.add_row("[yellow]note", note)
-    if report.promoted:
-        t.add_row("[green]now serving", report.promoted)
-    if report.not_promoted:
-        t.add_row("[yellow]not serving yet", report.not_promoted)
-    if report.errors_path and report.errors_in_file:
-        t.add_row("errors file", f"{report.errors_path} ({report.errors_in_file} lines)")
-    rate = report.indexed / report.elapsed_s if report.elapsed_s > 0 else 0.0
-    t.add_row("time", f"{report.elapsed_s:.1f} s ({rate:.1f} items/s)")
-    tm = report.timings
-    t.add_row("time split", f"model {tm.model_s:.1f} s, waiting for images {tm.wait_s:.1f} s, "
-                            f"store writes {report.write_s:.1f} s")
-    if report.aborted:
-        t.add_row("[bold red]aborted", report.aborted)
-    return t
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- items/s" if speed is None else f"{speed:.1f} items/s", style="progress.data.speed")
-
-
-def _progress(console: Console | None) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TaskProgressColumn(), _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console or Console(stderr=True), transient=False,
-    )
-
-
-# -- the worker ------------------------------------------------------------------------------------
-def check_schema(catalog: Catalog, encoder: Any) -> None:
+def check_schema(catalog: Catalog, encoder: DeployedEncoder) -> None:
     """Refuse an export trained for another schema than the catalog's."""
-    want, got = catalog.schema, encoder.schema
-    if want.fingerprint() != got.fingerprint():
-        from .export import _schema_difference
+    require_same_schema(encoder.schema, catalog.schema, have_is=f"the model {encoder.path}",
+                        want_is=f"the catalog {catalog.path}", error=ModelCardError)
 
-        raise ModelCardError(
-            f"the model {getattr(encoder, 'path', '')} was trained for schema {got.name!r} (fingerprint "
-            f"{got.fingerprint()}), but the catalog {catalog.path} uses schema {want.name!r} (fingerprint "
-            f"{want.fingerprint()}): {_schema_difference(got, want)}"
+
+@dataclass
+class _Work:
+    """What one run has to do, from comparing the catalog with the store's fingerprints (step 2-3)."""
+
+    encode: list[tuple[str, str]] = field(default_factory=list)  # (id, image source) to encode
+    metadata_only: list[str] = field(default_factory=list)  # ids whose metadata alone changed
+    sources: dict[str, str] = field(default_factory=dict)  # id -> image source
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (image key, metadata key) written
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # standing failures, id -> errors-file entry
+    early: list[Failure] = field(default_factory=list)  # items that fail before encoding (bad image URL)
+
+
+def _plan_work(catalog: Catalog, layout: IndexLayout, stored: dict[str, Fingerprint],
+               prior: dict[str, dict[str, Any]], retry_errors: bool, report: IndexReport) -> _Work:
+    """Sort every catalog item into skipped (counted on ``report``), metadata-only or to encode."""
+    work = _Work()
+    for it in catalog:
+        try:
+            src = catalog.image_source(it)
+        except ImageError as e:
+            work.early.append(Failure(it.id, "read", str(e), kind="bad_url"))
+            continue
+        ik, mk = image_key(src), metadata_key(layout, it.metadata)
+        fp = stored.get(it.id)
+        # same_image: also a key stored before image sources were made absolute, for the same file
+        # (its document is then rewritten with the absolute source, without re-encoding).
+        same_vectors = fp is not None and fp.model_version == layout.model_version and same_image(fp.image_key, ik)
+        if same_vectors and fp is not None and fp.image_key == ik and fp.meta_key == mk:
+            report.skipped_current += 1
+            continue
+        work.keys[it.id] = (ik, mk)
+        known = prior.get(it.id)
+        if known is not None:
+            work.errors[it.id] = known
+        if retry_errors:
+            if known is None:
+                report.not_attempted += 1
+                continue
+        elif known is not None and _same_inputs(known, src, (ik, mk)):
+            report.skipped_failed += 1
+            continue
+        work.sources[it.id] = src
+        if same_vectors:
+            work.metadata_only.append(it.id)
+        else:
+            work.encode.append((it.id, src))
+    report.to_index = len(work.encode) + len(work.metadata_only) + len(work.early)
+    return work
+
+
+@dataclass
+class _Run:
+    """One run's moving parts: what it writes, what it records, and where failures go as they happen."""
+
+    catalog: Catalog
+    store: Store
+    report: IndexReport
+    work: _Work
+    stored: dict[str, Fingerprint]  # updated as documents are written: the run's view of the store
+    errors_file: Any = None  # open errors file (append), or None
+    items: dict[str, Any] = field(default_factory=dict)  # catalog id -> item
+
+    def __post_init__(self) -> None:
+        self.items = self.catalog.by_id()
+
+    def record(self, failed: list[Failure]) -> None:
+        """Report failures and append them to the errors file at once (a killed run loses none)."""
+        for f in failed:
+            self.report.failures.append(f)
+            e = failure_entry(f, image=self.work.sources.get(f.id), model_version=self.report.model_version,
+                              keys=self.work.keys.get(f.id))
+            self.work.errors[f.id] = e
+            if self.errors_file is not None:
+                self.errors_file.write(json.dumps(e, ensure_ascii=False, default=str) + "\n")
+        if self.errors_file is not None and failed:
+            self.errors_file.flush()
+
+    def written(self, ids: Iterable[str]) -> None:
+        for i in ids:
+            self.work.errors.pop(i, None)
+            self.stored[i] = Fingerprint(self.report.model_version, *self.work.keys[i])
+
+    def document(self, id_: str, vectors: dict[str, Any]) -> Document:
+        item = self.items[id_]
+        ik, mk = self.work.keys[id_]
+        return Document(id_, vectors, dict(item.metadata), model_version=self.report.model_version,
+                        image=self.work.sources[id_], image_key=ik, meta_key=mk)
+
+    def write(self, docs: list[Document]) -> UpsertResult | None:
+        """Upsert; a StoreError (store down or broken) aborts the run: None. Those items are not failures
+        of their own; the next run picks them (and everything after them) up again."""
+        t0 = time.perf_counter()
+        try:
+            result = self.store.upsert(docs)
+        except StoreError as e:
+            self.report.aborted = str(e)
+            return None
+        self.report.write_s += time.perf_counter() - t0
+        self.written(result.ok)
+        return result
+
+
+def _update_metadata(run: _Run) -> None:
+    """Metadata-only changes: rewrite the documents with their stored vectors (no image is read)."""
+    ids = run.work.metadata_only
+    for start in range(0, len(ids), METADATA_CHUNK):
+        chunk = ids[start:start + METADATA_CHUNK]
+        try:
+            vectors = run.store.get_vectors(chunk)
+        except StoreError as e:
+            run.report.aborted = str(e)
+            return
+        # A document gone since the fingerprints were read is encoded instead.
+        run.work.encode.extend((i, run.work.sources[i]) for i in chunk if i not in vectors)
+        docs = [run.document(i, vectors[i]) for i in chunk if i in vectors]
+        if not docs:
+            continue
+        result = run.write(docs)
+        if result is None:
+            return
+        run.report.metadata_updated += len(result.ok)
+        run.record(result.failed)
+
+
+def _encode_and_write(run: _Run, encoder: DeployedEncoder, *, batch_size: int, workers: int, limits: ImageLimits,
+                      on_progress: OnProgress | None, on_batch: Callable[[EncodedBatch], None] | None) -> None:
+    """Encode the items to encode in batches and upsert each batch as soon as it is encoded."""
+    total, done = len(run.work.encode), 0
+    report_step(on_progress, "indexing", 0, total)
+    for batch in iter_encoded(encoder, run.work.encode, batch_size=batch_size, workers=workers, limits=limits):
+        run.report.timings.add(batch.timings)
+        docs = [run.document(id_, {a: batch.vectors[a][j] for a in encoder.attributes})
+                for j, id_ in enumerate(batch.ids)]
+        failed = list(batch.failures)
+        if docs:
+            result = run.write(docs)
+            if result is None:
+                run.record(failed)
+                return
+            run.report.indexed += len(result.ok)
+            failed += result.failed
+        run.record(failed)
+        done += len(batch)
+        nfail = len(run.report.failures)
+        report_step(on_progress, "indexing", done, total, f"{nfail} failed" if nfail else "")
+        if on_batch is not None:
+            on_batch(batch)
+
+
+def _remove_and_promote(run: _Run, *, prune: bool, max_removal: float, promote: bool | None) -> None:
+    """Steps 6 and 7: the run's removals (all or none, see "Removals") and the alias switch."""
+    rep, store = run.report, run.store
+    # ``stored`` now holds this run's fingerprints for what it wrote: a failed id still in it keeps a
+    # document that was not brought up to date.
+    plan = plan_removals(run.catalog, run.stored, run.work.errors, prune=prune, max_removal=max_removal)
+    rep.orphans, rep.not_pruned, rep.removal_refused = len(plan.orphans), plan.not_pruned, plan.refused
+    if plan.ids and not rep.aborted:
+        rep.stale_removed = store.delete(plan.stale) if plan.stale else 0
+        rep.invalid_removed = store.delete(plan.invalid) if plan.invalid else 0
+        rep.pruned = store.delete(plan.prune) if plan.prune else 0
+    if not store.pending_promotion:
+        return
+    if rep.aborted:
+        rep.not_promoted = "the run did not finish; queries still use the previous index"
+    elif promote or (promote is None and rep.ok):
+        rep.promoted = str(store.promote()["index"])
+    else:
+        rep.not_promoted = (
+            f"the new model's index {store.write_target} is not complete; queries still use the "
+            "previous one (fix the failures and rerun, or pass --promote)"
+            if promote is None else "promotion was turned off"
         )
 
 
 def index_catalog(
     catalog: Catalog | str | Path,
-    encoder: Any,
+    encoder: DeployedEncoder,
     store: Store,
     *,
     batch_size: int = 32,
@@ -295,20 +401,20 @@ def index_catalog(
     retry_errors: bool = False,
     prune: bool = False,
     max_removal: float = MAX_REMOVAL,
-    progress: bool | Console = True,
+    on_progress: OnProgress | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
     model_path: str | Path | None = None,
     promote: bool | None = None,
     on_batch: Callable[[EncodedBatch], None] | None = None,
 ) -> IndexReport:
-    """Bring ``store`` up to date with ``catalog`` encoded by ``encoder`` (an ExportedEncoder).
+    """Bring ``store`` up to date with ``catalog`` encoded by ``encoder`` (the steps of the module docstring).
 
     ``catalog``: a loaded Catalog or a manifest path (loaded non-strictly with the encoder's schema;
     invalid rows are reported, not indexed). ``errors_path``: the errors JSONL (None: failures are only
-    in the report). ``model_path``: recorded in the store's meta (``model_path``) where the store
-    supports it, so image queries find the encoder; defaults to ``encoder.path``. ``progress``: show a
-    rich progress bar (on stderr, or on the Console given). ``promote``: see step 7 of the module
-    docstring. ``on_batch``: called after each batch is written. ``max_removal``: see "Removals".
+    in the report). ``model_path``: recorded in the store's meta (``model_path``), so image queries find
+    the encoder; defaults to ``encoder.path``. ``on_progress``: called with ``Step("indexing", done,
+    total, info)`` as batches are written. ``promote``: step 7. ``on_batch``: called after each batch is
+    written. ``max_removal``: see "Removals".
 
     Ctrl-C (KeyboardInterrupt) ends the run early with a report (``aborted``) of what was done; what
     was written stays, and a rerun continues from there.
@@ -317,178 +423,45 @@ def index_catalog(
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog, encoder.schema, strict=False)
     check_schema(catalog, encoder)
-    version = encoder.version
-    report = IndexReport(str(catalog.path), getattr(store, "url", repr(store)), version,
-                         catalog_items=len(catalog), catalog_problems=list(catalog.problems),
-                         notes=list(catalog.notes))
-    layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), version,
-                         query_slack=bool(getattr(encoder, "query_slack", False)))  # encoders before it: none
-    # A damaged store must not pass for "already current": read it whole first (cheap next to encoding).
-    verify = getattr(store, "verify", None)
-    if verify is not None:
-        verify()
+    rep = IndexReport(str(catalog.path), store.url, encoder.version, catalog_items=len(catalog),
+                      catalog_problems=list(catalog.problems), notes=list(catalog.notes))
+    layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), encoder.version,
+                         query_slack=encoder.query_slack)
+    store.verify()  # a damaged store must not pass for "already current": read it whole first
     store.ensure_index(layout)
-    path = model_path if model_path is not None else getattr(encoder, "path", None)
-    if path is not None and hasattr(store, "set_meta"):
-        store.set_meta("model_path", str(Path(path).resolve()))
+    store.set_meta("model_path", str(Path(model_path if model_path is not None else encoder.path).resolve()))
 
-    stored: dict[str, Fingerprint] = dict(store.fingerprints())
+    stored = dict(store.fingerprints())
     catalog_ids = set(catalog.ids)
     prior = {i: e for i, e in read_errors(errors_path).items() if i in catalog_ids}
-
-    items = catalog.by_id()
-    todo: list[tuple[str, str]] = []  # (id, image source) to encode
-    meta_todo: list[str] = []  # ids whose metadata alone changed
-    sources: dict[str, str] = {}
-    keys: dict[str, tuple[str, str]] = {}  # id -> (image key, metadata key) this run writes
-    # Failures from earlier runs that still stand: the item is in the catalog and not current.
-    errors: dict[str, dict[str, Any]] = {}
-    early: list[Failure] = []
-    for it in catalog:
-        try:
-            src = catalog.image_source(it)
-        except ImageError as e:
-            early.append(Failure(it.id, "read", str(e), kind="bad_url"))
-            continue
-        ik, mk = image_key(src), metadata_key(layout, it.metadata)
-        fp = stored.get(it.id)
-        # same_image: also a key stored before image sources were made absolute, for the same file
-        # (its document is then rewritten with the absolute source, without re-encoding).
-        same_vectors = fp is not None and fp.model_version == version and same_image(fp.image_key, ik)
-        if same_vectors and fp is not None and fp.image_key == ik and fp.meta_key == mk:
-            report.skipped_current += 1
-            continue
-        keys[it.id] = (ik, mk)
-        known = prior.get(it.id)
-        if known is not None:
-            errors[it.id] = known
-        if retry_errors:
-            if known is None:
-                report.not_attempted += 1
-                continue
-        elif known is not None and _same_inputs(known, src, (ik, mk)):
-            report.skipped_failed += 1
-            continue
-        sources[it.id] = src
-        if same_vectors:
-            meta_todo.append(it.id)
-        else:
-            todo.append((it.id, src))
-
-    report.to_index = len(todo) + len(meta_todo) + len(early)
+    run = _Run(catalog, store, rep, _plan_work(catalog, layout, stored, prior, retry_errors, rep), stored)
 
     err_file = Path(errors_path) if errors_path is not None else None
     if err_file is not None:
         err_file.parent.mkdir(parents=True, exist_ok=True)
         # Start the file with what stands now, then append as failures happen: a killed run loses none.
-        write_errors(err_file, [problem_entry(p) for p in report.catalog_problems] + list(errors.values()))
-    err_fh = err_file.open("a", encoding="utf-8") if err_file is not None else None
-
-    def record(failed: list[Failure]) -> None:
-        for f in failed:
-            report.failures.append(f)
-            e = failure_entry(f, image=sources.get(f.id), model_version=version, keys=keys.get(f.id))
-            errors[f.id] = e
-            if err_fh is not None:
-                err_fh.write(json.dumps(e, ensure_ascii=False, default=str) + "\n")
-        if err_fh is not None and failed:
-            err_fh.flush()
-
-    def written(ids: Iterable[str]) -> None:
-        for i in ids:
-            errors.pop(i, None)
-            stored[i] = Fingerprint(version, *keys[i])
-
-    def document(id_: str, vectors: dict[str, Any]) -> Document:
-        return Document(id_, vectors, dict(items[id_].metadata), model_version=version, image=sources[id_],
-                        image_key=keys[id_][0], meta_key=keys[id_][1])
-
-    bar = _progress(progress if isinstance(progress, Console) else None) if progress else None
+        write_errors(err_file, [problem_entry(p) for p in rep.catalog_problems] + list(run.work.errors.values()))
+        run.errors_file = err_file.open("a", encoding="utf-8")
     try:
-        record(early)
-        # Metadata-only changes: rewrite the documents with their stored vectors (no image is read).
-        for start in range(0, len(meta_todo), METADATA_CHUNK):
-            chunk = meta_todo[start:start + METADATA_CHUNK]
-            t0 = time.perf_counter()
-            try:
-                vectors = store.get_vectors(chunk)
-                # A document gone since the fingerprints were read is encoded instead.
-                todo.extend((i, sources[i]) for i in chunk if i not in vectors)
-                docs = [document(i, vectors[i]) for i in chunk if i in vectors]
-                result = store.upsert(docs) if docs else None
-            except StoreError as e:
-                report.aborted = str(e)
-                break
-            report.write_s += time.perf_counter() - t0
-            if result is not None:
-                report.metadata_updated += len(result.ok)
-                written(result.ok)
-                record(result.failed)
-        if report.aborted:
-            todo = []
-        task = None
-        if bar is not None:
-            bar.start()
-            task = bar.add_task("indexing", total=len(todo))
-        for batch in iter_encoded(encoder, todo, batch_size=batch_size, workers=workers, limits=limits):
-            report.timings.add(batch.timings)
-            docs = [document(id_, {a: batch.vectors[a][j] for a in encoder.attributes})
-                    for j, id_ in enumerate(batch.ids)]
-            failed = list(batch.failures)
-            if docs:
-                t0 = time.perf_counter()
-                try:
-                    result = store.upsert(docs)
-                except StoreError as e:
-                    # The store is unreachable or broke: stop. These items are not failures of their
-                    # own; the next run picks them (and everything after them) up again.
-                    report.aborted = str(e)
-                    record(failed)
-                    break
-                report.write_s += time.perf_counter() - t0
-                report.indexed += len(result.ok)
-                failed += result.failed
-                written(result.ok)
-            record(failed)
-            if bar is not None and task is not None:
-                nfail = len(report.failures)
-                bar.update(task, advance=len(batch), description=f"indexing ({nfail} failed)" if nfail else "indexing")
-            if on_batch is not None:
-                on_batch(batch)
+        run.record(run.work.early)
+        _update_metadata(run)
+        if not rep.aborted:
+            _encode_and_write(run, encoder, batch_size=batch_size, workers=workers, limits=limits,
+                              on_progress=on_progress, on_batch=on_batch)
     except KeyboardInterrupt:
         # Written batches stay (each upsert is all or nothing); report what was done instead of a traceback.
-        report.aborted = "interrupted (Ctrl-C); what was written stays, rerun to continue"
+        rep.aborted = "interrupted (Ctrl-C); what was written stays, rerun to continue"
     finally:
-        if bar is not None:
-            bar.stop()
-        if err_fh is not None:
-            err_fh.close()
+        if run.errors_file is not None:
+            run.errors_file.close()
 
-    # ``stored`` now holds this run's fingerprints for what it wrote: a failed id still in it keeps a
-    # document that was not brought up to date.
-    plan = plan_removals(catalog, stored, errors, prune=prune, max_removal=max_removal)
-    report.orphans, report.not_pruned, report.removal_refused = len(plan.orphans), plan.not_pruned, plan.refused
-    if plan.ids and not report.aborted:
-        report.stale_removed = store.delete(plan.stale) if plan.stale else 0
-        report.invalid_removed = store.delete(plan.invalid) if plan.invalid else 0
-        report.pruned = store.delete(plan.prune) if plan.prune else 0
-    if getattr(store, "pending_promotion", False):
-        if report.aborted:
-            report.not_promoted = "the run did not finish; queries still use the previous index"
-        elif promote or (promote is None and report.ok):
-            report.promoted = str(store.promote()["index"])
-        else:
-            report.not_promoted = (
-                f"the new model's index {getattr(store, 'write_index', '')} is not complete; queries still use the "
-                "previous one (fix the failures and rerun, or pass --promote)"
-                if promote is None else "promotion was turned off"
-            )
+    _remove_and_promote(run, prune=prune, max_removal=max_removal, promote=promote)
     if err_file is not None:
-        report.errors_path = str(err_file)
-        report.errors_in_file = write_errors(
-            err_file, [problem_entry(p) for p in report.catalog_problems] + list(errors.values()))
-    report.elapsed_s = time.perf_counter() - t_start
-    return report
+        rep.errors_path = str(err_file)
+        rep.errors_in_file = write_errors(
+            err_file, [problem_entry(p) for p in rep.catalog_problems] + list(run.work.errors.values()))
+    rep.elapsed_s = time.perf_counter() - t_start
+    return rep
 
 
 @dataclass
@@ -541,14 +514,5 @@ def plan_removals(catalog: Catalog, stored_ids: Iterable[str], failed_ids: Itera
     return plan
 
 
-def default_errors_path(store: Any, index: str | None = None) -> Path:
-    """DIR/errors.jsonl for an embedded store; ``<index>.errors.jsonl`` in the working folder otherwise."""
-    directory = getattr(store, "directory", None)
-    if directory is not None:
-        return Path(directory) / ERRORS_FILE
-    name = index or getattr(store, "index", None) or "fgplugin"
-    return Path.cwd() / f"{name}.{ERRORS_FILE}"
-
-
-__all__ = ["index_catalog", "IndexReport", "Removals", "plan_removals", "MAX_REMOVAL", "report_table", "read_errors",
-           "write_errors", "default_errors_path", "check_schema", "ERRORS_FILE"]
+__all__ = ["index_catalog", "IndexReport", "Removals", "plan_removals", "MAX_REMOVAL", "read_errors", "write_errors",
+           "check_schema"]

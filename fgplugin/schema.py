@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import SchemaError, UnknownAttributeError
+from .errors import FgpluginError, SchemaError, UnknownAttributeError
 
 METADATA_TYPES = ("keyword", "text", "float", "integer", "boolean", "date")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -201,6 +201,47 @@ class AttributeSchema:
         """Stable short hash of the schema: exports and indices record it to refuse mismatches."""
         canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+# -- the one schema-compatibility rule ---------------------------------------------------------------
+# Models, exports, checkpoints, catalogs and indices each record the schema they were built for; every
+# place that joins two of them asks here, so the refusal reads the same everywhere.
+def schema_difference(have: AttributeSchema, want: AttributeSchema) -> str | None:
+    """What differs between two schemas (attributes only in one, changed values), None when they are the
+    same schema (equal fingerprints)."""
+    if have.fingerprint() == want.fingerprint():
+        return None
+    a, b = set(have.names), set(want.names)
+    parts = []
+    if a - b:
+        parts.append(f"only in the first: {', '.join(sorted(a - b))}")
+    if b - a:
+        parts.append(f"only in the second: {', '.join(sorted(b - a))}")
+    changed = [n for n in sorted(a & b) if have[n].to_dict() != want[n].to_dict()]
+    if changed:
+        parts.append(f"values differ for: {', '.join(changed)}")
+    if not parts:
+        parts.append("attribute order, schema name or metadata fields differ")
+    return "; ".join(parts)
+
+
+def _described(schema: AttributeSchema) -> str:
+    return f"schema {schema.name!r} (fingerprint {schema.fingerprint()}, attributes {', '.join(schema.names)})"
+
+
+def require_same_schema(have: AttributeSchema, want: AttributeSchema, *, have_is: str, want_is: str,
+                        error: type[FgpluginError] = SchemaError, hint: str = "") -> None:
+    """Refuse (``error``) joining ``have_is`` (built for ``have``) with ``want_is`` (which uses ``want``)
+    unless both use the same schema; the message names both schemas and what differs.
+
+    e.g. ``require_same_schema(encoder.schema, catalog.schema, have_is=f"the model {path}",
+    want_is=f"the catalog {catalog.path}", error=ModelCardError)``."""
+    diff = schema_difference(have, want)
+    if diff is None:
+        return
+    diff = diff.replace("the first", "the former").replace("the second", "the latter")
+    raise error(f"{have_is} was built for {_described(have)}, but {want_is} uses {_described(want)}: {diff}"
+                + (f"; {hint}" if hint else ""))
 
 
 def _toml_value(v: Any) -> str:

@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import unquote
 
+from opensearchpy import OpenSearch
+from opensearchpy import exceptions as ex
+from urllib3 import Timeout
+
 from ..errors import FgpluginError, StoreError
 from ..redact import ScrubFilter, redact_url
 from ..redact import scrub as scrub_text
@@ -296,10 +300,6 @@ def load_config(
 def make_client(cfg: OpenSearchConfig) -> Any:
     """An ``opensearchpy.OpenSearch`` for ``cfg``. Transport retries are off: the store retries itself
     with backoff and a bounded total wait (``OpenSearchStore.call``)."""
-    from opensearchpy import OpenSearch
-
-    from urllib3 import Timeout
-
     headers = None
     if cfg.api_key:
         headers = {"Authorization": f"ApiKey {cfg.api_key}"}
@@ -328,8 +328,6 @@ def make_client(cfg: OpenSearchConfig) -> Any:
 
 def is_timeout(exc: BaseException) -> bool:
     """A request that timed out (connecting or waiting for the answer), as opposed to one refused."""
-    from opensearchpy import exceptions as ex
-
     if isinstance(exc, ex.ConnectionTimeout):
         return True
     return isinstance(exc, ex.ConnectionError) and not isinstance(exc, ex.SSLError) and "timed out" in str(exc.info)
@@ -337,8 +335,6 @@ def is_timeout(exc: BaseException) -> bool:
 
 def describe_cause(exc: BaseException, cfg: OpenSearchConfig | None = None, *, timeout: float | None = None) -> str:
     """A short, secret-free cause for an opensearch-py exception (``timeout``: the read timeout that applied)."""
-    from opensearchpy import exceptions as ex
-
     if isinstance(exc, ex.ConnectionTimeout):
         limit = timeout or (cfg.timeout if cfg is not None else None)
         text = "timed out: no answer" + (f" within {limit:g} s" if limit else "")

@@ -6,7 +6,7 @@ Three modes (all filtered by the same compiled filters):
   (``scripts.py``): ``sum w (1 + cos)`` over the chosen fields. Client side: ``score - sum w``; a
   document missing an attribute's vector counts cosine -1 for it.
 - ``ann``: one ``knn`` clause on ``emb_all`` with the query ``concat(w_a * q_a)`` (zeros for attributes
-  not asked for; ``fgplugin.query.spec.combined_query_vector``) and the filters as the clause's
+  not asked for; ``fgplugin.search.spec.combined_query_vector``) and the filters as the clause's
   efficient ``filter``. Against unit per-attribute vectors the inner product is exactly
   ``sum w_a cos_a``. The server reports faiss/lucene's inner-product score s = 1 + dot (dot >= 0) or
   1 / (1 - dot) (dot < 0); ``innerproduct_dot`` inverts it: dot = s - 1 if s >= 1 else 1 - 1/s. A
@@ -28,9 +28,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import QueryError
-from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, Term, Terms, coerce_filters,
+from ..search.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, Term, Terms, coerce_filters,
                           combined_query_vector)
-from ..stores.base import IndexLayout, to_utc
+from ..search.store import IndexLayout, to_utc
 from .checks import MAX_K, RequestCheckError, check_request
 from .mapping import ALL_FIELD, emb_field
 from .scripts import SCRIPT_ID, script_params, script_to_weighted_cosine, weighted_cosine_script

@@ -26,14 +26,19 @@ import datetime as dt
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from opensearchpy import NotFoundError, helpers
+from opensearchpy import exceptions as ex
+
 from ..errors import QueryError, StoreError
-from ..query.spec import QuerySpec, SearchResult
-from ..stores.base import (Document, Failure, Fingerprint, IndexLayout, UpsertResult, reference_vectors,
-                           typed_metadata)
+from ..schema import require_same_schema
+from ..search.spec import QuerySpec, SearchResult
+from ..search.store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, document_vectors,
+                           reference_vectors, typed_metadata, unit_rows)
 from .checks import ENGINES, RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, is_timeout, load_config, make_client, redact_url
 from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
@@ -45,12 +50,11 @@ from .scripts import SCRIPT_ID, stored_script_body
 log = logging.getLogger("fgplugin.opensearch")
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
-UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised (as the embedded store)
 MGET_CHUNK = 1000
 ENGINE_ENV = "FGPLUGIN_OPENSEARCH_ENGINE"  # the k-NN engine of new indices (faiss when unset)
 
 
-class OpenSearchStore:
+class OpenSearchStore(Store):
     """A Store on OpenSearch. Build it with ``from_url`` or from an ``OpenSearchConfig``."""
 
     kind = "opensearch"
@@ -106,8 +110,6 @@ class OpenSearchStore:
     # -- transport with retries -------------------------------------------------------------------------
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one client call; retry connection errors, 429 and 5xx with backoff (bounded total wait)."""
-        from opensearchpy import exceptions as ex
-
         cfg = self.config
         waited, delay, attempt = 0.0, cfg.retry_initial_s, 0
         while True:
@@ -158,8 +160,6 @@ class OpenSearchStore:
         return sorted(got)
 
     def _get_alias(self, request_timeout: float) -> dict[str, Any]:
-        from opensearchpy import NotFoundError
-
         try:
             return self.client.indices.get_alias(name=self.alias, request_timeout=request_timeout)
         except NotFoundError:
@@ -199,8 +199,9 @@ class OpenSearchStore:
         self._load()
         return self._read_layout
 
-    def get_layout(self) -> IndexLayout | None:
-        return self.layout
+    @property
+    def write_target(self) -> str:
+        return self.write_index or ""
 
     @property
     def pending_promotion(self) -> bool:
@@ -232,13 +233,9 @@ class OpenSearchStore:
         self._load(force=True)
         target = versioned_index_name(self.alias, layout.model_version)
         read = self._read_layout
-        if read is not None and read.schema.fingerprint() != layout.schema.fingerprint():
-            raise StoreError(
-                f"{self.url} serves schema {read.schema.name!r} (fingerprint {read.schema.fingerprint()}, attributes "
-                f"{', '.join(read.attributes)}); the model's schema is {layout.schema.name!r} (fingerprint "
-                f"{layout.schema.fingerprint()}, attributes {', '.join(layout.attributes)}); index into another "
-                "--index name"
-            )
+        if read is not None:
+            require_same_schema(read.schema, layout.schema, have_is=self.url, want_is="the model", error=StoreError,
+                                hint="index into another --index name")
         exists = self.call(f"checking index {target!r}", self.client.indices.exists, index=target)
         if not exists:
             body = build_index_body(layout, engine=self.engine, **self.index_options)
@@ -273,20 +270,9 @@ class OpenSearchStore:
         self._load(force=True)
 
     def _check_compatible(self, index: str, old: IndexLayout, new: IndexLayout) -> None:
-        where = f"OpenSearch index {index!r} at {self.config.url}"
+        where = f"OpenSearch index {index!r} at {redact_url(self.config.url)}"
         hint = "delete that index or index into another --index name"
-        if old.schema.fingerprint() != new.schema.fingerprint():
-            raise StoreError(f"{where} was built for schema fingerprint {old.schema.fingerprint()}; the model's is "
-                             f"{new.schema.fingerprint()}; {hint}")
-        if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
-            raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
-        slack = old.slack_mismatch(new)
-        if slack:
-            raise StoreError(f"{where} {slack}; {hint}")
-        for f, t in new.metadata_types.items():
-            if f in old.metadata_types and old.metadata_types[f] != t:
-                raise StoreError(f"{where} maps metadata field {f!r} as {old.metadata_types[f]}; the catalog now has "
-                                 f"it as {t}; {hint}")
+        old.require_fits(new, where=where, hint=hint)
 
     def put_script(self) -> None:
         """Store the weighted-cosine painless script (idempotent)."""
@@ -326,14 +312,9 @@ class OpenSearchStore:
     # -- writing ----------------------------------------------------------------------------------------
     def prepare_document(self, doc: Document, layout: IndexLayout) -> dict[str, Any]:
         """The ``_source`` for ``doc``; raises ValueError with the cause for a document the index can't take."""
-        if not isinstance(doc.id, str) or not doc.id:
-            raise ValueError("document id must be a non-empty string")
+        vectors = document_vectors(doc, layout)
         if len(doc.id.encode()) > 512:
             raise ValueError("document id is longer than OpenSearch's 512-byte limit")
-        extra = set(doc.vectors) - set(layout.attributes)
-        if extra:
-            raise ValueError(f"vector for unknown attribute(s) {', '.join(sorted(map(repr, extra)))}; "
-                             f"the index has {', '.join(layout.attributes)}")
         src: dict[str, Any] = {"model_version": doc.model_version or layout.model_version}
         if doc.image is not None:
             src["image"] = str(doc.image)
@@ -342,22 +323,14 @@ class OpenSearchStore:
                 src[f] = str(getattr(doc, f))
         blocks, present = [], False
         for a in layout.attributes:
-            v = doc.vectors.get(a)
-            if v is None:
+            if a not in vectors:
                 blocks.append(np.zeros(layout.dims[a], dtype=np.float32))  # missing: a zero block in emb_all
                 continue
-            v = np.asarray(v, dtype=np.float32)
-            if v.shape != (layout.dims[a],):
-                raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
-            if not np.all(np.isfinite(v)):
-                raise ValueError(f"vector for attribute {a!r} has non-finite values (NaN or inf)")
-            n = float(np.linalg.norm(v.astype(np.float64)))
-            if n == 0.0:
-                raise ValueError(f"vector for attribute {a!r} is all zeros; cosine similarity is undefined")
-            if abs(n - 1.0) > UNIT_TOLERANCE:
-                v = (v / n).astype(np.float32)
-            src[emb_field(a)] = v.tolist()
-            blocks.append(v)
+            rows, refused = unit_rows(a, vectors[a][None, :])
+            if refused:
+                raise ValueError(refused[0])
+            src[emb_field(a)] = rows[0].tolist()
+            blocks.append(rows[0])
             present = True
         if present:
             src[ALL_FIELD] = np.concatenate(blocks).tolist()
@@ -385,8 +358,6 @@ class OpenSearchStore:
 
     def _bulk(self, actions: list[dict[str, Any]], result: UpsertResult, *, what: str) -> list[dict[str, Any]]:
         """Send ``actions`` in chunks; fill ``result``; return the per-item responses of the successes."""
-        from opensearchpy import helpers
-
         size = max(1, int(self.config.bulk_chunk_size))
         oks: list[dict[str, Any]] = []
         for start in range(0, len(actions), size):
@@ -474,8 +445,6 @@ class OpenSearchStore:
 
     def versions(self) -> dict[str, str]:
         """id -> model_version of every document in the write index (or the alias's)."""
-        from opensearchpy import helpers
-
         index, _ = self._data_index()
         query = self._checked("search", {"_source": ["model_version"], "query": {"match_all": {}}})
 
@@ -488,8 +457,6 @@ class OpenSearchStore:
     def fingerprints(self) -> dict[str, Fingerprint]:
         """id -> Fingerprint(model_version, image_key, meta_key) of every document in the write index (or
         the alias's); keys are None where a document has none (written before fingerprints existed)."""
-        from opensearchpy import helpers
-
         index, _ = self._data_index()
         query = self._checked("search", {"_source": ["model_version", *FINGERPRINT_FIELDS], "query": {"match_all": {}}})
 
@@ -554,11 +521,8 @@ class OpenSearchStore:
         except Exception:  # noqa: BLE001 - closing a pool must never mask the caller's error
             pass
 
-    def __enter__(self) -> "OpenSearchStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def default_errors_path(self) -> Path:
+        return Path.cwd() / f"{self.alias}.{ERRORS_FILE}"
 
 
 class _NotFound(Exception):

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import QueryError, StoreError
-from ..stores.base import IndexLayout
-from .spec import QuerySpec, SearchResult, filter_fields
+from ..encoding import AttentionModel, DeployedEncoder
+from ..errors import QueryError
+from ..images import decode, load_image
+from ..opensearch.compile import to_opensearch
+from ..search.spec import QuerySpec, SearchResult, filter_fields
+from ..search.store import IndexLayout, Store
 
 
 @dataclass
@@ -29,46 +32,31 @@ class QueryRun:
     result: SearchResult
     layout: IndexLayout
     query_image: Any = None  # PIL image of an image query
-    encoder: Any = None  # the ExportedEncoder used for an image query
+    encoder: DeployedEncoder | None = None  # the exported encoder of an image query
     notes: list[str] = field(default_factory=list)
     reference_image: str | None = None  # image source of a like-id reference, where the store knows it
     query_vectors: dict[str, np.ndarray] | None = None  # the reference's vectors (fetched for a like-id query)
+    explainer: AttentionModel | None = None  # a training model whose attention the HTML page draws (--explain)
 
 
-def store_layout(store: Any) -> IndexLayout:
-    """The IndexLayout a store holds (schema, dims, metadata types, model version)."""
-    layout = getattr(store, "layout", None)
-    if layout is None and hasattr(store, "get_layout"):
-        layout = store.get_layout()
-    if layout is None:
-        raise StoreError(f"{store!r} holds no index yet; build one with `fgplugin index`")
-    return layout
-
-
-def store_meta(store: Any, key: str) -> Any:
-    get = getattr(store, "get_meta", None)
-    return get(key) if get is not None else None
-
-
-def load_encoder(model: str | None, store: Any, layout: IndexLayout) -> Any:
+def load_encoder(model: str | None, store: Store, layout: IndexLayout) -> DeployedEncoder:
     """The exported encoder named by ``model``, else the one the index command recorded in the store."""
-    path = model or store_meta(store, "model_path")
+    path = model or store.get_meta("model_path")
     if not path:
         raise QueryError("an image query needs the exported encoder: pass --model EXPORT_DIR")
-    from ..export import ExportedEncoder  # lazy: pulls in torch
+    # Imported here: the export needs torch, which a client querying by id or vectors does without.
+    from ..export import ExportedEncoder
 
     return ExportedEncoder.load(path, schema=layout.schema, device="auto")
 
 
 def resolve_reference(
-    spec: QuerySpec, store: Any, *, model: str | None = None, encoder: Any = None
-) -> tuple[QuerySpec, Any, Any, list[str]]:
+    spec: QuerySpec, store: Store, *, model: str | None = None, encoder: DeployedEncoder | None = None
+) -> tuple[QuerySpec, Any, DeployedEncoder | None, list[str]]:
     """Replace an image reference by its encoded vectors. Returns (spec, image, encoder, notes)."""
     if spec.image is None:
         return spec, None, encoder, []
-    from ..images import decode, load_image
-
-    layout = store_layout(store)
+    layout = store.require_layout()
     if encoder is None:
         encoder = load_encoder(model, store, layout)
     if isinstance(spec.image, (bytes, bytearray)):
@@ -78,8 +66,8 @@ def resolve_reference(
     out = encoder.encode_images([image])
     vectors = {a: np.asarray(out[a][0], dtype=np.float32) for a in spec.attributes if a in out}
     notes = []
-    version = getattr(encoder, "version", "")
-    if layout.model_version and version and version != layout.model_version:
+    version = encoder.version
+    if layout.model_version and version != layout.model_version:
         notes.append(
             f"the encoder (version {version[:12]}) is not the model the store was last indexed with "
             f"({layout.model_version[:12]}): scores compare vectors of different models"
@@ -88,9 +76,10 @@ def resolve_reference(
     return resolved, image, encoder, notes
 
 
-def run_query(store: Any, spec: QuerySpec, *, model: str | None = None, encoder: Any = None) -> QueryRun:
+def run_query(store: Store, spec: QuerySpec, *, model: str | None = None,
+              encoder: DeployedEncoder | None = None) -> QueryRun:
     """Validate, resolve and execute ``spec`` on ``store``."""
-    layout = store_layout(store)
+    layout = store.require_layout()
     spec.validate(layout.schema, layout.dims)
     resolved, image, encoder, notes = resolve_reference(spec, store, model=model, encoder=encoder)
     result = store.search(resolved)
@@ -98,16 +87,13 @@ def run_query(store: Any, spec: QuerySpec, *, model: str | None = None, encoder:
         notes.append(result.note)
     ref_image, vectors = None, resolved.vectors
     if spec.like_id is not None:
-        if hasattr(store, "image_of"):
-            ref_image = store.image_of(spec.like_id)
+        ref_image = store.image_of(spec.like_id)
         vectors = store.get_vectors([spec.like_id], list(spec.attributes)).get(spec.like_id)
     return QueryRun(spec, resolved, result, layout, image, encoder, notes, ref_image, vectors)
 
 
 def opensearch_body(run: QueryRun) -> dict[str, Any]:
     """The OpenSearch request body the same query compiles to (for --explain)."""
-    from ..opensearch.compile import to_opensearch  # lazy: the OpenSearch side is optional here
-
     return to_opensearch(run.resolved, run.layout, query_vectors=run.query_vectors)
 
 
@@ -124,13 +110,13 @@ def spec_to_dict(spec: QuerySpec) -> dict[str, Any]:
     return {
         "reference": reference_label(spec),
         "attributes": dict(spec.attributes),
-        "filters": [_filter_to_dict(f) for f in spec.filters],
+        "filters": [filter_to_dict(f) for f in spec.filters],
         "k": spec.k,
         "mode": spec.mode,
     }
 
 
-def _filter_to_dict(f: Any) -> Any:
+def filter_to_dict(f: Any) -> Any:
     d = dataclasses.asdict(f) if dataclasses.is_dataclass(f) else f
     return {type(f).__name__.lower(): {k: v for k, v in d.items() if v not in (None, ())}}
 
@@ -158,33 +144,3 @@ def key_fields(spec: QuerySpec, metadata_types: Mapping[str, str], limit: int = 
         if f not in out and t != "text":
             out.append(f)
     return out
-
-
-def result_table(run: QueryRun, fields: Sequence[str] | None = None):  # -> rich.table.Table
-    from rich.table import Table
-
-    spec, r = run.spec, run.result
-    attrs = list(spec.attributes)
-    fields = key_fields(spec, run.layout.metadata_types) if fields is None else list(fields)
-    weights = ", ".join(f"{a}={w:g}" for a, w in spec.attributes.items())
-    total = "" if r.total_candidates is None else f", {r.total_candidates} candidates"
-    table = Table(title=f"{reference_label(spec)} by {weights} ({r.mode}{total})", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("id")
-    table.add_column("score", justify="right")
-    for a in attrs:
-        table.add_column(f"cos {a}", justify="right")
-    for f in fields:
-        table.add_column(f)
-    for i, h in enumerate(r.hits, start=1):
-        cos = [f"{h.cosines[a]:.4f}" if a in h.cosines else "—" for a in attrs]
-        meta = [_short(h.metadata.get(f)) for f in fields]
-        table.add_row(str(i), h.id, f"{h.score:.4f}", *cos, *meta)
-    return table
-
-
-def _short(v: Any, n: int = 24) -> str:
-    if v is None:
-        return ""
-    s = f"{v:g}" if isinstance(v, float) else str(v)
-    return s if len(s) <= n else s[: n - 1] + "…"

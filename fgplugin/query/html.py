@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import FgpluginError
 from ..images import ImageLimits, load_image
-from .execute import QueryRun, key_fields, reference_label
+from .execute import QueryRun, filter_to_dict, key_fields, reference_label
 
 THUMB = 200
 _LIMITS = ImageLimits(timeout_s=5.0, retries=0)
@@ -58,25 +58,26 @@ def _image_block(source: str | None, *, base_dir: str | Path | None = None) -> s
     return f'<img src="{uri}" alt="{html.escape(source)}">'
 
 
-def explain_attention(model: Any, image: Image.Image, attributes: Sequence[str]) -> tuple[dict[str, Image.Image], str]:
-    """Attention overlays for ``attributes`` on ``image``, or ({}, why there are none).
+def explain_attention(run: QueryRun) -> tuple[dict[str, Image.Image], str]:
+    """Attention overlays for the query's attributes on its image, or ({}, why there are none).
 
-    The hook: a model object with ``attention(x, attribute_index) -> (maps [B,h,w] | None, boxes [B,4] | None)``
-    and ``preprocess()`` (a training AttributeModel has both). An exported encoder keeps only the
-    embedding network, so for it this returns the reason instead of a picture.
+    They need a training model (``run.explainer``, an ``AttentionModel``: ``fgplugin query --checkpoint``);
+    an exported encoder keeps only the embedding network, so with one alone this returns the reason.
     """
+    model, image, attributes = run.explainer, run.query_image, list(run.resolved.attributes)
     if model is None:
-        return {}, "no model was loaded for this query (a like-id query does not load one)"
-    if not hasattr(model, "attention"):
+        if run.encoder is None:
+            return {}, "no model was loaded for this query (a like-id query does not load one)"
         return {}, (
-            f"the model at {getattr(model, 'path', '?')} is an export, which keeps only the encoder; "
+            f"the model at {run.encoder.path} is an export, which keeps only the encoder; "
             "attention maps need a training checkpoint (see `fgplugin eval --save-attention`)"
         )
+    # Only here is torch needed: a page without attention maps renders on a client without the [train] extra.
     import torch
 
-    from ..attention_viz import overlay
+    from ..attention_viz import overlay  # torch too
 
-    pre = model.preprocess() if callable(getattr(model, "preprocess", None)) else model.preprocess
+    pre = model.preprocess
     x = pre.batch([image])
     shown = Image.fromarray((pre.unnormalize(x[0]).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     names = model.schema.names
@@ -153,7 +154,7 @@ def _explain_block(run: QueryRun, attrs: Sequence[str]) -> str:
     if run.query_image is None:
         return ("<div class='note'>attention maps are drawn for image queries; this query is by "
                 f"{html.escape(reference_label(run.spec))}</div>")
-    panels, why = explain_attention(run.encoder, run.query_image, attrs)
+    panels, why = explain_attention(run)
     if not panels:
         return f"<div class='note'>no attention map: {html.escape(why)}</div>"
     cells = [
@@ -164,9 +165,7 @@ def _explain_block(run: QueryRun, attrs: Sequence[str]) -> str:
 
 
 def _filters_text(spec: Any) -> str:
-    from .execute import _filter_to_dict
-
-    return "; ".join(str(_filter_to_dict(f)) for f in spec.filters)
+    return "; ".join(str(filter_to_dict(f)) for f in spec.filters)
 
 
 def write_report(run: QueryRun, path: str | Path, *, explain: bool = False) -> Path:

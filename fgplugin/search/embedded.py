@@ -1,7 +1,7 @@
 """The embedded store (default): one DuckDB file in a directory, exact weighted-cosine search in SQL.
 
 Layout: table ``docs`` with ``id`` (primary key), ``model_version``, ``image``, the document's
-fingerprint ``image_key`` and ``meta_key`` (``fgplugin.stores.base.Fingerprint``), one ``FLOAT[d]``
+fingerprint ``image_key`` and ``meta_key`` (``fgplugin.search.store.Fingerprint``), one ``FLOAT[d]``
 column ``emb_<attribute>`` per attribute (unit vectors) and one typed column ``m_<field>`` per metadata
 field; table ``fg_meta`` (key -> JSON value) records the schema, the vector sizes, the metadata types,
 the current model version and free keys such as ``model_path``. A store written before the fingerprint
@@ -37,10 +37,11 @@ import duckdb
 import numpy as np
 
 from ..errors import QueryError, StoreError
-from ..query.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Term, Terms,
+from .spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Term, Terms,
                           coerce_filters)
 from ..schema import METADATA_TYPES, AttributeSchema
-from .base import Document, Failure, Fingerprint, IndexLayout, UpsertResult, reference_vectors, to_utc, typed_metadata
+from .store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, document_vectors,
+                    reference_vectors, to_utc, typed_metadata, unit_rows)
 
 DB_FILE = "fgplugin.duckdb"
 FORMAT_VERSION = 1
@@ -54,7 +55,6 @@ NO_ANN_NOTE = (
 )
 FINGERPRINT_COLUMNS = ("image_key", "meta_key")  # added after format 1 shipped: ALTERed into older stores
 MISSING_COSINE = -1.0  # what a missing attribute vector counts as (see the module docstring)
-UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised on upsert
 
 
 _DAMAGE = ("Corrupt database file", "Could not read enough bytes", "not a valid DuckDB database file",
@@ -107,7 +107,7 @@ def _from_sql(value: Any, type_: str) -> Any:
     return value
 
 
-class DuckDBStore:
+class DuckDBStore(Store):
     """An embedded store in ``directory`` (created on first write)."""
 
     kind = "embedded"
@@ -285,50 +285,8 @@ class DuckDBStore:
             )
 
     def _check_compatible(self, old: IndexLayout, new: IndexLayout) -> None:
-        where = f"the embedded store {self.directory}"
-        hint = f"use another store directory, or delete {self.path} to rebuild it"
-        if old.schema.fingerprint() != new.schema.fingerprint():
-            raise StoreError(
-                f"{where} was built for schema {old.schema.name!r} (fingerprint {old.schema.fingerprint()}, "
-                f"attributes {', '.join(old.attributes)}); the model's schema is {new.schema.name!r} "
-                f"(fingerprint {new.schema.fingerprint()}, attributes {', '.join(new.attributes)}); {hint}"
-            )
-        if old.dims != {a: int(new.dims[a]) for a in new.attributes}:
-            raise StoreError(f"{where} holds vectors of sizes {old.dims}; the model gives {dict(new.dims)}; {hint}")
-        slack = old.slack_mismatch(new)
-        if slack:
-            raise StoreError(f"{where} {slack}; {hint}")
-        for f, t in new.metadata_types.items():
-            if f in old.metadata_types and old.metadata_types[f] != t:
-                raise StoreError(
-                    f"{where} stores metadata field {f!r} as {old.metadata_types[f]}; the catalog now has it as {t}; {hint}"
-                )
-
-    # -- writing ----------------------------------------------------------------------------------
-    def _check_doc(self, doc: Document, layout: IndexLayout, attrs: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(float32 vectors of the right shapes, typed metadata) of one document; raises ValueError.
-
-        The vector values (finite, non-zero, unit length) are checked for a whole batch at once in
-        ``_check_values``: per-document NumPy calls would cost more than the database write.
-        """
-        if not isinstance(doc.id, str) or not doc.id:
-            raise ValueError("document id must be a non-empty string")
-        extra = set(doc.vectors) - set(attrs)
-        if extra:
-            raise ValueError(
-                f"vector for unknown attribute(s) {', '.join(repr(x) for x in sorted(extra))}; "
-                f"the index has {', '.join(attrs)}"
-            )
-        vecs: dict[str, np.ndarray] = {}
-        for a in attrs:
-            if doc.vectors.get(a) is None:
-                continue  # stored as NULL; scores as a cosine of -1 (see the module docstring)
-            v = np.asarray(doc.vectors[a], dtype=np.float32)
-            if v.shape != (layout.dims[a],):
-                raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
-            vecs[a] = v
-        meta = typed_metadata(layout, doc.metadata)
-        return vecs, meta
+        old.require_fits(new, where=f"the embedded store {self.directory}",
+                         hint=f"use another store directory, or delete {self.path} to rebuild it")
 
     @staticmethod
     def _check_values(good: Mapping[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]],
@@ -339,16 +297,12 @@ class DuckDBStore:
             ids = [i for i, (_, v, _) in good.items() if a in v]
             if not ids:
                 continue
-            m = np.stack([good[i][1][a] for i in ids])
-            with np.errstate(all="ignore"):
-                finite = np.isfinite(m).all(axis=1)
-                norms = np.linalg.norm(m.astype(np.float64), axis=1)
-            for j in np.flatnonzero(~finite):
-                bad.setdefault(ids[j], f"vector for attribute {a!r} has non-finite values (NaN or inf)")
-            for j in np.flatnonzero(finite & (norms == 0)):
-                bad.setdefault(ids[j], f"vector for attribute {a!r} is all zeros; cosine similarity is undefined")
-            for j in np.flatnonzero(finite & (norms > 0) & (np.abs(norms - 1.0) > UNIT_TOLERANCE)):
-                good[ids[j]][1][a] = (m[j] / norms[j]).astype(np.float32)
+            rows, refused = unit_rows(a, np.stack([good[i][1][a] for i in ids]))
+            for j, i in enumerate(ids):
+                if j in refused:
+                    bad.setdefault(i, refused[j])
+                else:
+                    good[i][1][a] = rows[j]
         return bad
 
     @_store_errors
@@ -361,7 +315,7 @@ class DuckDBStore:
         attrs = layout.attributes
         for doc in docs:
             try:
-                vecs, meta = self._check_doc(doc, layout, attrs)
+                vecs, meta = document_vectors(doc, layout), typed_metadata(layout, doc.metadata)
             except ValueError as e:
                 result.failed.append(Failure(str(doc.id), "store", str(e), kind="rejected"))
                 continue
@@ -608,11 +562,8 @@ class DuckDBStore:
         except duckdb.Error:
             pass
 
-    def __enter__(self) -> "DuckDBStore":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def default_errors_path(self) -> Path:
+        return self.directory / ERRORS_FILE
 
 
 # -- filters -> SQL -------------------------------------------------------------------------------

@@ -10,20 +10,24 @@ only the metadata of documents whose catalog metadata changed (``fgplugin.indexe
 
 from __future__ import annotations
 
+import abc
 import datetime as dt
 import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ..catalog import coerce
+from ..errors import QueryError, StoreError
 from ..images import is_url
-from ..query.spec import QuerySpec, SearchResult
-from ..schema import AttributeSchema
+from ..schema import AttributeSchema, require_same_schema
+from ..similarity import query_form
+from .spec import QuerySpec, SearchResult
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,21 @@ class IndexLayout:
     def attributes(self) -> list[str]:
         return self.schema.names
 
+    def require_fits(self, new: "IndexLayout", *, where: str, hint: str) -> None:
+        """Refuse (StoreError) writing documents of layout ``new`` into an index of this layout: another schema,
+        other vector sizes, the other slack kind, or a metadata field of another type. ``where`` names the index, ``hint`` the way out. (The
+        model version may differ: each document records its own.)"""
+        require_same_schema(self.schema, new.schema, have_is=where, want_is="the model", error=StoreError, hint=hint)
+        if self.dims != {a: int(new.dims[a]) for a in new.attributes}:
+            raise StoreError(f"{where} holds vectors of sizes {self.dims}; the model gives {dict(new.dims)}; {hint}")
+        slack = self.slack_mismatch(new)
+        if slack:
+            raise StoreError(f"{where} {slack}; {hint}")
+        for f, t in new.metadata_types.items():
+            if f in self.metadata_types and self.metadata_types[f] != t:
+                raise StoreError(f"{where} stores metadata field {f!r} as {self.metadata_types[f]}; the catalog now has "
+                                 f"it as {t}; {hint}")
+
     def slack_mismatch(self, new: "IndexLayout") -> str | None:
         """Why vectors of ``new`` cannot join an index of this layout's vectors, as to the slack value
         (queries score the two kinds differently); None when they agree."""
@@ -53,9 +72,6 @@ class IndexLayout:
     def query_vector(self, attribute: str, vector: Any) -> np.ndarray:
         """The unit vector (float64) a query scores ``attribute`` with, from a stored or encoded vector:
         normalised, the slack value dropped first where the index has one. QueryError if it is zero."""
-        from ..errors import QueryError
-        from ..similarity import query_form
-
         try:
             return query_form(np.asarray(vector, dtype=np.float64), self.query_slack)
         except ValueError as e:
@@ -101,34 +117,169 @@ class UpsertResult:
     failed: list[Failure] = field(default_factory=list)
 
 
-@runtime_checkable
-class Store(Protocol):
+ERRORS_FILE = "errors.jsonl"  # the index worker's record of failed items (fgplugin.indexer)
+
+
+class Store(abc.ABC):
+    """The one contract every store implements: the embedded DuckDB store (``fgplugin.search.embedded``)
+    and OpenSearch (``fgplugin.opensearch.store``). ``fgplugin.stores.open_store`` picks one from a URL;
+    tests/test_store_contract.py runs the same operations against both and compares the answers.
+
+    Abstract methods are what a store must do; the capabilities after them have explicit defaults for a
+    store without them (only OpenSearch has a separate write index to promote). Callers use these
+    methods directly and never probe a store for what it has.
+    """
+
+    # -- identity and layout ---------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """The store URL, without credentials (shown in every message and report)."""
+
+    @property
+    @abc.abstractmethod
+    def layout(self) -> IndexLayout | None:
+        """What the store holds (schema, dims, metadata types, model version); None before any index."""
+
+    def require_layout(self) -> IndexLayout:
+        """``layout``, or StoreError saying the store holds no index yet."""
+        layout = self.layout
+        if layout is None:
+            raise StoreError(f"{self.url} holds no index yet; build one with `fgplugin index`")
+        return layout
+
+    @abc.abstractmethod
     def ensure_index(self, layout: IndexLayout) -> None:
         """Create the index/table if missing; refuse (StoreError) a layout that does not fit."""
 
+    @abc.abstractmethod
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A free-form value the index command recorded (e.g. ``model_path``), else ``default``."""
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: Any) -> None:
+        """Record a free-form JSON value beside the index."""
+
+    # -- writing -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def upsert(self, docs: list[Document]) -> UpsertResult:
         """Insert or replace documents. Per-document rejections are returned, never raised or dropped."""
 
+    @abc.abstractmethod
     def delete(self, ids: Iterable[str]) -> int:
-        ...
+        """Remove documents by id; returns how many existed."""
 
+    # -- reading -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def get_vectors(self, ids: Iterable[str], attributes: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
         """id -> attribute -> vector, for the ids that exist."""
 
+    @abc.abstractmethod
+    def image_of(self, id_: str) -> str | None:
+        """The image source a document was encoded from (None if unknown or no such id)."""
+
+    @abc.abstractmethod
+    def exists(self, id_: str) -> bool:
+        """Whether a document with this id is stored."""
+
+    @abc.abstractmethod
     def versions(self) -> Mapping[str, str]:
         """id -> model_version of every stored document (for resume and prune)."""
 
+    @abc.abstractmethod
     def fingerprints(self) -> Mapping[str, Fingerprint]:
         """id -> Fingerprint of every stored document (the index worker's view of what is current)."""
 
+    @abc.abstractmethod
     def count(self) -> int:
-        ...
+        """How many documents are stored."""
 
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Document count, size and layout, for reports and the benches."""
+
+    @abc.abstractmethod
     def search(self, spec: QuerySpec) -> SearchResult:
-        ...
+        """The top ``spec.k`` documents by the weighted sum of cosines, filters applied."""
 
+    @abc.abstractmethod
+    def verify(self) -> dict[str, Any]:
+        """Read the whole store; StoreError if it is damaged, else ``{"store", "documents", "ok": True}``."""
+
+    @abc.abstractmethod
     def close(self) -> None:
-        ...
+        """Release connections and files."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- optional capabilities (explicit defaults) --------------------------------------------------------
+    @property
+    def pending_promotion(self) -> bool:
+        """True while writes go to a new model's index that queries do not read yet (OpenSearch's alias)."""
+        return False
+
+    @property
+    def write_target(self) -> str:
+        """The index being written when it is not the one queries read (for messages); "" otherwise."""
+        return ""
+
+    def promote(self, *, delete_old: bool = False) -> dict[str, Any]:
+        """Make queries read the index being written. Only stores with ``pending_promotion`` have one."""
+        raise StoreError(f"{self.url} has no separate write index to promote")
+
+    def refresh(self) -> None:
+        """Make recent writes visible to search (a store that searches what it wrote needs nothing)."""
+
+    def default_errors_path(self) -> Path:
+        """Where the index worker keeps this store's failed items unless told otherwise."""
+        return Path.cwd() / f"fgplugin.{ERRORS_FILE}"
+
+
+# -- document checks (both stores: one rule, one message) ---------------------------------------------
+UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised on upsert
+
+
+def document_vectors(doc: Document, layout: IndexLayout) -> dict[str, np.ndarray]:
+    """The float32 vectors of ``doc`` with the shapes the layout expects (attributes without a vector left
+    out); raises ValueError naming the cause. Values are checked by ``unit_rows``."""
+    if not isinstance(doc.id, str) or not doc.id:
+        raise ValueError("document id must be a non-empty string")
+    extra = set(doc.vectors) - set(layout.attributes)
+    if extra:
+        raise ValueError(f"vector for unknown attribute(s) {', '.join(sorted(map(repr, extra)))}; "
+                         f"the index has {', '.join(layout.attributes)}")
+    out: dict[str, np.ndarray] = {}
+    for a in layout.attributes:
+        if doc.vectors.get(a) is None:
+            continue
+        v = np.asarray(doc.vectors[a], dtype=np.float32)
+        if v.shape != (layout.dims[a],):
+            raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
+        out[a] = v
+    return out
+
+
+def unit_rows(attribute: str, rows: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows of one attribute's vectors [n, d], each normalised to unit length where it is not already
+    (within UNIT_TOLERANCE), and {row: why it is refused} for non-finite and all-zero rows (cosine
+    similarity is undefined for them). Checked a batch at a time: per-vector NumPy calls cost more
+    than the write."""
+    m = np.asarray(rows, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(m).all(axis=1)
+        norms = np.linalg.norm(m.astype(np.float64), axis=1)
+    bad = {int(j): f"vector for attribute {attribute!r} has non-finite values (NaN or inf)" for j in np.flatnonzero(~finite)}
+    bad.update({int(j): f"vector for attribute {attribute!r} is all zeros; cosine similarity is undefined"
+                for j in np.flatnonzero(finite & (norms == 0))})
+    fix = np.flatnonzero(finite & (norms > 0) & (np.abs(norms - 1.0) > UNIT_TOLERANCE))
+    if len(fix):
+        m = m.copy()
+        m[fix] = (m[fix] / norms[fix, None]).astype(np.float32)
+    return m, bad
 
 
 def to_utc(value: Any) -> dt.datetime:
@@ -226,8 +377,6 @@ def metadata_key(layout: IndexLayout, metadata: Mapping[str, Any] | None) -> str
 def reference_vectors(spec: QuerySpec, get_vectors: Any, where: str) -> dict[str, np.ndarray]:
     """The query's per-attribute vectors: the stored ones of ``spec.like_id`` (via ``get_vectors(ids,
     attrs)``) or ``spec.vectors``. ``where`` names the store in errors."""
-    from ..errors import QueryError
-
     attrs = list(spec.attributes)
     if spec.like_id is None:
         return {a: np.asarray(spec.vectors[a], dtype=np.float32) for a in attrs}  # type: ignore[index]

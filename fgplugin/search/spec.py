@@ -17,13 +17,13 @@ filters at the top level means "all of them" (AND). ``parse_filter`` reads the C
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from ..catalog import coerce
 from ..errors import QueryError
 from ..schema import AttributeSchema
 
@@ -217,8 +217,6 @@ def filter_fields(filters: Sequence[Filter]) -> set[str]:
 
 def coerce_filters(filters: Sequence[Filter], types: Mapping[str, str]) -> list[Filter]:
     """Type the filter values by the metadata field types (price<100 -> 100.0); unknown field -> error."""
-    from ..catalog import coerce
-
     def one(f: Filter) -> Filter:
         if isinstance(f, Bool):
             return Bool(tuple(map(one, f.must)), tuple(map(one, f.should)), tuple(map(one, f.must_not)))

@@ -1,4 +1,5 @@
-"""Store URLs: ``embedded:DIR`` (the default; a DuckDB file in DIR) or ``opensearch:URL``.
+"""The store facade: a store URL, ``embedded:DIR`` (the default; a DuckDB file in DIR) or ``opensearch:URL``,
+opens the ``Store`` it names.
 
 A store URL may carry a password (``opensearch:https://user:pass@host:9200``): every message shows it
 through ``redact_url`` only."""
@@ -7,9 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import StoreError
-from ..redact import redact_url, url_secrets
-from .base import Store
+from .errors import StoreError
+from .redact import redact_url, url_secrets
+from .opensearch.client import split_url
+from .opensearch.store import OpenSearchStore
+from .search.embedded import DuckDBStore
+from .search.store import Store
 
 DEFAULT_STORE = "embedded:fgplugin-store"
 SCHEMES = ("embedded", "opensearch")
@@ -47,8 +51,6 @@ def check_store_url(url: str) -> None:
     """Raise StoreError (one line, no credentials) for a store URL that cannot be opened as written."""
     scheme, rest = parse_store_url(url)
     if scheme == "opensearch":
-        from ..opensearch.client import split_url
-
         split_url(rest if "://" in rest else f"http://{rest}")
 
 
@@ -63,12 +65,6 @@ def open_store(url: str = DEFAULT_STORE, *, index: str | None = None, read_only:
     """
     scheme, rest = parse_store_url(url)
     if scheme == "embedded":
-        from .duckdb_store import DuckDBStore
-
         return DuckDBStore(Path(rest), read_only=read_only)
-    try:
-        from ..opensearch.store import OpenSearchStore
-    except ImportError as e:
-        raise StoreError(f"the OpenSearch store is not available in this install ({e})") from None
     return OpenSearchStore.from_url(rest if "://" in rest else f"http://{rest}", index=index, interactive=interactive,
                                    engine=engine)
