@@ -4,14 +4,79 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
 
+from fgplugin.card import read_card
+from fgplugin.catalog import load_catalog
+from fgplugin.opensearch.client import split_url
+from fgplugin.opensearch.mlcommons.apply import SetupResult
+from fgplugin.opensearch.mlcommons.apply import apply as apply_wiring
+from fgplugin.opensearch.mlcommons.bodies import image_query
+from fgplugin.opensearch.mlcommons.inputs import WiringOptions, check_serve_url
+from fgplugin.opensearch.mlcommons.plan import Step, plan, write_plan
+from fgplugin.opensearch.mlcommons.settings import cluster_settings_warnings
+from fgplugin.opensearch.store import OpenSearchStore
+from fgplugin.schema import AttributeSchema
+from fgplugin.search.spec import parse_attributes
+from fgplugin.stores import parse_store_url
+
 from .common import PS_WARNING, console, err_console, friendly_errors, resolve_secret, warn_password_in_url
 
 app = typer.Typer(no_args_is_help=True)
+
+
+def _cluster_url(store: str, *, check: bool) -> str:
+    """The --store URL of the cluster; with ``check`` (--apply) a malformed one fails here, in one line
+    naming the problem, before the model is read."""
+    warn_password_in_url(store, param="store", option="--store")
+    scheme, cluster = parse_store_url(store)
+    if scheme != "opensearch":
+        raise typer.BadParameter("--store must be opensearch:URL", param_hint="--store")
+    cluster_url = cluster if "://" in cluster else f"http://{cluster}"
+    if check:
+        split_url(cluster_url)
+    return cluster_url
+
+
+def _catalog_metadata_types(card: dict[str, Any], catalog: Optional[Path]) -> dict[str, str]:
+    if catalog is None:
+        return {}
+    return dict(load_catalog(catalog, AttributeSchema.from_dict(card["schema"]), strict=False).metadata_types)
+
+
+def _with_index_metadata(os_store: OpenSearchStore, card: dict[str, Any], types: dict[str, str]) -> dict[str, str]:
+    """The index's metadata fields, when it was built by this model, under the catalog's."""
+    existing = os_store.layout
+    if existing is not None and existing.model_version == card["version"]:
+        return {**existing.metadata_types, **types}
+    return types
+
+
+def _print_plan(steps: list[Step], *, as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps([{"method": s.method, "path": s.path, "body": s.body, "note": s.note}
+                                       for s in steps]))
+    err_console.print("[dim]not applied (add --apply --store opensearch:URL); cluster settings are printed in "
+                      "the first request, applied only with --cluster-settings[/]", highlight=False)
+
+
+def _print_result(result: SetupResult, cluster_url: str) -> None:
+    names = result.names
+    table = Table(title=f"OpenSearch wiring for model {names.version} on {cluster_url}")
+    for col in ("object", "name", "id", "action"):
+        table.add_column(col)
+    for r in result.rows:
+        table.add_row(r.key, r.name, r.id, r.action)
+    console.print(table)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"index documents with their image URL into [bold]{result.index}[/] through "
+                  f"[bold]?pipeline={names.ingest_pipeline}[/]; query by image with "
+                  f"[bold]?search_pipeline={names.search_pipeline}[/] and "
+                  f"{json.dumps(image_query('https://...'))}", highlight=False)
 
 
 @app.command("setup")
@@ -49,70 +114,31 @@ def setup(
                                           help="With --apply: also PUT the ML Commons cluster settings it needs."),
 ) -> None:
     """Connector, model, ingest/search pipelines, scoring script and search template for an export."""
-    from fgplugin.export import read_card
-    from fgplugin.opensearch import wiring
-    from fgplugin.query.spec import parse_attributes
-    from fgplugin.stores.open import parse_store_url
-
     # Everything the command line decides is checked before any work (reading the model, the cluster).
     serve_token = resolve_secret(serve_token, serve_token_file, param="serve_token", option="--serve-token",
                                  file_option="--serve-token-file", env="FGPLUGIN_SERVE_TOKEN")
-    wiring.check_serve_url(serve_url)
-    warn_password_in_url(store, param="store", option="--store")
-    scheme, cluster = parse_store_url(store)
-    if scheme != "opensearch":
-        raise typer.BadParameter("--store must be opensearch:URL", param_hint="--store")
-    cluster_url = cluster if "://" in cluster else f"http://{cluster}"
-    if apply:
-        from fgplugin.opensearch.client import split_url
-
-        split_url(cluster_url)  # a malformed URL: one line naming the problem, before the model is read
+    check_serve_url(serve_url)
+    cluster_url = _cluster_url(store, check=apply)
     card = read_card(model)
-    metadata_types: dict[str, str] = {}
-    if catalog is not None:
-        from fgplugin.catalog import load_catalog
-        from fgplugin.schema import AttributeSchema
-
-        metadata_types = dict(load_catalog(catalog, AttributeSchema.from_dict(card["schema"]), strict=False).metadata_types)
+    metadata_types = _catalog_metadata_types(card, catalog)
     os_store = None
     if apply:
-        from fgplugin.opensearch.store import OpenSearchStore
-
         os_store = OpenSearchStore.from_url(cluster_url, index=index, interactive=True, engine=engine)
-        existing = os_store.get_layout()
-        if existing is not None and existing.model_version == card["version"]:
-            metadata_types = {**existing.metadata_types, **metadata_types}
-    options = wiring.WiringOptions(
+        metadata_types = _with_index_metadata(os_store, card, metadata_types)
+    options = WiringOptions(
         serve_url=serve_url, index=index or (os_store.alias if os_store else "fgplugin"), token=serve_token,
         attributes=parse_attributes(attribute) if attribute else None, filters=list(filter_ or []), k=k, mode=mode,
         metadata_types=metadata_types,
     )
-    steps = wiring.plan(card, options)  # checks every generated body; ids are placeholders here
-    names = wiring.Names.for_version(card["version"])
+    steps = plan(card, options)  # checks every generated body; ids are placeholders here
     if out is not None:
-        files = wiring.write_plan(steps, out)
+        files = write_plan(steps, out)
         err_console.print(f"wrote {len(files)} files to {out}", highlight=False)
-    for w in wiring.cluster_settings_warnings(options):
+    for w in cluster_settings_warnings(options):
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    if not apply:
-        if out is None:
-            console.print_json(json.dumps([{"method": s.method, "path": s.path, "body": s.body, "note": s.note}
-                                           for s in steps]))
-        err_console.print(f"[dim]not applied (add --apply --store opensearch:URL); cluster settings are printed in "
-                          f"the first request, applied only with --cluster-settings[/]", highlight=False)
+    if os_store is None:
+        _print_plan(steps, as_json=out is None)
         return
-    assert os_store is not None
     with os_store:
-        result = wiring.apply(card, options, os_store, cluster_settings=cluster_settings)
-    table = Table(title=f"OpenSearch wiring for model {names.version} on {os_store.config.url}")
-    for col in ("object", "name", "id", "action"):
-        table.add_column(col)
-    for r in result.rows:
-        table.add_row(r.key, r.name, r.id, r.action)
-    console.print(table)
-    for w in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    console.print(f"index documents with their image URL into [bold]{result.index}[/] through "
-                  f"[bold]?pipeline={names.ingest_pipeline}[/]; query by image with "
-                  f"[bold]?search_pipeline={names.search_pipeline}[/] and "
-                  f"{json.dumps(wiring.image_query('https://...'))}", highlight=False)
+        result = apply_wiring(card, options, os_store, cluster_settings=cluster_settings)
+    _print_result(result, os_store.config.url)

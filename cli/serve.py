@@ -8,12 +8,13 @@ from typing import List, Optional
 import typer
 
 from fgplugin.images import ImageLimits
-from fgplugin.serve import DEFAULT_HOST, DEFAULT_PORT, SERVE_LIMITS, ServeConfig
+from fgplugin.serve_api import DEFAULT_HOST, DEFAULT_PORT, SERVE_LIMITS, ServeConfig
 
-from .common import PS_WARNING, err_console, friendly_errors, resolve_secret
+from .common import PS_WARNING, err_console, friendly_errors, needs_extra, resolve_secret
 
 
 @friendly_errors
+@needs_extra("serve")
 def serve(
     model: Path = typer.Option(..., "--model", "-m", help="Export folder (from `fgplugin export`).",
                                envvar="FGPLUGIN_MODEL"),
@@ -45,7 +46,7 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning, error."),
 ) -> None:
     """Serve the encoder over HTTP: POST /encode, GET /health, GET /model."""
-    from fgplugin.serve import run
+    from fgplugin.serve import run  # torch and starlette: the [serve] extra, loaded when the command runs
 
     token = resolve_secret(token, token_file, param="token", option="--token", file_option="--token-file",
                            env="FGPLUGIN_SERVE_TOKEN")

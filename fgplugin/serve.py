@@ -74,7 +74,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 from urllib.parse import urlparse
 
@@ -82,13 +82,17 @@ import anyio
 import httpx
 import numpy as np
 import torch
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .errors import FgpluginError, ImageError, ModelCardError
-from .images import ImageLimits, decode, read_bytes, shown_url
+from .encoding import DeployedEncoder
+from .errors import ImageError, ModelCardError
+from .export import ExportedEncoder
+from .images import decode, read_bytes, shown_url
+from .serve_api import CONCAT_FIELD, DEFAULT_HOST, DEFAULT_PORT, FORMS, SERVE_LIMITS, VERSION_KEY, ServeConfig
 from .similarity import query_form
 
 try:
@@ -100,15 +104,8 @@ except ModuleNotFoundError:  # python-multipart < 0.0.13 names its module "multi
 
 log = logging.getLogger("fgplugin.serve")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
-CONCAT_FIELD = "emb_all"
-VERSION_KEY = "model_version"
 ITEMS_KEY = "items"
-FORMS = ("stored", "query")  # what /encode's "form" may ask for
 RESERVED = (CONCAT_FIELD, VERSION_KEY, ITEMS_KEY)
-# Server-side defaults: tighter than the batch indexer's (a request should fail fast, not retry long).
-SERVE_LIMITS = ImageLimits(max_bytes=10 * 1024 * 1024, max_pixels=40_000_000, timeout_s=5.0, retries=1, backoff_s=0.2)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Multipart bounds besides the image count and byte limits: the only non-file fields are "attributes"
 # and "form", so a few short ones; a part's headers are a Content-Disposition and a Content-Type.
@@ -117,33 +114,6 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_PART_HEADER_BYTES = 8 * 1024
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    max_batch: int = 32  # images per model call
-    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
-    max_concurrency: int = 64  # /encode requests in flight; beyond that: 429
-    allow_hosts: tuple[str, ...] = ()  # URL fetching allowed only to these hosts (empty: off)
-    limits: ImageLimits = SERVE_LIMITS
-    max_images: int = 64  # images per request
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_redirects: int = 3
-    token: str | None = None  # when set, /encode and /model need "Authorization: Bearer <token>"
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_concurrency", "max_images", "max_request_bytes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise FgpluginError(f"serve: {name} must be a positive integer, got {v!r}")
-        if not (isinstance(self.max_wait_ms, (int, float)) and 0 <= self.max_wait_ms <= 10_000):
-            raise FgpluginError(f"serve: max_wait_ms must be in 0..10000, got {self.max_wait_ms!r}")
-        for h in self.allow_hosts:
-            if not _HOST_PATTERN_RE.match(h):
-                raise FgpluginError(
-                    f"serve: allowed host {h!r} is not a host name, IP, '*.domain' wildcard or '*'"
-                )
-
-
-_HOST_PATTERN_RE = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9._:\[\]-]+)$")
 
 
 def host_allowed(host: str | None, patterns: Sequence[str]) -> bool:
@@ -444,7 +414,7 @@ class EncoderService:
     """Request handling around an encoder with ``preprocess``, ``encode_tensors``, ``attributes``,
     ``dims``, ``version`` and ``card`` (an :class:`fgplugin.export.ExportedEncoder`)."""
 
-    def __init__(self, encoder: Any, config: ServeConfig | None = None):
+    def __init__(self, encoder: DeployedEncoder, config: ServeConfig | None = None):
         self.encoder = encoder
         self.config = config or ServeConfig()
         clash = [a for a in encoder.attributes if a in RESERVED]
@@ -454,7 +424,7 @@ class EncoderService:
             )
         self.attributes: list[str] = list(encoder.attributes)
         self.known_outputs = self.attributes + [CONCAT_FIELD]
-        self.query_slack = bool(getattr(encoder, "query_slack", False))  # encoders before it: none
+        self.query_slack = encoder.query_slack
         self.batcher = MicroBatcher(
             encoder.encode_tensors, max_batch=self.config.max_batch, max_wait_s=self.config.max_wait_ms / 1000.0
         )
@@ -745,8 +715,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / n if n > 0 else v
 
 
-def create_app(encoder: Any, config: ServeConfig | None = None) -> Starlette:
-    """The ASGI app for an encoder (an :class:`fgplugin.export.ExportedEncoder` or anything shaped like one)."""
+def create_app(encoder: DeployedEncoder, config: ServeConfig | None = None) -> Starlette:
+    """The ASGI app for an encoder (an :class:`fgplugin.export.ExportedEncoder`)."""
     service = EncoderService(encoder, config)
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -768,8 +738,6 @@ def create_app(encoder: Any, config: ServeConfig | None = None) -> Starlette:
 
 
 def load_app(model: str, *, config: ServeConfig | None = None, device: str = "auto") -> Starlette:
-    from .export import ExportedEncoder
-
     return create_app(ExportedEncoder.load(model, device=device), config)
 
 
@@ -777,8 +745,6 @@ def run(model: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, confi
         device: str = "auto", log_level: str = "info", graceful_timeout_s: int = 30) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn then stops accepting, finishes in-flight requests (up to
     ``graceful_timeout_s``), and the lifespan shutdown drains the batcher."""
-    import uvicorn
-
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(model, config=config, device=device)
@@ -793,8 +759,6 @@ class BackgroundServer:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))

@@ -11,7 +11,7 @@ One document per catalog item:
 - ``model_version`` (keyword) and ``image`` (keyword, not indexed: display and re-encoding only);
 - ``image_key`` and ``meta_key`` (keywords, not indexed): the document's fingerprint, read back by the
   index worker to tell current documents from ones whose image or metadata changed in the catalog
-  (``fgplugin.stores.base.Fingerprint``). An index created before these fields existed gets them added
+  (``fgplugin.search.store.Fingerprint``). An index created before these fields existed gets them added
   to its mapping by ``OpenSearchStore.ensure_index``.
 
 ``dynamic: strict`` makes the server refuse any field not in the mapping instead of guessing a type.
@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import StoreError
-from ..stores.base import IndexLayout
+from ..schema import AttributeSchema
+from ..search.store import IndexLayout
+from ..synth import synth_schema
 from .checks import ENGINES, RequestCheckError, check_request
 
 FORMAT_VERSION = 1
@@ -100,8 +102,6 @@ def layout_meta(layout: IndexLayout) -> dict[str, Any]:
 
 
 def layout_from_meta(meta: Any, where: str) -> IndexLayout:
-    from ..schema import AttributeSchema
-
     if not isinstance(meta, dict) or "schema" not in meta:
         raise StoreError(f"{where} was not created by fgplugin (its mapping has no _meta.fgplugin layout)")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -194,8 +194,6 @@ def build_index_body(
 # -- the demo schema's mapping (checked in under mappings/) --------------------------------------------
 def demo_layout() -> IndexLayout:
     """The demo catalog's layout: ``fgplugin.synth.synth_schema()``, 64-d vectors per attribute."""
-    from ..synth import synth_schema
-
     schema = synth_schema()
     types = dict(schema.metadata) or dict(DEMO_METADATA_TYPES)  # the synth catalog declares its types
     return IndexLayout(schema, {a: DEMO_DIM for a in schema.names}, types, model_version="demo")
