@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from .common import console, friendly_errors, print_json
+from fgplugin.catalog import find_schema, load_catalog
+from fgplugin.errors import FgpluginError
+from fgplugin.importers import import_preset, import_table
+from fgplugin.schema import AttributeSchema
+from fgplugin.splits import make_splits
+from fgplugin.synth import generate, synth_schema
+
+from .common import console, err_console, friendly_errors, print_json
+from .progress import ProgressDisplay
 
 app = typer.Typer(no_args_is_help=True)
 
 
-def _schema_for(catalog: Path, schema: Optional[Path]):
-    from fgplugin.catalog import find_schema
-    from fgplugin.schema import AttributeSchema
-
+def _schema_for(catalog: Path, schema: Optional[Path]) -> AttributeSchema:
     return AttributeSchema.load(schema or find_schema(catalog))
 
 
@@ -29,8 +36,6 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Validate a catalog and print rows, labelled counts per attribute value, and problems."""
-    from fgplugin.catalog import load_catalog
-
     cat = load_catalog(catalog, _schema_for(catalog, schema), strict=False, check_images=images)
     summary = cat.summary()
     if as_json:
@@ -78,9 +83,6 @@ def split(
     out: Optional[Path] = typer.Option(None, help="Output file (default: splits.json beside the catalog)."),
 ) -> None:
     """Write a seeded train/valid/test split with query/candidate partitions."""
-    from fgplugin.catalog import load_catalog
-    from fgplugin.splits import make_splits
-
     cat = load_catalog(catalog, _schema_for(catalog, schema))
     s = make_splits(cat.ids, seed=seed, fractions=(train, valid, round(1 - train - valid, 6)), query_fraction=query_fraction)
     path = s.save(out or catalog.parent / "splits.json")
@@ -101,14 +103,9 @@ def synth(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Render the generated fashion benchmark: garments whose attributes live in different regions."""
-    import time
-    from collections import Counter
-
-    from fgplugin.catalog import load_catalog
-    from fgplugin.synth import generate, synth_schema
-
     t0 = time.perf_counter()
-    path = generate(out_dir, n, seed=seed, size=size, workers=workers, progress=progress)
+    with ProgressDisplay(err_console, enabled=progress) as show:
+        path = generate(out_dir, n, seed=seed, size=size, workers=workers, on_progress=show)
     elapsed = time.perf_counter() - t0
     schema = synth_schema()
     cat = load_catalog(path, schema)
@@ -180,9 +177,6 @@ def import_(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Import a labelled table of images as a catalog + schema + splits (the images are not copied)."""
-    from fgplugin.errors import FgpluginError
-    from fgplugin.importers import import_preset, import_table
-
     if preset:
         if table is not None or attribute or metadata or fold:
             raise FgpluginError("--preset sets the table and the columns itself; drop TABLE/--attribute/--metadata/--fold")

@@ -263,7 +263,8 @@ def _is_float(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (isinstance(v, str) and bool(_FLOAT_RE.match(v)))
 
 
-def _infer_type(values: list[Any]) -> str:
+def infer_type(values: list[Any]) -> str:
+    """The metadata type a column's cells suggest (None cells ignored; no cells: keyword)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "keyword"
@@ -367,6 +368,24 @@ def load_catalog(
         else:
             raw.append((n, row))
 
+    meta_types, notes = _metadata_types(schema, raw)
+    reader = _RowReader(schema, meta_types, p.parent, check_images, limits)
+    items: list[CatalogItem] = []
+    for n, row in raw:
+        got = reader.read(n, row)
+        if isinstance(got, CatalogItem):
+            items.append(got)
+        else:
+            problems.extend(got)
+
+    if strict and problems:
+        raise CatalogError(problems)
+    return Catalog(p, schema, items, meta_types, problems, notes)
+
+
+def _metadata_types(schema: AttributeSchema, raw: list[tuple[int, dict[str, Any]]]) -> tuple[dict[str, str], list[str]]:
+    """Every non-attribute column's type (declared in the schema, else inferred from its cells), and
+    notes on the inferred ones that look like numbers spoilt by a few odd cells."""
     attr_names = set(schema.names)
     meta_values: dict[str, list[tuple[int, str | None, Any]]] = {}
     for n, row in raw:
@@ -376,85 +395,113 @@ def load_catalog(
     meta_types: dict[str, str] = {}
     notes: list[str] = []
     for k, cells in meta_values.items():
-        meta_types[k] = schema.metadata.get(k) or _infer_type([v for _, _, v in cells])
+        meta_types[k] = schema.metadata.get(k) or infer_type([v for _, _, v in cells])
         if k not in schema.metadata and meta_types[k] == "keyword":
             note = _mostly_numbers_note(k, cells)
             if note:
                 notes.append(note)
     for k, t in schema.metadata.items():
         meta_types.setdefault(k, t)
+    return meta_types, notes
 
-    items: list[CatalogItem] = []
-    seen: dict[str, int] = {}
-    for n, row in raw:
+
+@dataclass
+class _RowCheck:
+    """One row being checked: every problem it has is kept, not only the first."""
+
+    n: int
+    item_id: str | None
+    problems: list[Problem] = field(default_factory=list)
+
+    def bad(self, cause: str, kind: str = "invalid") -> None:
+        self.problems.append(Problem(self.n, self.item_id, cause, kind))
+
+
+@dataclass
+class _RowReader:
+    """Turns the raw rows of one catalog, in order, into items or their problems."""
+
+    schema: AttributeSchema
+    meta_types: dict[str, str]
+    base_dir: Path
+    check_images: bool
+    limits: images.ImageLimits
+    seen: dict[str, int] = field(default_factory=dict)  # id -> the row it was first seen in
+
+    def read(self, n: int, row: dict[str, Any]) -> CatalogItem | list[Problem]:
         rid = row.get("id")
-        item_id = None if rid is None else str(rid)
-        row_problems: list[Problem] = []
-
-        def bad(cause: str, kind: str = "invalid") -> None:
-            row_problems.append(Problem(n, item_id, cause, kind))
-
-        if item_id is None or item_id.strip() == "":
-            bad("missing id")
-        elif item_id != item_id.strip() or not item_id.isprintable():
-            # Most likely damage or a spreadsheet's stray space rather than a new item: "unreadable", so
-            # that prune does not take the clean id's document for gone.
-            bad("the id has surrounding spaces or control characters", UNREADABLE)
-        elif item_id in seen:
-            bad(f"duplicate id (first seen in row {seen[item_id]})", "duplicate")
+        check = _RowCheck(n, None if rid is None else str(rid))
+        self._check_id(check)
         image = row.get("image")
         if not image:
-            bad("missing image")
+            check.bad("missing image")
         else:
             try:
                 images.check_source(str(image))
             except ImageError as e:
-                bad(e.cause, "bad_url")
-        labels_in = dict(row.get("labels") or {})
-        if row.get("labels") is not None and not isinstance(row.get("labels"), dict):
-            bad("'labels' must be an object")
-            labels_in = {}
-        for k in attr_names:
+                check.bad(e.cause, "bad_url")
+        labels = self._labels(check, row)
+        metadata = self._metadata(check, row)
+        if image and self.check_images and not check.problems:
+            try:
+                images.load_image(str(image), base_dir=self.base_dir, limits=self.limits)
+            except ImageError as e:
+                check.bad(f"image {image!r}: {e.cause}", e.kind)
+        if check.problems:
+            return check.problems
+        assert check.item_id is not None
+        self.seen[check.item_id] = n
+        return CatalogItem(check.item_id, str(image), labels, metadata, n)
+
+    def _check_id(self, check: _RowCheck) -> None:
+        item_id = check.item_id
+        if item_id is None or item_id.strip() == "":
+            check.bad("missing id")
+        elif item_id != item_id.strip() or not item_id.isprintable():
+            # Most likely damage or a spreadsheet's stray space rather than a new item: "unreadable", so
+            # that prune does not take the clean id's document for gone.
+            check.bad("the id has surrounding spaces or control characters", UNREADABLE)
+        elif item_id in self.seen:
+            check.bad(f"duplicate id (first seen in row {self.seen[item_id]})", "duplicate")
+
+    def _labels(self, check: _RowCheck, row: dict[str, Any]) -> dict[str, str | None]:
+        """Labels from the row's attribute columns and its nested ``labels`` object (which wins)."""
+        schema = self.schema
+        attr_names = set(schema.names)
+        given = row.get("labels")
+        labels_in: dict[str, Any] = dict(given) if isinstance(given, dict) else {}
+        if given is not None and not isinstance(given, dict):  # e.g. a string or list: this row's problem
+            check.bad("'labels' must be an object")
+        for k in schema.names:  # schema order: the same problems in the same order on every run
             if k in row:
                 labels_in.setdefault(k, row[k])
         labels: dict[str, str | None] = {}
         for k, v in labels_in.items():
             if k not in attr_names:
-                bad(f"unknown attribute {k!r} (schema has: {', '.join(schema.names)})")
+                check.bad(f"unknown attribute {k!r} (schema has: {', '.join(schema.names)})")
                 continue
             if v is None or v == "":
                 labels[k] = None
                 continue
             v = str(v)
             if v not in schema[k].values:
-                bad(f"attribute {k!r} has unknown value {v!r} (allowed: {', '.join(schema[k].values)})")
+                check.bad(f"attribute {k!r} has unknown value {v!r} (allowed: {', '.join(schema[k].values)})")
                 continue
             labels[k] = v
         for k in schema.names:
             labels.setdefault(k, None)
+        return labels
+
+    def _metadata(self, check: _RowCheck, row: dict[str, Any]) -> dict[str, Any]:
         metadata: dict[str, Any] = {}
-        for k, t in meta_types.items():
+        for k, t in self.meta_types.items():
             if k not in row:
                 continue
             try:
                 metadata[k] = coerce(row[k], t)
             except ValueError as e:
-                bad(f"metadata {k!r}: {e} (declared/inferred type {t})")
-        if image and check_images and not row_problems:
-            try:
-                images.load_image(str(image), base_dir=p.parent, limits=limits)
-            except ImageError as e:
-                bad(f"image {image!r}: {e.cause}", e.kind)
-        if row_problems:
-            problems.extend(row_problems)
-            continue
-        assert item_id is not None
-        seen[item_id] = n
-        items.append(CatalogItem(item_id, str(image), labels, metadata, n))
-
-    if strict and problems:
-        raise CatalogError(problems)
-    return Catalog(p, schema, items, meta_types, problems, notes)
+                check.bad(f"metadata {k!r}: {e} (declared/inferred type {t})")
+        return metadata
 
 
 def write_catalog(path: str | Path, items: Iterable[CatalogItem | dict[str, Any]]) -> Path:
@@ -478,6 +525,6 @@ def find_schema(catalog_path: str | Path) -> Path:
 
 
 __all__ = [
-    "Catalog", "CatalogItem", "Problem", "load_catalog", "write_catalog", "find_schema", "coerce",
+    "Catalog", "CatalogItem", "Problem", "load_catalog", "write_catalog", "find_schema", "coerce", "infer_type",
     "METADATA_TYPES",
 ]

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import Problem, _infer_type, coerce, load_catalog, write_catalog
+from .catalog import Problem, coerce, infer_type, load_catalog, write_catalog
 from .errors import CatalogError, FgpluginError
 from .schema import METADATA_TYPES, Attribute, AttributeSchema
 from .splits import make_splits
@@ -158,6 +158,32 @@ def _template_fields(template: str) -> list[str]:
         raise FgpluginError(f"image template {template!r} is malformed ({e})") from None
 
 
+@dataclass
+class _ColumnPlan:
+    """Which table columns become what, checked against the header before any row is read."""
+
+    table: Path
+    id_column: str
+    image_template: str
+    attr_cols: list[str]
+    meta_specs: list[tuple[str, str | None]]  # (column, declared type or None)
+    folds: dict[str, str]  # attribute name -> flag column prefix
+    fold_cols: dict[str, list[str]]  # attribute name -> its flag columns
+    rename: dict[str, str]
+
+    def out_name(self, col: str) -> str:
+        return self.rename.get(col) or snake_case(col)
+
+    @property
+    def attr_names(self) -> list[str]:
+        return [self.out_name(c) for c in self.attr_cols] + list(self.folds)
+
+    @property
+    def attr_source(self) -> dict[str, str]:
+        """Attribute name -> where it comes from (a column, or ``prefix*`` for a fold)."""
+        return {self.out_name(c): c for c in self.attr_cols} | {f: f"{self.folds[f]}*" for f in self.folds}
+
+
 def import_table(
     table_csv: str | Path,
     out_dir: str | Path,
@@ -188,7 +214,6 @@ def import_table(
     lists them in the report.
     """
     table = Path(table_csv)
-    out = Path(out_dir)
     if rare not in RARE_MODES:
         raise FgpluginError(f"--rare {rare!r}: use one of {', '.join(RARE_MODES)}")
     if min_count < 1:
@@ -196,18 +221,56 @@ def import_table(
     if not table.is_file():
         raise FgpluginError(f"{table}: table not found")
     root = Path(image_root) if image_root is not None else table.parent
-    metadata = list(metadata or [])
-    folds = dict(folds or {})
-    rename = dict(rename or {})
+    columns, raw_rows = _read_table(table)
+    plan = _plan_columns(table, columns, id_column, image_template, list(attributes), list(metadata or []),
+                         dict(folds or {}), dict(rename or {}))
 
+    rows, problems = _read_records(plan, raw_rows, root)
+    # Bad metadata cells make bad rows, left out before the rare-value counts so that the report's
+    # counts are the catalog's counts.
+    meta_types = _metadata_types(plan, rows)
+    rows = _coerce_metadata(rows, meta_types, problems)
+    problems.sort(key=lambda p: p.row or 0)
+    if problems and strict:
+        raise CatalogError(problems)
+    if not rows:
+        raise FgpluginError(f"{table}: no valid rows to import")
+    fold_stats = {f: Counter(r["_fold_" + f] for r in rows) for f in plan.folds}
+
+    rows, dropped_rows, reports, attrs = _apply_rare(plan, rows, rare, min_count)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    schema = AttributeSchema(tuple(attrs), name=name or snake_case(table.parent.name) or "imported",
+                             metadata=meta_types)
+    schema_path = schema.save(out / "schema.toml")
+    catalog_path = write_catalog(out / "catalog.jsonl", _catalog_rows(plan, rows, meta_types, out, absolute_paths))
+    splits_path = make_splits([r["id"] for r in rows], seed=seed).save(out / "splits.json")
+    load_catalog(catalog_path, schema, strict=True)  # what we wrote must load
+
+    return ImportReport(
+        source=str(table), catalog=str(catalog_path), schema=str(schema_path), splits=str(splits_path),
+        rows_in=len(raw_rows), rows_written=len(rows), rows_dropped_rare=dropped_rows, attributes=reports,
+        folds=[FoldReport(f, plan.fold_cols[f], s["folded"], s["ambiguous"], s["none_yes"])
+               for f, s in fold_stats.items()],
+        metadata_types=meta_types, problems=problems, rare=rare, min_count=min_count, seed=seed,
+    )
+
+
+def _read_table(table: Path) -> tuple[list[str], list[dict[str | None, Any]]]:
     with table.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         raw_rows = list(reader)
     if not columns:
         raise FgpluginError(f"{table}: empty table (no header row)")
+    return columns, raw_rows  # type: ignore[return-value]
 
-    # -- the column plan: every named column must exist, every output name must be valid and unique.
+
+def _plan_columns(table: Path, columns: list[str], id_column: str, image_template: str, attr_cols: list[str],
+                  metadata: list[str], folds: dict[str, str], rename: dict[str, str]) -> _ColumnPlan:
+    """Every named column must exist, every output name must be valid and unique."""
+
     def need(col: str, role: str) -> None:
         if col not in columns:
             raise FgpluginError(f"{table}: {role} column {col!r} is not in the table; columns: {', '.join(columns)}")
@@ -215,7 +278,6 @@ def import_table(
     need(id_column, "id")
     for fld in _template_fields(image_template):
         need(fld, f"image template {image_template!r}")
-    attr_cols = list(attributes)
     for c in attr_cols:
         need(c, "attribute")
     meta_specs = [_split_typed(m) for m in metadata]
@@ -227,13 +289,11 @@ def import_table(
         if len(cols) < 2:
             raise FgpluginError(f"{table}: fold {fname!r} needs two or more columns starting with {prefix!r}; found {cols}")
         fold_cols[fname] = cols
-
-    def out_name(col: str) -> str:
-        return rename.get(col) or snake_case(col)
+    plan = _ColumnPlan(table, id_column, image_template, attr_cols, meta_specs, folds, fold_cols, rename)
 
     names: dict[str, str] = {}  # output name -> what it comes from
-    for n, src in [(out_name(c), f"column {c!r}") for c in attr_cols] + [(f, f"fold {f!r}") for f in folds] + \
-            [(out_name(c), f"metadata column {c!r}") for c, _ in meta_specs]:
+    for n, src in [(plan.out_name(c), f"column {c!r}") for c in attr_cols] + [(f, f"fold {f!r}") for f in folds] + \
+            [(plan.out_name(c), f"metadata column {c!r}") for c, _ in meta_specs]:
         if n in ("id", "image", "labels"):
             raise FgpluginError(f"{src} would be named {n!r}, a reserved catalog column; rename it")
         if n in names:
@@ -241,58 +301,84 @@ def import_table(
         names[n] = src
     if not attr_cols and not folds:
         raise FgpluginError("name at least one attribute column (or a fold)")
+    return plan
 
-    # -- pass 1: read every row, collect problems and raw values ---------------------------------
+
+def _read_records(plan: _ColumnPlan, raw_rows: list[dict[str | None, Any]],
+                  root: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """Pass 1: every row as a record of raw values (``_row``, ``_image`` and ``_fold_*`` for the
+    bookkeeping), and every bad row's problems."""
     problems: list[Problem] = []
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for n, row in enumerate(raw_rows, start=1):
-        rid = (row.get(id_column) or "").strip()
-        bad: list[str] = []
-        if None in row:
-            bad.append(f"{len(row[None])} more cell(s) than header columns")  # type: ignore[index]
-        if any(v is None for k, v in row.items() if k is not None):
-            bad.append("fewer cells than header columns")
-        if not rid:
-            bad.append(f"empty id ({id_column!r})")
-        elif rid in seen:
-            bad.append(f"duplicate id (first seen in row {seen[rid]})")
+        rid = (row.get(plan.id_column) or "").strip()
+        bad = _cell_problems(plan, row, rid, seen)
         image = None
         if not bad:
-            try:
-                rel = image_template.format(**{k: (v or "").strip() for k, v in row.items() if k is not None})
-            except (KeyError, IndexError, ValueError) as e:
-                rel = None
-                bad.append(f"image template {image_template!r} cannot be filled ({e})")
-            if rel is not None:
-                path = Path(rel) if Path(rel).is_absolute() else root / rel
-                if not rel.strip() or not path.is_file():
-                    bad.append(f"image file not found: {path}")
-                else:
-                    image = path
+            image = _image_path(plan, row, root, bad)
         if bad:
             problems.extend(Problem(n, rid or None, cause, "invalid") for cause in bad)
             continue
         seen[rid] = n
-        rec: dict[str, Any] = {"_row": n, "id": rid, "_image": image}
-        for c in attr_cols:
-            v = (row[c] or "").strip()
-            rec[out_name(c)] = v or None
-        for fname, cols in fold_cols.items():
-            yes = [c[len(folds[fname]):] for c in cols if (row[c] or "").strip().lower() in _YES]
-            rec[fname] = yes[0] if len(yes) == 1 else None
-            rec["_fold_" + fname] = "folded" if len(yes) == 1 else "ambiguous" if yes else "none_yes"
-        for c, _ in meta_specs:
-            v = (row[c] or "").strip()
-            rec[out_name(c)] = v or None
-        rows.append(rec)
+        rows.append(_record(plan, row, n, rid, image))
+    return rows, problems
 
-    # -- metadata types: declared, else inferred from the cells; bad cells make bad rows, which are
-    # left out before the rare-value counts so that the report's counts are the catalog's counts.
+
+def _cell_problems(plan: _ColumnPlan, row: dict[str | None, Any], rid: str, seen: dict[str, int]) -> list[str]:
+    bad: list[str] = []
+    if None in row:
+        bad.append(f"{len(row[None])} more cell(s) than header columns")
+    if any(v is None for k, v in row.items() if k is not None):
+        bad.append("fewer cells than header columns")
+    if not rid:
+        bad.append(f"empty id ({plan.id_column!r})")
+    elif rid in seen:
+        bad.append(f"duplicate id (first seen in row {seen[rid]})")
+    return bad
+
+
+def _image_path(plan: _ColumnPlan, row: dict[str | None, Any], root: Path, bad: list[str]) -> Path | None:
+    """The row's image file from the template; a cause is added to ``bad`` when there is none."""
+    try:
+        rel = plan.image_template.format(**{k: (v or "").strip() for k, v in row.items() if k is not None})
+    except (KeyError, IndexError, ValueError) as e:
+        bad.append(f"image template {plan.image_template!r} cannot be filled ({e})")
+        return None
+    path = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not rel.strip() or not path.is_file():
+        bad.append(f"image file not found: {path}")
+        return None
+    return path
+
+
+def _record(plan: _ColumnPlan, row: dict[str | None, Any], n: int, rid: str, image: Path | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"_row": n, "id": rid, "_image": image}
+    for c in plan.attr_cols:
+        v = (row[c] or "").strip()
+        rec[plan.out_name(c)] = v or None
+    for fname, cols in plan.fold_cols.items():
+        yes = [c[len(plan.folds[fname]):] for c in cols if (row[c] or "").strip().lower() in _YES]
+        rec[fname] = yes[0] if len(yes) == 1 else None
+        rec["_fold_" + fname] = "folded" if len(yes) == 1 else "ambiguous" if yes else "none_yes"
+    for c, _ in plan.meta_specs:
+        v = (row[c] or "").strip()
+        rec[plan.out_name(c)] = v or None
+    return rec
+
+
+def _metadata_types(plan: _ColumnPlan, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Declared, else inferred from the cells."""
     meta_types: dict[str, str] = {}
-    for c, t in meta_specs:
-        k = out_name(c)
-        meta_types[k] = t or _infer_type([r[k] for r in rows])
+    for c, t in plan.meta_specs:
+        k = plan.out_name(c)
+        meta_types[k] = t or infer_type([r[k] for r in rows])
+    return meta_types
+
+
+def _coerce_metadata(rows: list[dict[str, Any]], meta_types: dict[str, str],
+                     problems: list[Problem]) -> list[dict[str, Any]]:
+    """The rows whose metadata cells all convert (converted in place); the others' causes go to ``problems``."""
     good: list[dict[str, Any]] = []
     for r in rows:
         bad = []
@@ -305,59 +391,61 @@ def import_table(
             problems.extend(Problem(r["_row"], r["id"], cause) for cause in bad)
         else:
             good.append(r)
-    rows = good
-    problems.sort(key=lambda p: p.row or 0)
-    if problems and strict:
-        raise CatalogError(problems)
-    if not rows:
-        raise FgpluginError(f"{table}: no valid rows to import")
+    return good
 
-    rows_in = len(raw_rows)
-    fold_stats = {f: Counter(r["_fold_" + f] for r in rows) for f in folds}
 
-    # -- rare values -------------------------------------------------------------------------------
-    attr_names = [out_name(c) for c in attr_cols] + list(folds)
-    attr_source = {out_name(c): c for c in attr_cols} | {f: f"{folds[f]}*" for f in folds}
-    counts = {a: Counter(r[a] for r in rows if r[a] is not None) for a in attr_names}
-    rare_values = {a: {v for v, k in counts[a].items() if k < min_count} for a in attr_names}
+def _apply_rare(plan: _ColumnPlan, rows: list[dict[str, Any]], rare: str, min_count: int
+                ) -> tuple[list[dict[str, Any]], int, list[AttributeReport], list[Attribute]]:
+    """Values seen fewer than ``min_count`` times merged, their rows dropped, or kept (``rare``):
+    (rows, rows dropped, per-attribute reports, the schema's attributes)."""
+    counts = {a: Counter(r[a] for r in rows if r[a] is not None) for a in plan.attr_names}
+    rare_values = {a: {v for v, k in counts[a].items() if k < min_count} for a in plan.attr_names}
     dropped_rows = 0
     if rare == "drop":
-        keep = [r for r in rows if not any(r[a] in rare_values[a] for a in attr_names)]
+        keep = [r for r in rows if not any(r[a] in rare_values[a] for a in plan.attr_names)]
         dropped_rows = len(rows) - len(keep)
         rows = keep
+    source = plan.attr_source
     reports: list[AttributeReport] = []
     attrs: list[Attribute] = []
-    for a in attr_names:
-        rep = AttributeReport(a, attr_source[a], kept={})
-        rv = rare_values[a]
-        if rare == "merge":
-            rep.merged = {v: counts[a][v] for v in sorted(rv, key=lambda v: (-counts[a][v], v)) if v != OTHER}
-            for r in rows:
-                if r[a] in rv:
-                    r[a] = OTHER
-        elif rare == "drop":
-            rep.dropped = {v: counts[a][v] for v in sorted(rv, key=lambda v: (-counts[a][v], v))}
-        else:
-            rep.rare_kept = {v: counts[a][v] for v in sorted(rv, key=lambda v: (-counts[a][v], v))}
-        final = Counter(r[a] for r in rows if r[a] is not None)
-        rep.empty = sum(1 for r in rows if r[a] is None)
-        order = sorted((v for v in final if v != OTHER), key=lambda v: (-final[v], v))
-        if OTHER in final:
-            order.append(OTHER)
-        rep.kept = {v: final[v] for v in order}
+    for a in plan.attr_names:
+        rep = _attribute_report(a, source[a], rows, counts[a], rare_values[a], rare)
         reports.append(rep)
-        if len(order) < 2:
+        if len(rep.kept) < 2:
             raise FgpluginError(
-                f"attribute {a!r} ({attr_source[a]}) has {len(order)} value(s) left after --rare {rare} "
+                f"attribute {a!r} ({source[a]}) has {len(rep.kept)} value(s) left after --rare {rare} "
                 f"--min-count {min_count} ({dict(counts[a])}); an attribute needs two or more"
             )
-        attrs.append(Attribute(a, tuple(order), f"imported from {attr_source[a]}"))
+        attrs.append(Attribute(a, tuple(rep.kept), f"imported from {source[a]}"))
+    return rows, dropped_rows, reports, attrs
 
-    # -- write ------------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    schema = AttributeSchema(tuple(attrs), name=name or snake_case(table.parent.name) or "imported",
-                             metadata=meta_types)
-    schema_path = schema.save(out / "schema.toml")
+
+def _attribute_report(a: str, source: str, rows: list[dict[str, Any]], counts: Counter, rv: set[str],
+                      rare: str) -> AttributeReport:
+    """Attribute ``a``'s report (merging its rare values ``rv`` into ``other`` in ``rows`` when asked);
+    ``kept`` lists the values by falling count, ``other`` last: the schema's value order."""
+    rep = AttributeReport(a, source, kept={})
+    by_count = sorted(rv, key=lambda v: (-counts[v], v))
+    if rare == "merge":
+        rep.merged = {v: counts[v] for v in by_count if v != OTHER}
+        for r in rows:
+            if r[a] in rv:
+                r[a] = OTHER
+    elif rare == "drop":
+        rep.dropped = {v: counts[v] for v in by_count}
+    else:
+        rep.rare_kept = {v: counts[v] for v in by_count}
+    final = Counter(r[a] for r in rows if r[a] is not None)
+    rep.empty = sum(1 for r in rows if r[a] is None)
+    order = sorted((v for v in final if v != OTHER), key=lambda v: (-final[v], v))
+    if OTHER in final:
+        order.append(OTHER)
+    rep.kept = {v: final[v] for v in order}
+    return rep
+
+
+def _catalog_rows(plan: _ColumnPlan, rows: list[dict[str, Any]], meta_types: dict[str, str], out: Path,
+                  absolute_paths: bool) -> list[dict[str, Any]]:
     out_abs = out.resolve()
 
     def image_ref(p: Path) -> str:
@@ -367,19 +455,10 @@ def import_table(
     catalog_rows = []
     for r in rows:
         row = {"id": r["id"], "image": image_ref(r["_image"])}
-        row.update({a: r[a] for a in attr_names})
+        row.update({a: r[a] for a in plan.attr_names})
         row.update({k: r[k] for k in meta_types})
         catalog_rows.append(row)
-    catalog_path = write_catalog(out / "catalog.jsonl", catalog_rows)
-    splits_path = make_splits([r["id"] for r in rows], seed=seed).save(out / "splits.json")
-    load_catalog(catalog_path, schema, strict=True)  # what we wrote must load
-
-    return ImportReport(
-        source=str(table), catalog=str(catalog_path), schema=str(schema_path), splits=str(splits_path),
-        rows_in=rows_in, rows_written=len(rows), rows_dropped_rare=dropped_rows, attributes=reports,
-        folds=[FoldReport(f, fold_cols[f], s["folded"], s["ambiguous"], s["none_yes"]) for f, s in fold_stats.items()],
-        metadata_types=meta_types, problems=problems, rare=rare, min_count=min_count, seed=seed,
-    )
+    return catalog_rows
 
 
 def import_preset(

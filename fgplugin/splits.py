@@ -28,9 +28,11 @@ class Splits:
 
     def part(self, name: str) -> tuple[list[str], list[str]]:
         """(query ids, candidate ids) of ``valid`` or ``test``."""
-        if name not in ("valid", "test"):
-            raise FgpluginError(f"unknown split part {name!r}; use valid or test")
-        return getattr(self, f"{name}_query"), getattr(self, f"{name}_candidate")
+        if name == "valid":
+            return self.valid_query, self.valid_candidate
+        if name == "test":
+            return self.test_query, self.test_candidate
+        raise FgpluginError(f"unknown split part {name!r}; use valid or test")
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
