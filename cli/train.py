@@ -8,7 +8,11 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import console, friendly_errors, print_json
+from fgplugin.catalog import find_schema, load_catalog
+from fgplugin.schema import AttributeSchema
+
+from .common import console, err_console, friendly_errors, print_json
+from .progress import ProgressDisplay
 
 
 @friendly_errors
@@ -35,9 +39,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train an attribute-specific embedding model on a catalog's training split."""
-    from fgplugin.catalog import find_schema, load_catalog
+    # The training stack (torch) loads when the command runs, not at every CLI start.
+    # torch: the models and the trainer are imported when the command runs
     from fgplugin.models import load_config, parse_overrides
-    from fgplugin.schema import AttributeSchema
     from fgplugin.training import parse_budget, train as run_train
 
     overrides = parse_overrides(set_)
@@ -51,8 +55,9 @@ def train(
     if not as_json:
         console.print(f"training [bold]{variant}[/] ({config.trunk}, {config.image_size} px) on {len(cat)} items "
                       f"from {catalog} -> {out}", highlight=False)
-    result = run_train(config, cat, splits, out, budget_s=budget_s, device=device, resume=resume,
-                       progress=not (no_progress or as_json))
+    with ProgressDisplay(err_console, enabled=not (no_progress or as_json)) as show:
+        result = run_train(config, cat, splits, out, budget_s=budget_s, device=device, resume=resume,
+                           on_progress=show)
     summary = {
         "checkpoint": str(result.checkpoint), "last": str(result.last),
         "best": None if result.best is None else str(result.best), "steps": result.steps,

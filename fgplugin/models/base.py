@@ -5,27 +5,29 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..preprocess import Preprocess
 from ..schema import AttributeSchema
+from . import losses as L
 from .config import ModelConfig
+from .vectors import pad_to, posterior_vector
 
 
 class AttributeModel(nn.Module):
-    """An image -> one L2-normalised vector per attribute model.
+    """An image -> one L2-normalised vector per attribute model (an ``fgplugin.encoding.Encoder``).
 
     - ``dims[name]``: the meaningful size of attribute ``name``'s vector; ``embed_all`` pads every
       attribute to D = max(dims) with zeros (so ``out[:, i, :dims[name]]`` is the vector).
     - ``embed_all`` runs each trunk once per batch and has no data-dependent Python control flow,
       so ``torch.jit.trace`` / ``torch.export`` capture it.
-    - ``training_losses`` gives the variant's own objective on a triplet batch (see fgplugin.training).
+    - ``training_losses`` gives the variant's own objective on a triplet batch (``.losses``).
     """
 
     config: ModelConfig
     schema: AttributeSchema
     dims: dict[str, int]
+    proxies: L.ProxyClassifier | None  # the proxy classifier (``attach_proxies``), None without one
     training_stages: tuple[int, ...] = (1,)  # ASEN_v2 has two: 1 (global branch) and 2 (joint)
 
     def __init__(self, config: ModelConfig, schema: AttributeSchema):
@@ -33,13 +35,21 @@ class AttributeModel(nn.Module):
         self.config = config
         self.schema = schema
         self.num_attributes = len(schema)
+        self.proxies = None  # a plain attribute until attach_proxies registers the module
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are, so where ``embed_all`` runs."""
+        return next(self.parameters()).device
 
     @property
     def dim(self) -> int:
         """D: the common (padded) vector size of ``embed_all``."""
         return max(self.dims.values())
 
+    @property
     def preprocess(self) -> Preprocess:
+        """How an image becomes this model's input (size, mean, std), as ``ExportedEncoder.preprocess``."""
         return self.config.preprocess()
 
     @property
@@ -73,10 +83,8 @@ class AttributeModel(nn.Module):
         """Give the model its proxy classifier when ``config.proxy_term`` (called after ``dims`` is
         set). With ``proxy_share`` > 0 each attribute's vector also carries its posterior, so
         ``dims`` grows by the attribute's value count."""
-        from ..training.losses import ProxyClassifier
-
         sizes = [a.num_classes for a in self.schema]
-        self.proxies = ProxyClassifier(sizes, dim, self.config.train.cls_scale) if self.config.proxy_term else None
+        self.proxies = L.ProxyClassifier(sizes, dim, self.config.train.cls_scale) if self.config.proxy_term else None
         if self.config.proxy_share > 0:
             self.dims = {a.name: self.dims[a.name] + self.config.posterior_width(a.num_classes) for a in self.schema}
 
@@ -107,8 +115,6 @@ class AttributeModel(nn.Module):
         ({"metric": weighted total, "triplet": ..., ["proxy": ...]}, each image's embedding under its
         own triplet's attribute [N, E]).
         """
-        from ..training import losses as L
-
         t = self.config.train
         n = labels.shape[0]
         own = attr.repeat(3)
@@ -123,19 +129,24 @@ class AttributeModel(nn.Module):
             mine = e[:, 0]
             trip = L.triplet_ranking_loss(*L.split_triplets(mine), margin=t.margin)
         parts = {"metric": trip, "triplet": trip}
-        if getattr(self, "proxies", None) is not None:
+        if self.proxies is not None:
             parts["proxy"] = self.proxies(e, idx, labels)
             parts["metric"] = trip + t.cls_weight * parts["proxy"]
         return parts, mine
 
-    def trunk_modules(self) -> list[nn.Module]:
-        """The parts built from a trunk (``build_trunk``), where pretrained weights live."""
+    def trunk_stages(self) -> list[tuple[int, nn.Module]]:
+        """(stage index 0-2, module) of every trunk stage the model holds (``build_trunk``), wherever the
+        variant keeps it: where pretrained weights live, and what ``train.freeze_stages`` counts."""
         return []
+
+    def trunk_modules(self) -> list[nn.Module]:
+        """The parts built from a trunk, where pretrained weights live."""
+        return [m for _, m in self.trunk_stages()]
 
     def frozen_trunk_stages(self) -> list[nn.Module]:
         """The trunk stages that ``train.freeze_stages`` keeps as loaded (the first n of every trunk)."""
         n = self.config.train.freeze_stages
-        return [m for part in self.trunk_modules() for m in part.modules() if getattr(m, "trunk_stage", n) < n]
+        return [m for i, m in self.trunk_stages() if i < n]
 
     def freeze_trunk_stages(self) -> None:
         """Stop gradients into the frozen stages."""
@@ -173,23 +184,3 @@ class AttributeModel(nn.Module):
     def extra_repr(self) -> str:
         return f"variant={self.config.variant}, trunk={self.config.trunk}, attributes={self.num_attributes}, D={self.dim}"
 
-
-def l2n(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1, eps=1e-12)
-
-
-def posterior_vector(logits: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
-    """Logits [..., V] -> the posterior as a unit vector (``ModelConfig.posterior``): softmax / |softmax|,
-    sqrt(softmax), or prob: [softmax, sqrt(1 - |softmax|^2)], [..., V + 1], whose last (slack) value
-    a query drops (``fgplugin.similarity``)."""
-    p = torch.softmax(logits.float(), dim=-1)
-    if kind == "sqrt":
-        return p.clamp_min(0).sqrt()
-    if kind == "prob":
-        return torch.cat([p, (1 - (p * p).sum(-1, keepdim=True)).clamp_min(0).sqrt()], dim=-1)
-    return l2n(p)
-
-
-def pad_to(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Zero-pad the last dim of ``x`` to ``d`` (no-op when already ``d``)."""
-    return F.pad(x, (0, d - x.shape[-1])) if x.shape[-1] < d else x

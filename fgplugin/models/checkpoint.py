@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model, save_model
 
 from .. import __version__
 from ..errors import FgpluginError, ModelCardError
-from ..schema import AttributeSchema
+from ..schema import AttributeSchema, require_same_schema
 from .base import AttributeModel
 from .config import ModelConfig
+from .factory import build_model
 
 FORMAT = "fgplugin-checkpoint"
 FORMAT_VERSION = 1
@@ -39,8 +41,6 @@ def save_checkpoint(
     scaler: Any = None,
 ) -> Path:
     """Write ``model`` (and optionally the optimiser/scheduler/scaler states) to ``dir``; returns ``dir``."""
-    from safetensors.torch import save_model
-
     out = Path(dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -118,10 +118,6 @@ def load_checkpoint(
     ``schema``, whose config is invalid, or whose weights do not fit the architecture the config builds.
     Trunk weight files named in the config are not needed: the checkpoint holds every weight.
     """
-    from safetensors.torch import load_model
-
-    from . import build_model
-
     d = Path(dir)
     meta = read_checkpoint_meta(d)
     try:
@@ -131,11 +127,9 @@ def load_checkpoint(
         raise ModelCardError(f"{d}: invalid checkpoint config: {e}") from None
     if meta.get("schema_fingerprint") not in (None, own.fingerprint()):
         raise ModelCardError(f"{d}: the checkpoint's schema does not match its recorded fingerprint")
-    if schema is not None and schema.fingerprint() != own.fingerprint():
-        raise ModelCardError(
-            f"{d}: checkpoint was trained for schema {own.name!r} ({', '.join(own.names)}; fingerprint "
-            f"{own.fingerprint()}), not {schema.name!r} ({', '.join(schema.names)}; fingerprint {schema.fingerprint()})"
-        )
+    if schema is not None:
+        require_same_schema(own, schema, have_is=f"the checkpoint {d}", want_is="the data it is loaded for",
+                            error=ModelCardError)
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelCardError(f"{d}: checkpoint is missing {WEIGHTS_FILE}")

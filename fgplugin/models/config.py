@@ -15,8 +15,9 @@ from typing import Any
 
 from ..errors import FgpluginError
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .pretrained import recommended_preprocess
 
-VARIANTS = ("asen_v2", "asen", "csn", "ag_mlan", "global", "mtc")
+VARIANTS = ("asen_v2", "asen", "csn", "ag_mlan", "global", "mtc")  # what each builds: factory.MODELS
 POSTERIORS = ("softmax", "sqrt", "prob")
 
 
@@ -322,8 +323,6 @@ def load_config(variant: str, overrides: dict[str, Any] | None = None) -> ModelC
     config = apply_overrides(ModelConfig.from_dict(d), overrides)
     over = set(overrides or {})
     if config.trunk.startswith("efficientnet_lite") and not over & {"mean", "std"}:
-        from .pretrained import recommended_preprocess
-
         pre = recommended_preprocess(config.trunk, config.image_size)
         config.mean, config.std = pre.mean, pre.std
     return config

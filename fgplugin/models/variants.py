@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schema import AttributeSchema
-from ..training import losses as L
+from . import losses as L
 from .attention import (
     AttributeChannelAttention,
     AttributeSpatialAttention,
@@ -28,9 +28,10 @@ from .attention import (
     minmax_normalise,
     roi_boxes,
 )
-from .base import AttributeModel, l2n, pad_to, posterior_vector
+from .base import AttributeModel
 from .config import ConfigError, ModelConfig
 from .trunks import build_trunk
+from .vectors import l2n, pad_to, posterior_vector
 
 
 class StagedFeatures(nn.Module):
@@ -44,6 +45,10 @@ class StagedFeatures(nn.Module):
     @property
     def out_channels(self) -> int:
         return self.channels[-1]
+
+    def numbered(self) -> list[tuple[int, nn.Module]]:
+        """(trunk stage index, stage): the kept stages are the trunk's first ones."""
+        return list(enumerate(self.stages))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -88,6 +93,7 @@ class ASEN(AttributeModel):
         self.global_branch = ASENBranch(StagedFeatures(trunk, c.feature_stage),
                                         c.attr_embed_dim, c.asa_dim, c.aca_reduction, c.embed_dim)
         self.heads = None
+        self.cls_stage = None
         if c.linear_branch:
             # AG-MLAN's classification branch: the trunk's stride-32 stage on the global branch's map
             # (already in it with feature_stage 3), pooled, one softmax head per attribute (as mtc).
@@ -182,7 +188,7 @@ class ASEN(AttributeModel):
     def parameter_groups(self, stage: int, lr: float | None = None) -> list[dict]:
         t = self.config.train
         global_params = list(self.attr_embedding.parameters()) + list(self.global_branch.parameters())
-        for extra in (self.proxies, self.heads, getattr(self, "cls_stage", None)):
+        for extra in (self.proxies, self.heads, self.cls_stage):
             if extra is not None:
                 global_params += list(extra.parameters())
         if stage == 1:
@@ -191,13 +197,13 @@ class ASEN(AttributeModel):
         return (self.split_trunk(list(self.local_branch.parameters()), t.stage2_lr_local, "local")
                 + self.split_trunk(global_params, t.stage2_lr_global, "global"))
 
-    def trunk_modules(self) -> list[nn.Module]:
-        parts = [self.global_branch.features]
+    def trunk_stages(self) -> list[tuple[int, nn.Module]]:
+        stages = self.global_branch.features.numbered()
         if self.heads is not None and not isinstance(self.cls_stage, nn.Identity):
-            parts.append(self.cls_stage)  # the trunk's own stride-32 stage
+            stages.append((2, self.cls_stage))  # the trunk's own stride-32 stage
         if self.local:
-            parts.append(self.local_branch.features)
-        return parts
+            stages += self.local_branch.features.numbered()
+        return stages
 
     def start_stage(self, stage: int) -> None:
         if self.local and stage >= 2:
@@ -228,8 +234,8 @@ class CSN(AttributeModel):
         self.dims = {n: e for n in schema.names}
         self.attach_proxies(e)
 
-    def trunk_modules(self) -> list[nn.Module]:
-        return [self.features]
+    def trunk_stages(self) -> list[tuple[int, nn.Module]]:
+        return self.features.numbered()
 
     def _mask(self) -> torch.Tensor:
         return F.relu(self.masks) if self.config.csn_mask == "learned" else self.masks
@@ -289,8 +295,8 @@ class AGMLAN(AttributeModel):
         self.dims = {n: c.embed_dim for n in schema.names}
         self.attach_proxies(c.embed_dim)
 
-    def trunk_modules(self) -> list[nn.Module]:
-        return [self.s8, self.s16, self.s32]
+    def trunk_stages(self) -> list[tuple[int, nn.Module]]:
+        return [(0, self.s8), (1, self.s16), (2, self.s32)]
 
     def _fused(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f8 = self.s8(images)
@@ -344,8 +350,8 @@ class GlobalEmbedding(AttributeModel):
         self.dims = {n: c.embed_dim for n in schema.names}
         self.attach_proxies(c.embed_dim)
 
-    def trunk_modules(self) -> list[nn.Module]:
-        return [self.features]
+    def trunk_stages(self) -> list[tuple[int, nn.Module]]:
+        return self.features.numbered()
 
     def _embedding(self, images):
         return l2n(self.fc(_pool(self.features(images))))
@@ -372,8 +378,8 @@ class MultiTaskClassifier(AttributeModel):
         self.heads = _Heads(self.features.out_channels, [a.num_classes for a in schema])
         self.dims = {a.name: config.posterior_width(a.num_classes) for a in schema}
 
-    def trunk_modules(self) -> list[nn.Module]:
-        return [self.features]
+    def trunk_stages(self) -> list[tuple[int, nn.Module]]:
+        return self.features.numbered()
 
     def logits(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.heads(_pool(self.features(images)))
@@ -386,19 +392,4 @@ class MultiTaskClassifier(AttributeModel):
     def training_losses(self, images, attr, labels, stage=1):
         loss = L.multitask_cross_entropy(self.logits(images), labels)
         return {"loss": loss, "classification": loss}
-
-
-def build_variant(config: ModelConfig, schema: AttributeSchema) -> AttributeModel:
-    v = config.variant
-    if v in ("asen_v2", "asen"):
-        return ASEN(config, schema, local=v == "asen_v2")
-    if v == "csn":
-        return CSN(config, schema)
-    if v == "ag_mlan":
-        return AGMLAN(config, schema)
-    if v == "global":
-        return GlobalEmbedding(config, schema)
-    if v == "mtc":
-        return MultiTaskClassifier(config, schema)
-    raise ConfigError(f"unknown variant {v!r}")
 

@@ -1,4 +1,4 @@
-"""Loss functions of the papers, on cosine similarity.
+"""The variants' training objectives (each variant's ``training_losses`` combines these), on cosine similarity.
 
 - Triplet ranking loss (ASEN, ASEN_v2, CSN, AG-MLAN, global): max(0, m - cos(a, p) + cos(a, n)), m = 0.2,
   i.e. ``nn.MarginRankingLoss`` on the two cosines as in the reference code.
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .vectors import posterior_vector
 
 
 def split_triplets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +146,6 @@ class ProxyClassifier(nn.Module):
             return emb.new_zeros(())
         return mean_over_present(per_attr, present)
 
-
     def posteriors(self, emb: torch.Tensor, idx: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
         """Embeddings [B, K, E] under attributes ``idx`` [B, K] -> each one's softmax posterior over its
         attribute's values as a unit vector (``kind``: see ``posterior_vector``), zero-padded to the
@@ -152,8 +153,6 @@ class ProxyClassifier(nn.Module):
 
         A fixed loop over attributes with masks (no data-dependent control flow: traceable).
         """
-        from ..models.base import posterior_vector
-
         e = F.normalize(emb.float(), dim=-1)
         width = max(self.sizes) + (1 if kind == "prob" else 0)  # prob appends the slack value
         out = e.new_zeros(*idx.shape, width)
@@ -180,5 +179,5 @@ def csn_norm_penalties(embeddings: torch.Tensor, masks: torch.Tensor, n_triplets
     return embed, mask  # type: ignore[return-value]
 
 
-__all__ = ["ProxyClassifier", "triplet_ranking_loss", "batch_all_triplet_loss", "alignment_loss", "multitask_cross_entropy", "uncertainty_weighted",
-           "csn_norm_penalties", "split_triplets"]
+__all__ = ["ProxyClassifier", "triplet_ranking_loss", "batch_all_triplet_loss", "batch_hard_triplet_loss",
+           "alignment_loss", "multitask_cross_entropy", "uncertainty_weighted", "csn_norm_penalties", "split_triplets"]
