@@ -3,83 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
 
 from .common import console, err_console, friendly_errors, print_json
+from .progress import ProgressDisplay
+
+# The evaluation, the model loaders and the attention drawings need torch: they are imported when a
+# command runs, so `fgplugin --help` and the client commands start without it (the [train] extra).
+if TYPE_CHECKING:
+    from fgplugin.encoding import Encoder
+    from fgplugin.evaluation import EvalReport
+    from fgplugin.loading import EvalData
 
 
-def load_model(checkpoint: Optional[Path], export_dir: Optional[Path], device: str) -> Any:
-    """An AttributeModel from a training run/checkpoint folder, or an ExportedEncoder."""
-    from fgplugin.errors import FgpluginError
+def eval_data(catalog: Path, schema: Optional[Path], splits: Optional[Path], model: Encoder) -> EvalData:
+    """``load_eval_data``, warning about skipped catalog rows (eval and export --catalog)."""
+    from fgplugin.loading import load_eval_data  # torch: see the note at the top
 
-    if (checkpoint is None) == (export_dir is None):
-        raise FgpluginError("give exactly one of --checkpoint RUN_DIR or --model EXPORT_DIR")
-    if export_dir is not None:
-        from fgplugin.export import ExportedEncoder
-
-        return ExportedEncoder.load(export_dir, device=device)
-    from fgplugin.models import load_checkpoint
-
-    ckpt = resolve_checkpoint(checkpoint)
-    model, _ = load_checkpoint(ckpt, map_location="cpu")
-    return model
+    data = load_eval_data(catalog, schema, splits, model)
+    problems = data.catalog.problems
+    if problems:
+        err_console.print(f"[yellow]warning:[/] {len(problems)} catalog row(s) skipped; first: {problems[0]}",
+                          highlight=False)
+    return data
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder (config.json + weights), or a run folder holding best/ or last/ ones."""
-    from fgplugin.errors import FgpluginError
+def run_evaluation(model: Encoder, data: EvalData, *, show_progress: bool, **options: Any) -> EvalReport:
+    """``fgplugin.evaluation.evaluate`` with the CLI's progress display."""
+    from fgplugin.evaluation import evaluate as run_eval  # torch: see the note at the top
 
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    for sub in ("best", "last", "checkpoint", "final"):
-        if (p / sub / "config.json").is_file():
-            return p / sub
-    raise FgpluginError(f"{p}: no checkpoint here (expected config.json, or best/ or last/ inside a run folder)")
-
-
-def load_eval_data(catalog: Path, schema_path: Optional[Path], splits_path: Optional[Path], model: Any):
-    """(catalog, splits, boxes or None). The catalog is read with the model's schema; a schema file
-    beside the catalog (or --schema) must match it."""
-    from fgplugin.catalog import find_schema, load_catalog
-    from fgplugin.errors import FgpluginError, ModelCardError
-    from fgplugin.schema import AttributeSchema
-    from fgplugin.splits import Splits
-
-    try:
-        declared = AttributeSchema.load(schema_path or find_schema(catalog))
-    except FgpluginError:
-        if schema_path is not None:
-            raise
-        declared = None
-    if declared is not None and declared.fingerprint() != model.schema.fingerprint():
-        raise ModelCardError(
-            f"{catalog}: its schema {declared.name!r} ({declared.fingerprint()}) is not the model's "
-            f"{model.schema.name!r} ({model.schema.fingerprint()})"
-        )
-    cat = load_catalog(catalog, model.schema, strict=False)
-    if cat.problems:
-        err_console.print(
-            f"[yellow]warning:[/] {len(cat.problems)} catalog row(s) skipped; first: {cat.problems[0]}",
-            highlight=False,
-        )
-    splits = Splits.load(splits_path or Path(catalog).parent / "splits.json")
-    boxes = None
-    if (Path(catalog).parent / "boxes.jsonl").is_file():
-        from fgplugin.synth import load_boxes
-
-        boxes = load_boxes(Path(catalog).parent)
-    return cat, splits, boxes
+    with ProgressDisplay(err_console, enabled=show_progress, transient=True) as show:
+        return run_eval(model, data.catalog, data.splits, boxes=data.boxes, on_progress=show, **options)
 
 
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}"
 
 
-def report_table(report: Any, title: str) -> Table:
+def report_table(report: EvalReport, title: str) -> Table:
     t = Table(title=title)
     for col, just in (("attribute", "left"), ("queries", "right"), ("MAP %", "right"), ("chance %", "right"),
                       ("triplet acc %", "right"), ("ROI IoU %", "right"), ("peak in box %", "right"),
@@ -120,19 +84,18 @@ def evaluate(
 ) -> None:
     """Per-attribute retrieval MAP (queries vs candidates), chance MAP, triplet accuracy and, on generated
     data, ROI localisation."""
-    import torch
+    from fgplugin.attention_viz import save_attention as draw_attention  # torch: see the note at the top
+    from fgplugin.devices import resolve_device
+    from fgplugin.loading import load_encoder
 
-    from fgplugin.evaluation import evaluate as run_eval
-
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    m = load_model(checkpoint, model, dev)
-    cat, sp, boxes = load_eval_data(catalog, schema, splits, m)
-    report = run_eval(m, cat, sp, part=part, n_triplets=triplets, boxes=boxes, batch_size=batch_size,
-                      device=dev, progress=not as_json)
+    dev = resolve_device(device)
+    m = load_encoder(checkpoint, model, device=dev)
+    data = eval_data(catalog, schema, splits, m)
+    report = run_evaluation(m, data, show_progress=not as_json, part=part, n_triplets=triplets,
+                            batch_size=batch_size, device=dev)
     if save_attention is not None:
-        from fgplugin.attention_viz import save_attention as draw
-
-        paths = draw(m, cat, sp.part(part)[0], save_attention, boxes=boxes, device=dev, max_images=attention_images)
+        paths = draw_attention(m, data.catalog, data.splits.part(part)[0], save_attention, boxes=data.boxes,
+                               device=dev, max_images=attention_images)
         if not as_json:
             console.print(f"wrote {len(paths)} attention overlay(s) to {save_attention}")
     if as_json:

@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
+from fgplugin.card import read_card
+
 from .common import console, friendly_errors, print_json
-from .evaluate import load_eval_data, report_table, resolve_checkpoint
+from .evaluate import eval_data, report_table, run_evaluation
 
 
 @friendly_errors
@@ -26,18 +28,17 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the model card as JSON."),
 ) -> None:
     """Export a trained model: its encoder, safetensors weights and a model card."""
-    from fgplugin.export import export_model, read_card
+    from fgplugin.export import export_model  # torch: imported when the command runs, not at CLI start
+    from fgplugin.loading import load_encoder, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     report, cat = None, None
     if catalog is not None:
-        from fgplugin.evaluation import evaluate
-        from fgplugin.models import load_checkpoint
-
-        model, _ = load_checkpoint(ckpt, map_location="cpu")
-        cat, sp, boxes = load_eval_data(catalog, schema, splits, model)
-        report = evaluate(model, cat, sp, part=part, n_triplets=triplets, boxes=boxes, device=device,
-                          progress=not as_json)
+        model = load_encoder(ckpt, device="cpu")
+        data = eval_data(catalog, schema, splits, model)
+        report = run_evaluation(model, data, show_progress=not as_json, part=part, n_triplets=triplets,
+                                device=device)
+        cat = data.catalog
     path = export_model(ckpt, out, eval_report=report, catalog=cat)
     card = read_card(path)  # the export was verified by loading it; the card is all that is printed
     if as_json:

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .catalog import Catalog, CatalogItem
+from .encoding import Encoder
 from .errors import FgpluginError
+from .evaluation import AttentionModel, EvalMode, run_device, variant_of
 from .images import load_image
 
 PRED_COLOUR = (230, 30, 30)
@@ -60,9 +63,41 @@ def _panel(img: Image.Image, title: str) -> Image.Image:
     return out
 
 
+def _sheet(model: AttentionModel, item: CatalogItem, base_dir: Path, gt_boxes: dict[str, Any],
+           dev: torch.device) -> Image.Image:
+    """One item's overlay sheet: the model input, then one panel per attribute (``gt_boxes``: the
+    item's ground-truth box per attribute, in catalog-image pixels)."""
+    pre = model.preprocess
+    size = pre.image_size
+    img = load_image(item.image, base_dir=base_dir)
+    sx, sy = size / img.size[0], size / img.size[1]
+    x = pre.batch([img]).to(dev)
+    shown = Image.fromarray((pre.unnormalize(x[0].cpu()).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    panels = [_panel(shown, str(item.id))]
+    any_attention = False
+    for a, name in enumerate(model.schema.names):
+        maps, pred = model.attention(x, torch.full((1,), a, dtype=torch.long, device=dev))
+        any_attention = any_attention or maps is not None or pred is not None
+        gt = gt_boxes.get(name)
+        gt_scaled = None if gt is None else (gt[0] * sx, gt[1] * sy, gt[2] * sx, gt[3] * sy)
+        panel = overlay(
+            shown,
+            None if maps is None else maps[0].float().cpu().numpy(),
+            pred_box=None if pred is None else pred[0].float().cpu().tolist(),
+            gt_box=gt_scaled,
+        )
+        panels.append(_panel(panel, f"{name}: {item.labels.get(name) or '-'}"))
+    if not any_attention:
+        raise FgpluginError(f"the {variant_of(model) or 'this'} model has no attention maps or ROI boxes to draw")
+    sheet = Image.new("RGB", (PANEL * len(panels), PANEL + HEADER), (255, 255, 255))
+    for i, p in enumerate(panels):
+        sheet.paste(p, (i * PANEL, 0))
+    return sheet
+
+
 def save_attention(
-    model: Any,
-    catalog: Any,
+    model: Encoder,
+    catalog: Catalog,
     ids: Sequence[str],
     out_dir: str | Path,
     *,
@@ -72,54 +107,20 @@ def save_attention(
 ) -> list[Path]:
     """Write ``<id>.png`` overlays for the first ``max_images`` of ``ids``; returns the paths.
 
-    ``model`` must be an AttributeModel whose variant has attention (an export keeps only the encoder).
+    ``model`` must be a training model whose variant has attention (an export keeps only the encoder).
     """
-    if not hasattr(model, "attention"):
+    if not isinstance(model, AttentionModel):
         raise FgpluginError("attention overlays need a training checkpoint (--checkpoint), not an export")
-    pre = model.preprocess()
-    size = pre.image_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dev = run_device(model, device)
     lookup = catalog.by_id()
-    names = model.schema.names
     written: list[Path] = []
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        with torch.no_grad():
-            for item_id in list(ids)[:max_images]:
-                img = load_image(lookup[item_id].image, base_dir=catalog.base_dir)
-                sx, sy = size / img.size[0], size / img.size[1]
-                x = pre.batch([img]).to(device)
-                shown = Image.fromarray(
-                    (pre.unnormalize(x[0].cpu()).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                )
-                panels = [_panel(shown, str(item_id))]
-                any_attention = False
-                for a, name in enumerate(names):
-                    maps, pred = model.attention(x, torch.full((1,), a, dtype=torch.long, device=device))
-                    any_attention = any_attention or maps is not None or pred is not None
-                    gt = (boxes or {}).get(item_id, {}).get(name)
-                    gt_scaled = None if gt is None else (gt[0] * sx, gt[1] * sy, gt[2] * sx, gt[3] * sy)
-                    panel = overlay(
-                        shown,
-                        None if maps is None else maps[0].float().cpu().numpy(),
-                        pred_box=None if pred is None else pred[0].float().cpu().tolist(),
-                        gt_box=gt_scaled,
-                    )
-                    label = lookup[item_id].labels.get(name) or "-"
-                    panels.append(_panel(panel, f"{name}: {label}"))
-                if not any_attention:
-                    variant = getattr(getattr(model, "config", None), "variant", "this")
-                    raise FgpluginError(f"the {variant} model has no attention maps or ROI boxes to draw")
-                sheet = Image.new("RGB", (PANEL * len(panels), PANEL + HEADER), (255, 255, 255))
-                for i, p in enumerate(panels):
-                    sheet.paste(p, (i * PANEL, 0))
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id))
-                path = out / f"{safe}.png"
-                sheet.save(path)
-                written.append(path)
-    finally:
-        if was_training:
-            model.train()
+    with EvalMode(model, dev), torch.no_grad():
+        for item_id in list(ids)[:max_images]:
+            sheet = _sheet(model, lookup[item_id], catalog.base_dir, (boxes or {}).get(item_id, {}), dev)
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(item_id))
+            path = out / f"{safe}.png"
+            sheet.save(path)
+            written.append(path)
     return written

@@ -13,8 +13,9 @@ An export directory holds::
                          re-encode); ``integrity``: sha256 over encoder + weights + whole card,
                          checked on load so a tampered export is refused
 
-Loading needs only torch, torchvision (registers the ``roi_align`` op the ASEN_v2 local branch
-uses), this module, ``preprocess`` and ``schema``: no training or model code.
+Loading needs torch, torchvision (registers the ``roi_align`` op the ASEN_v2 local branch uses) and
+this module's light neighbours (``preprocess``, ``schema``, ``catalog``, ``splits``, ``devices``): no
+training or model code.
 
 Why torch.export: it round-trips on CPU including torchvision's ``roi_align``, the batch dimension is
 declared dynamic (export fails loudly instead of baking a batch size in), weights travel inside the
@@ -28,85 +29,37 @@ rewrites their device constants with ``torch.export.passes.move_to_device_pass``
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torchvision  # noqa: F401  (registers torchvision::roi_align for the TorchScript encoder)
 from PIL import Image
+from safetensors.torch import save_model
+from torch.export.passes import move_to_device_pass
 
 from . import __version__
+from .card import (CARD_FILE, ENCODER_FILES, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, compute_integrity, compute_version,
+                   encoder_file, read_card)
+from .catalog import Catalog, load_catalog
+from .devices import resolve_device
 from .errors import ModelCardError
 from .preprocess import Preprocess
-from .schema import AttributeSchema
+from .schema import AttributeSchema, require_same_schema
+from .splits import Splits
 
-if TYPE_CHECKING:  # only for annotations: loading an export never imports model code
-    from .catalog import Catalog
+if TYPE_CHECKING:  # annotations only: loading an export never imports model or evaluation code
     from .evaluation import EvalReport
+    from .models import AttributeModel
 
-FORMAT = "fgplugin-encoder"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
-CARD_FILE = "model_card.json"
-ENCODER_FILES = {"torch.export": "encoder.pt2", "torchscript-trace": "encoder.pt"}
-WEIGHTS_FILE = "weights.safetensors"
 TRACE_BATCH = 2
 VERIFY_ATOL = 1e-4
-
-
-# -- hashing ---------------------------------------------------------------------------------------
-# Two hashes. ``version`` identifies the vectors: the weights and the card fields that decide what an
-# image maps to. Re-exporting the same checkpoint (new date, fresh metrics) keeps it, so a store does
-# not re-encode a catalog for nothing. ``integrity`` covers every byte (encoder, weights, whole card)
-# and is checked on load, so a modified export is refused.
-VERSION_FIELDS = ("format", "format_version", "variant", "config", "schema", "attributes", "dims",
-                  "embedding_dim", "preprocess")
-
-
-def _canonical(card: dict[str, Any], keys: Sequence[str] | None = None) -> bytes:
-    body = {k: v for k, v in card.items() if k not in ("version", "integrity") and (keys is None or k in keys)}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def _encoder_file(card: dict[str, Any]) -> str:
-    enc = card.get("encoder") if isinstance(card.get("encoder"), dict) else {}
-    kind = enc.get("kind")
-    if kind not in ENCODER_FILES or enc.get("file") != ENCODER_FILES[kind]:
-        raise ModelCardError(f"model card names an unknown encoder {enc!r} (known kinds: {', '.join(ENCODER_FILES)})")
-    return ENCODER_FILES[kind]
-
-
-def _hash_files(d: Path, names: Sequence[str], extra: bytes) -> str:
-    h = hashlib.sha256()
-    for name in names:
-        with (d / name).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    h.update(extra)
-    return h.hexdigest()
-
-
-def compute_version(export_dir: str | Path, card: dict[str, Any]) -> str:
-    """The model's identity: sha256 over the weights file and the card's vector-defining fields.
-
-    Exports written before ``integrity`` existed hashed everything into ``version``; those are still
-    verified that way.
-    """
-    d = Path(export_dir)
-    if "integrity" not in card:  # an older export
-        return _hash_files(d, (_encoder_file(card), WEIGHTS_FILE), _canonical(card))
-    return _hash_files(d, (WEIGHTS_FILE,), _canonical(card, VERSION_FIELDS))
-
-
-def compute_integrity(export_dir: str | Path, card: dict[str, Any]) -> str:
-    """sha256 over the encoder file, the weights file and the whole card (sans the two hashes)."""
-    return _hash_files(Path(export_dir), (_encoder_file(card), WEIGHTS_FILE), _canonical(card))
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -139,15 +92,12 @@ def _write_encoder(model: torch.nn.Module, example: torch.Tensor, d: Path) -> tu
 
 
 def _training_summary(
-    catalog: "Catalog | str | Path | None", state: dict[str, Any], schema: AttributeSchema
+    catalog: Catalog | str | Path | None, state: dict[str, Any], schema: AttributeSchema
 ) -> dict[str, Any] | None:
     """Catalog path, item counts and label counts (of the training split when splits.json is known)."""
     if catalog is None:
         data = state.get("data") if isinstance(state, dict) else None
         return dict(data) if isinstance(data, dict) else None
-    from .catalog import Catalog, load_catalog  # local: the loading path never needs it
-    from .splits import Splits
-
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog, schema, strict=False)
     out: dict[str, Any] = {"catalog": str(catalog.path), "n_items": len(catalog)}
@@ -163,7 +113,7 @@ def _training_summary(
 
 
 def _storage(names: Sequence[str], eval_report: "EvalReport | None") -> dict[str, Any]:
-    max_abs = dict(getattr(eval_report, "max_abs_component", None) or {})
+    max_abs = dict(eval_report.max_abs_component) if eval_report is not None else {}
     scale = {n: round(127.0 / max(float(max_abs.get(n, 1.0)), 1e-6), 4) for n in names}
     return {
         "dtype": "float32",
@@ -184,12 +134,88 @@ def _write_card(d: Path, card: dict[str, Any]) -> None:
     (d / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+def _model_card(model: "AttributeModel", encoder: dict[str, Any], embedding_dim: int, checkpoint_dir: Path,
+                training: dict[str, Any] | None, eval_report: "EvalReport | None") -> dict[str, Any]:
+    """The card of an export of ``model`` (without its two hashes: see ``_write_card``)."""
+    names = list(model.schema.names)
+    config = model.config.to_dict()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "fgplugin_version": __version__,
+        "torch_version": torch.__version__,
+        "variant": config.get("variant"),
+        "config": config,
+        "schema": model.schema.to_dict(),
+        "schema_fingerprint": model.schema.fingerprint(),
+        "attributes": names,
+        "dims": {n: int(model.dims[n]) for n in names},
+        "embedding_dim": embedding_dim,
+        # whether each vector ends with the slack value that a query drops (fgplugin.similarity)
+        "query_slack": model.query_slack,
+        "preprocess": model.preprocess.to_dict(),
+        "encoder": encoder,
+        "weights": {"file": WEIGHTS_FILE, "format": "safetensors", "keys": "AttributeModel.state_dict()"},
+        "checkpoint": str(checkpoint_dir),
+        "training": training,
+        "metrics": eval_report.to_dict() if eval_report is not None else None,
+        "storage": _storage(names, eval_report),
+    }
+
+
+def _encoder_entry(kind: str, export_failure: str | None, size: int) -> dict[str, Any]:
+    return {
+        "file": ENCODER_FILES[kind],
+        "kind": kind,
+        "torch_export_failure": export_failure,
+        "input": f"float32 [B, 3, {size}, {size}], preprocessed as in 'preprocess'",
+        "output": "float32 [B, A, D]; attribute i is output[:, i, :dims[name]]",
+    }
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """An existing export at ``out`` may be replaced; any other file or non-empty folder may not."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file())):
+        raise ModelCardError(f"{out}: exists and is not an fgplugin export; choose an empty or new folder")
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write into: it replaces ``out`` when the block succeeds and is
+    removed when it fails, so ``out`` never holds half an export."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _verify(d: Path, schema: AttributeSchema, probe: torch.Tensor, expected: torch.Tensor,
+            checkpoint_dir: str | Path, variant: str | None) -> None:
+    """The written artifact (not the in-memory trace) must reproduce the model on ``probe``."""
+    got = ExportedEncoder.load(d, schema=schema, device="cpu").embed_all(probe)
+    diff = float((got - expected).abs().max())
+    if not diff <= VERIFY_ATOL:
+        raise ModelCardError(
+            f"export of {checkpoint_dir} does not reproduce the model (max abs diff {diff:.2e} > "
+            f"{VERIFY_ATOL:g}); the {variant} model may not be traceable"
+        )
+
+
 def export_model(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
     *,
     eval_report: "EvalReport | None" = None,
-    catalog: "Catalog | str | Path | None" = None,
+    catalog: Catalog | str | Path | None = None,
 ) -> Path:
     """Write an export of the checkpoint in ``checkpoint_dir`` to ``out_dir``; returns ``out_dir``.
 
@@ -197,123 +223,62 @@ def export_model(
     ``catalog`` (the training catalog) gives the training data summary. An existing export at
     ``out_dir`` is replaced; any other non-empty folder there is refused.
     """
-    from safetensors.torch import save_model
-
-    from .models import load_checkpoint  # export time only
+    # local: the model code is needed to write an export, never to load one (serving imports this
+    # module without the training stack; tests/test_export.py checks it in a fresh process)
+    from .models import load_checkpoint
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CARD_FILE).is_file())):
-        raise ModelCardError(f"{out}: exists and is not an fgplugin export; choose an empty or new folder")
+    _refuse_foreign_folder(out)
     model, state = load_checkpoint(checkpoint_dir, map_location="cpu")
     model = model.eval().float()
-    pre = model.preprocess()
-    names = list(model.schema.names)
-    size = pre.image_size
+    size = model.preprocess.image_size
     torch.manual_seed(0)
     example = torch.randn(TRACE_BATCH, 3, size, size)
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with _staging(out) as tmp:
         kind, export_failure = _write_encoder(model, example, tmp)
         with torch.no_grad():
-            probe = torch.randn(TRACE_BATCH + 1, 3, size, size)
+            probe = torch.randn(TRACE_BATCH + 1, 3, size, size)  # a batch size the trace never saw
             expected = model.embed_all(probe)
         save_model(model, str(tmp / WEIGHTS_FILE))
-        dims = {n: int(model.dims[n]) for n in names}
-        config = model.config.to_dict()
-        card: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "fgplugin_version": __version__,
-            "torch_version": torch.__version__,
-            "variant": config.get("variant"),
-            "config": config,
-            "schema": model.schema.to_dict(),
-            "schema_fingerprint": model.schema.fingerprint(),
-            "attributes": names,
-            "dims": dims,
-            "embedding_dim": int(expected.shape[-1]),
-            # whether each vector ends with the slack value that a query drops (fgplugin.similarity)
-            "query_slack": model.config.query_slack,
-            "preprocess": pre.to_dict(),
-            "encoder": {
-                "file": ENCODER_FILES[kind],
-                "kind": kind,
-                "torch_export_failure": export_failure,
-                "input": f"float32 [B, 3, {size}, {size}], preprocessed as in 'preprocess'",
-                "output": "float32 [B, A, D]; attribute i is output[:, i, :dims[name]]",
-            },
-            "weights": {"file": WEIGHTS_FILE, "format": "safetensors", "keys": "AttributeModel.state_dict()"},
-            "checkpoint": str(Path(checkpoint_dir)),
-            "training": _training_summary(catalog, state, model.schema),
-            "metrics": eval_report.to_dict() if eval_report is not None else None,
-            "storage": _storage(names, eval_report),
-        }
+        card = _model_card(model, _encoder_entry(kind, export_failure, size), int(expected.shape[-1]),
+                           Path(checkpoint_dir), _training_summary(catalog, state, model.schema), eval_report)
         _write_card(tmp, card)
-        # Verify the written artifact, not the in-memory trace, on an untraced batch size.
-        got = ExportedEncoder.load(tmp, schema=model.schema, device="cpu")._forward(probe)
-        diff = float((got - expected).abs().max())
-        if not diff <= VERIFY_ATOL:
-            raise ModelCardError(
-                f"export of {checkpoint_dir} does not reproduce the model (max abs diff {diff:.2e} > "
-                f"{VERIFY_ATOL:g}); the {card['variant']} model may not be traceable"
-            )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        _verify(tmp, model.schema, probe, expected, checkpoint_dir, card["variant"])
     return out
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The model card of an export folder, format-checked (no hash check; see ExportedEncoder.load)."""
-    d = Path(path)
-    f = d / CARD_FILE
-    if not f.is_file():
-        raise ModelCardError(f"{d}: no {CARD_FILE}; not an fgplugin export (run `fgplugin export`)")
+def _check_contents(d: Path, card: dict[str, Any], program: str) -> None:
+    """The export's files are all there and are the ones its card was written for (version, integrity)."""
+    for name in (program, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise ModelCardError(f"{d}: export is missing {name}")
+    checks = [("version", compute_version(d, card))]
+    if "integrity" in card:
+        checks.append(("integrity", compute_integrity(d, card)))
+    for key, actual in checks:
+        if actual != card[key]:
+            raise ModelCardError(
+                f"{d}: contents do not match the card's {key} {str(card[key])[:12]} (got {actual[:12]}); "
+                "the export was modified after it was written, re-export it"
+            )
+
+
+def _load_module(file: Path, dev: torch.device) -> Any:
+    """The encoder program (torch.export) or trace (TorchScript) in ``file``, ready on ``dev``."""
     try:
-        card = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelCardError(f"{f}: not valid JSON ({e.msg})") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise ModelCardError(f"{f}: format is {card.get('format') if isinstance(card, dict) else None!r}, expected {FORMAT!r}")
-    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise ModelCardError(
-            f"{f}: format_version {card.get('format_version')!r} is not supported by fgplugin {__version__} "
-            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export or upgrade fgplugin"
-        )
-    for key in ("schema", "attributes", "dims", "preprocess", "version"):
-        if key not in card:
-            raise ModelCardError(f"{f}: model card lacks {key!r}")
-    return card
-
-
-def _schema_difference(expected: AttributeSchema, got: AttributeSchema) -> str:
-    a, b = set(expected.names), set(got.names)
-    parts = []
-    if b - a:
-        parts.append(f"not in the export: {', '.join(sorted(b - a))}")
-    if a - b:
-        parts.append(f"missing from the given schema: {', '.join(sorted(a - b))}")
-    changed = [n for n in sorted(a & b) if expected[n].to_dict() != got[n].to_dict()]
-    if changed:
-        parts.append(f"values differ for: {', '.join(changed)}")
-    if not parts:
-        parts.append("attribute order or schema name/metadata differ")
-    return "; ".join(parts)
-
-
-def _pick_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        if file.name == ENCODER_FILES["torch.export"]:
+            program = torch.export.load(str(file))
+            if dev.type != "cpu":
+                program = move_to_device_pass(program, dev)
+            return program.module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(file), map_location=dev)
+        module.eval()
+        return module
+    except Exception as e:  # noqa: BLE001 - corrupt file, unknown op, ...
+        raise ModelCardError(f"{file}: cannot load the encoder ({type(e).__name__}: {e})") from None
 
 
 class ExportedEncoder:
@@ -339,46 +304,18 @@ class ExportedEncoder:
         """Load an export. ``schema``: refuse the export unless it was trained for this schema."""
         d = Path(path)
         card = read_card(d)
-        encoder_file = _encoder_file(card)
-        for name in (encoder_file, WEIGHTS_FILE):
-            if not (d / name).is_file():
-                raise ModelCardError(f"{d}: export is missing {name}")
-        checks = [("version", compute_version(d, card))]
-        if "integrity" in card:
-            checks.append(("integrity", compute_integrity(d, card)))
-        for key, actual in checks:
-            if actual != card[key]:
-                raise ModelCardError(
-                    f"{d}: contents do not match the card's {key} {str(card[key])[:12]} (got {actual[:12]}); "
-                    "the export was modified after it was written, re-export it"
-                )
+        program = encoder_file(card)
+        _check_contents(d, card, program)
         own = AttributeSchema.from_dict(card["schema"], source=f"{d}/{CARD_FILE}")
         if own.fingerprint() != card.get("schema_fingerprint", own.fingerprint()):
             raise ModelCardError(f"{d}: card schema does not match its recorded fingerprint")
         if own.names != list(card["attributes"]) or set(card["dims"]) != set(own.names):
             raise ModelCardError(f"{d}: card attributes/dims do not match its schema")
-        if schema is not None and schema.fingerprint() != own.fingerprint():
-            raise ModelCardError(
-                f"{d}: export was trained for schema {own.name!r} (fingerprint {own.fingerprint()}), "
-                f"not {schema.name!r} (fingerprint {schema.fingerprint()}): {_schema_difference(own, schema)}"
-            )
-        dev = _pick_device(device)
-        try:
-            if encoder_file == ENCODER_FILES["torch.export"]:
-                program = torch.export.load(str(d / encoder_file))
-                if dev.type != "cpu":
-                    from torch.export.passes import move_to_device_pass
-
-                    program = move_to_device_pass(program, dev)
-                module = program.module()
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    module = torch.jit.load(str(d / encoder_file), map_location=dev)
-                module.eval()
-        except Exception as e:  # noqa: BLE001 - corrupt file, unknown op, ...
-            raise ModelCardError(f"{d / encoder_file}: cannot load the encoder ({type(e).__name__}: {e})") from None
-        return cls(d, card, module, dev)
+        if schema is not None:
+            require_same_schema(own, schema, have_is=f"the export {d}", want_is="the data it is loaded for",
+                                error=ModelCardError)
+        dev = resolve_device(device)
+        return cls(d, card, _load_module(d / program, dev), dev)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         s = self.preprocess.image_size

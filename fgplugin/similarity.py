@@ -41,7 +41,7 @@ def query_form(vector: np.ndarray, slack: bool) -> np.ndarray:
 def query_form_padded(vecs: "torch.Tensor", dims: Sequence[int], slack: bool) -> "torch.Tensor":
     """``query_form`` over a model's padded output [N, A, D] (attribute i is ``[:, i, :dims[i]]``, so
     its slack sits at ``dims[i] - 1``); returns float32 unit vectors, padding still zero."""
-    import torch
+    import torch  # local: the query side imports this module and must run without torch
 
     v = vecs.float().clone()
     if slack:

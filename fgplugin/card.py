@@ -1,0 +1,94 @@
+"""The model card of an export (``model_card.json``): its format, how an export's ``version`` and
+``integrity`` hashes are computed, and reading a card. Light on purpose (json and hashlib): the
+OpenSearch setup and any client read cards without loading torch; ``fgplugin.export`` writes and
+loads whole exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import ModelCardError
+
+FORMAT = "fgplugin-encoder"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+CARD_FILE = "model_card.json"
+ENCODER_FILES = {"torch.export": "encoder.pt2", "torchscript-trace": "encoder.pt"}
+WEIGHTS_FILE = "weights.safetensors"
+
+
+# -- hashing ---------------------------------------------------------------------------------------
+# Two hashes. ``version`` identifies the vectors: the weights and the card fields that decide what an
+# image maps to. Re-exporting the same checkpoint (new date, fresh metrics) keeps it, so a store does
+# not re-encode a catalog for nothing. ``integrity`` covers every byte (encoder, weights, whole card)
+# and is checked on load, so a modified export is refused.
+VERSION_FIELDS = ("format", "format_version", "variant", "config", "schema", "attributes", "dims",
+                  "embedding_dim", "preprocess")
+
+
+def _canonical(card: dict[str, Any], keys: Sequence[str] | None = None) -> bytes:
+    body = {k: v for k, v in card.items() if k not in ("version", "integrity") and (keys is None or k in keys)}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def encoder_file(card: dict[str, Any]) -> str:
+    enc = card.get("encoder") if isinstance(card.get("encoder"), dict) else {}
+    kind = enc.get("kind")
+    if kind not in ENCODER_FILES or enc.get("file") != ENCODER_FILES[kind]:
+        raise ModelCardError(f"model card names an unknown encoder {enc!r} (known kinds: {', '.join(ENCODER_FILES)})")
+    return ENCODER_FILES[kind]
+
+
+def _hash_files(d: Path, names: Sequence[str], extra: bytes) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        with (d / name).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(extra)
+    return h.hexdigest()
+
+
+def compute_version(export_dir: str | Path, card: dict[str, Any]) -> str:
+    """The model's identity: sha256 over the weights file and the card's vector-defining fields.
+
+    Exports written before ``integrity`` existed hashed everything into ``version``; those are still
+    verified that way.
+    """
+    d = Path(export_dir)
+    if "integrity" not in card:  # an older export
+        return _hash_files(d, (encoder_file(card), WEIGHTS_FILE), _canonical(card))
+    return _hash_files(d, (WEIGHTS_FILE,), _canonical(card, VERSION_FIELDS))
+
+
+def compute_integrity(export_dir: str | Path, card: dict[str, Any]) -> str:
+    """sha256 over the encoder file, the weights file and the whole card (sans the two hashes)."""
+    return _hash_files(Path(export_dir), (encoder_file(card), WEIGHTS_FILE), _canonical(card))
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card of an export folder, format-checked (no hash check; see ExportedEncoder.load)."""
+    d = Path(path)
+    f = d / CARD_FILE
+    if not f.is_file():
+        raise ModelCardError(f"{d}: no {CARD_FILE}; not an fgplugin export (run `fgplugin export`)")
+    try:
+        card = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelCardError(f"{f}: not valid JSON ({e.msg})") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ModelCardError(f"{f}: format is {card.get('format') if isinstance(card, dict) else None!r}, expected {FORMAT!r}")
+    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelCardError(
+            f"{f}: format_version {card.get('format_version')!r} is not supported by fgplugin {__version__} "
+            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export or upgrade fgplugin"
+        )
+    for key in ("schema", "attributes", "dims", "preprocess", "version"):
+        if key not in card:
+            raise ModelCardError(f"{f}: model card lacks {key!r}")
+    return card

@@ -1,0 +1,72 @@
+"""Getting what an evaluation (or a query by a training checkpoint) works on: an encoder from a training
+run/checkpoint folder or from an export, and a catalog with its splits and (generated data) boxes.
+Returns data; never prints (the caller reports ``catalog.problems``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .catalog import Catalog, find_schema, load_catalog
+from .encoding import Encoder
+from .errors import FgpluginError, ModelCardError
+from .export import ExportedEncoder
+from .models import load_checkpoint
+from .schema import AttributeSchema, require_same_schema
+from .splits import Splits
+from .synth import load_boxes
+
+CHECKPOINT_SUBFOLDERS = ("best", "last", "checkpoint", "final")  # where a run folder keeps its checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder (config.json + weights), or a run folder holding best/ or last/ ones."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    for sub in CHECKPOINT_SUBFOLDERS:
+        if (p / sub / "config.json").is_file():
+            return p / sub
+    raise FgpluginError(f"{p}: no checkpoint here (expected config.json, or best/ or last/ inside a run folder)")
+
+
+def load_encoder(checkpoint: str | Path | None = None, export_dir: str | Path | None = None, *,
+                 device: str | torch.device = "auto") -> Encoder:
+    """The training model of a run/checkpoint folder (loaded on CPU; evaluation moves it), or the
+    export in ``export_dir`` loaded on ``device``. Exactly one of the two is given."""
+    if (checkpoint is None) == (export_dir is None):
+        raise FgpluginError("give exactly one of --checkpoint RUN_DIR or --model EXPORT_DIR")
+    if export_dir is not None:
+        return ExportedEncoder.load(export_dir, device=device)
+    model, _ = load_checkpoint(resolve_checkpoint(checkpoint), map_location="cpu")
+    return model
+
+
+class EvalData(NamedTuple):
+    """What an evaluation runs on; ``catalog.problems`` lists the rows that were skipped."""
+
+    catalog: Catalog
+    splits: Splits
+    boxes: dict[str, dict] | None  # ground-truth boxes of generated data (boxes.jsonl), else None
+
+
+def load_eval_data(catalog: str | Path, schema_path: str | Path | None, splits_path: str | Path | None,
+                   model: Encoder) -> EvalData:
+    """The catalog read with the model's schema (a schema file beside it, or ``schema_path``, must be
+    the model's), its splits (default: splits.json beside it) and boxes.jsonl if there is one."""
+    catalog = Path(catalog)
+    try:
+        declared = AttributeSchema.load(schema_path or find_schema(catalog))
+    except FgpluginError:
+        if schema_path is not None:
+            raise
+        declared = None
+    if declared is not None:
+        require_same_schema(model.schema, declared, have_is="the model", want_is=f"the catalog {catalog}",
+                            error=ModelCardError)
+    cat = load_catalog(catalog, model.schema, strict=False)
+    splits = Splits.load(splits_path or catalog.parent / "splits.json")
+    boxes = load_boxes(catalog.parent) if (catalog.parent / "boxes.jsonl").is_file() else None
+    return EvalData(cat, splits, boxes)
