@@ -36,8 +36,8 @@ from fgplugin.encoder import iter_encoded, make_client
 from fgplugin.export import ExportedEncoder
 from fgplugin.images import DEFAULT_LIMITS, decode, read_bytes
 from fgplugin.schema import AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.store import Document, IndexLayout
+from fgplugin.search.embedded import DuckDBStore
 
 console = Console()
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "fashion-product-images" / "images"
@@ -68,7 +68,7 @@ def bench_images(tmp: Path, n: int) -> tuple[list[str], str]:
             return [str(p) for p in files], f"real product photos ({SHARED_IMAGES.parent.name})"
     from fgplugin import synth
 
-    cat = synth.generate(tmp / "synth", n, seed=0, size=224, progress=False)
+    cat = synth.generate(tmp / "synth", n, seed=0, size=224)
     return sorted(str(p) for p in (cat.parent / "images").iterdir())[:n], "generated garments (224 px)"
 
 

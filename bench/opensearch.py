@@ -31,8 +31,8 @@ from query import CATEGORIES, bench_docs, build_store, console, generate  # noqa
 
 from fgplugin.opensearch.client import OpenSearchConfig  # noqa: E402
 from fgplugin.opensearch.store import OpenSearchStore  # noqa: E402
-from fgplugin.query.spec import QuerySpec, Term  # noqa: E402
-from fgplugin.stores.duckdb_store import DB_FILE, DuckDBStore  # noqa: E402
+from fgplugin.search.spec import QuerySpec, Term  # noqa: E402
+from fgplugin.search.embedded import DB_FILE, DuckDBStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE = [str(ROOT / "docker" / "opensearch-node.sh"), "--instance", "bench"]

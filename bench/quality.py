@@ -41,6 +41,7 @@ from rich.table import Table
 from fgplugin.catalog import Catalog, find_schema, load_catalog
 from fgplugin.schema import AttributeSchema
 from fgplugin.splits import Splits, make_splits
+from fgplugin_cli.progress import ProgressDisplay
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # logs get the whole table
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,8 @@ def prepare_data(name: str, work: Path, *, n: int | None, size: int) -> tuple[Ca
         path = out / "catalog.jsonl"
         if not path.is_file():
             console.print(f"generating {n} garments at {size}px into {out}")
-            generate(out, int(n or 2000), seed=0, size=size, progress=True)
+            with ProgressDisplay() as show:
+                generate(out, int(n or 2000), seed=0, size=size, on_progress=show)
         cat = load_catalog(path, AttributeSchema.load(find_schema(path)))
         return cat, load_boxes(out)
     if name in DATA_SOURCES:
@@ -152,13 +154,15 @@ def run_one(variant: str, cat: Catalog, splits_path: Path, boxes: dict | None, r
     if partial.is_file():
         spent_before = json.loads(partial.read_text())["seconds"]
     budget_left = None if budget_s is None else max(1.0, budget_s - spent_before)
-    result = train(config, cat, splits_path, run_dir, budget_s=budget_left, device=device, resume=True,
-                   progress=True)
+    with ProgressDisplay() as show:
+        result = train(config, cat, splits_path, run_dir, budget_s=budget_left, device=device, resume=True,
+                       on_progress=show)
     train_seconds = spent_before + result.seconds
     partial.write_text(json.dumps({"seconds": train_seconds}))
     model, state = load_checkpoint(result.checkpoint, map_location="cpu")
-    report = evaluate(model, cat, Splits.load(splits_path), part="test", n_triplets=n_triplets, boxes=boxes,
-                      device=device, progress=True)
+    with ProgressDisplay(transient=True) as show:
+        report = evaluate(model, cat, Splits.load(splits_path), part="test", n_triplets=n_triplets, boxes=boxes,
+                          device=device, on_progress=show)
     out = {
         "variant": variant,
         "steps": result.steps,

@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fgplugin.query.spec import QuerySpec, Term
+from fgplugin.search.spec import QuerySpec, Term
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout
-from fgplugin.stores.duckdb_store import DB_FILE, DuckDBStore
+from fgplugin.search.store import Document, IndexLayout
+from fgplugin.search.embedded import DB_FILE, DuckDBStore
 
 console = Console()
 CATEGORIES = tuple(f"c{i}" for i in range(5))  # category=c0 passes 20 %

@@ -49,7 +49,7 @@ def main() -> None:
         out = tempfile.mkdtemp(prefix="fgplugin-bench-synth-")
         try:
             t0 = time.perf_counter()
-            generate(out, args.n, seed=args.seed, size=args.size, workers=w, progress=False)
+            generate(out, args.n, seed=args.seed, size=args.size, workers=w)
             dt = time.perf_counter() - t0
         finally:
             shutil.rmtree(out, ignore_errors=True)

@@ -1,8 +1,16 @@
-"""`fgplugin` entry point: registers each command group from its own module."""
+"""`fgplugin` entry point: registers each command group from its own module.
+
+Each command parses its options, makes one library call and renders the data it gets back (tables and
+progress bars live here, never in ``fgplugin``). Command modules import the library parts that need
+torch (training, evaluation, export, encoding, the server) inside the command, so `fgplugin --help` and
+the client commands (query, store, opensearch setup, data) start and run on the core install; a command
+that needs an extra says which (``common.friendly_errors``). tests/test_extras.py checks both."""
 
 from __future__ import annotations
 
 import typer
+
+from fgplugin import __version__
 
 from . import data, demo, evaluate, export, index, opensearch, query, serve, store, train
 
@@ -27,8 +35,6 @@ app.command("demo")(demo.demo)
 
 def _print_version(value: bool) -> None:
     if value:
-        from fgplugin import __version__
-
         typer.echo(__version__)
         raise typer.Exit(0)
 

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fgplugin.errors import FgpluginError, OutputError, SettingError
+from fgplugin.errors import CatalogError, FgpluginError, OutputError, SettingError
 from fgplugin.redact import scrub, url_secrets
 
 try:  # typer >= 0.2x carries its own copy of click
@@ -77,6 +77,22 @@ def print_error(message: str, secrets: Iterable[str] = ()) -> None:
     err_console.print(f"[bold red]error:[/] {escape(scrub(message, secrets))}", highlight=False, soft_wrap=True)
 
 
+# Libraries of the optional extras (pyproject.toml): a command that needs one names the extra to install.
+EXTRA_OF = {"torch": "train", "torchvision": "train", "safetensors": "train", "starlette": "serve",
+            "uvicorn": "serve", "python_multipart": "serve", "multipart": "serve", "timm": "pretrained"}
+
+
+def needs_extra(extra: str) -> Callable[[F], F]:
+    """Mark a command whose missing libraries all come with one extra (``serve`` needs torch too, but
+    installing [train] alone would not be enough): ``@friendly_errors`` then names that extra."""
+
+    def mark(fn: F) -> F:
+        fn.fgplugin_extra = extra  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
 def friendly_errors(fn: F) -> F:
     """Turn library errors into a one-line message and exit code 2 (no traceback for bad input); any other
     exception into a one-line message and exit code 1 (FGPLUGIN_DEBUG=1 adds the traceback). Both scrubbed."""
@@ -88,13 +104,19 @@ def friendly_errors(fn: F) -> F:
         except FgpluginError as e:
             secrets = command_secrets(kwargs)
             print_error(str(e), secrets)
-            problems = getattr(e, "problems", None)
+            problems = e.problems if isinstance(e, CatalogError) else None
             if problems and len(problems) > 5:
                 for p in problems[5:50]:
                     err_console.print(f"  {scrub(str(p), secrets)}", highlight=False, markup=False)
             raise typer.Exit(2) from None
         except _PASS_THROUGH:
             raise
+        except ModuleNotFoundError as e:
+            extra = getattr(fn, "fgplugin_extra", None) or EXTRA_OF.get((e.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            print_error(f"this command needs {e.name}, which this install lacks: pip install 'fgplugin[{extra}]'")
+            raise typer.Exit(2) from None
         except Exception as e:  # noqa: BLE001 - a bug must not print a password either
             secrets = command_secrets(kwargs)
             if os.environ.get("FGPLUGIN_DEBUG"):

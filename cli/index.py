@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.table import Table
+
+from fgplugin.catalog import find_schema, load_catalog
+from fgplugin.errors import FgpluginError
+from fgplugin.images import DEFAULT_LIMITS
+from fgplugin.schema import AttributeSchema
+from fgplugin.stores import check_store_url, open_store
 
 from .common import console, err_console, friendly_errors, print_json
+from .progress import ProgressDisplay
+
+if TYPE_CHECKING:  # the indexer and the export (torch) load when the command runs, not at every CLI start
+    from fgplugin.export import ExportedEncoder
+    from fgplugin.indexer import IndexReport
 
 
 @friendly_errors
@@ -46,40 +59,26 @@ def index(
 ) -> None:
     """Index a catalog: skips items already current, re-encodes changed images, rewrites changed metadata,
     reports every failure; exit 1 if anything is not indexed."""
-    from dataclasses import replace
-
-    from fgplugin.catalog import find_schema, load_catalog
-    from fgplugin.errors import FgpluginError
-    from fgplugin.export import ExportedEncoder
-    from fgplugin.images import DEFAULT_LIMITS
-    from fgplugin.indexer import default_errors_path, index_catalog, report_table
-    from fgplugin.schema import AttributeSchema
-    from fgplugin.stores.open import check_store_url, open_store
+    from fgplugin.indexer import index_catalog  # torch: imported when the command runs
 
     check_store_url(store)  # a typo in --store is reported before the model is loaded
-    if schema is None:
-        try:
-            schema = find_schema(catalog)
-        except FgpluginError:
-            schema = None  # no schema beside the catalog: read it with the model's own schema
-    declared = AttributeSchema.load(schema) if schema is not None else None
-    # load(schema=...) refuses an export trained for another schema, naming the difference.
-    encoder = ExportedEncoder.load(model, schema=declared, device=device)
+    encoder = _load_encoder(model, catalog, schema, device)
     cat = load_catalog(catalog, encoder.schema, strict=False)
     st = open_store(store, index=index_name, engine=engine)
     try:
-        errors_path = errors if errors is not None else default_errors_path(st, index_name)
+        errors_path = errors if errors is not None else st.default_errors_path()
         if not as_json:
             console.print(
                 f"indexing {len(cat)} items of {catalog} with {encoder.card.get('variant')} "
-                f"{encoder.version[:12]} on {encoder.device} into {getattr(st, 'url', store)}",
+                f"{encoder.version[:12]} on {encoder.device} into {st.url}",
                 highlight=False,
             )
-        report = index_catalog(
-            cat, encoder, st, batch_size=batch_size, workers=workers, errors_path=errors_path,
-            retry_errors=retry_errors, prune=prune, max_removal=max_removal / 100, progress=not as_json,
-            limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote,
-        )
+        with ProgressDisplay(err_console, enabled=not as_json, rate=True) as show:
+            report = index_catalog(
+                cat, encoder, st, batch_size=batch_size, workers=workers, errors_path=errors_path,
+                retry_errors=retry_errors, prune=prune, max_removal=max_removal / 100, on_progress=show,
+                limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote,
+            )
     finally:
         st.close()
     if as_json:
@@ -92,3 +91,62 @@ def index(
         raise typer.Exit(130)  # the shell's code for a run ended by Ctrl-C
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _load_encoder(model: Path, catalog: Path, schema: Optional[Path], device: str) -> "ExportedEncoder":
+    """The export, refused (naming the difference) if it was trained for another schema than the one
+    beside the catalog or given with --schema; with neither, the catalog is read with the model's own."""
+    from fgplugin.export import ExportedEncoder  # torch: imported when the command runs
+
+    if schema is None:
+        try:
+            schema = find_schema(catalog)
+        except FgpluginError:
+            schema = None
+    declared = AttributeSchema.load(schema) if schema is not None else None
+    return ExportedEncoder.load(model, schema=declared, device=device)
+
+
+def report_table(report: IndexReport) -> Table:
+    """The index report as the CLI shows it."""
+    t = Table(title="fgplugin index", title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    t.add_row("catalog items", str(report.catalog_items))
+    t.add_row("[green]indexed", str(report.indexed))
+    t.add_row("[green]metadata updated", str(report.metadata_updated))
+    t.add_row("skipped: already current", str(report.skipped_current))
+    if report.skipped_failed:
+        t.add_row("[yellow]skipped: failed before (--retry-errors)", str(report.skipped_failed))
+    if report.not_attempted:
+        t.add_row("[yellow]not attempted (run without --retry-errors)", str(report.not_attempted))
+    for cause, n in report.failed_by_cause().items():
+        t.add_row(f"[red]failed: {cause}", str(n))
+    if report.stale_removed:
+        t.add_row("[red]out-of-date documents removed (update failed)", str(report.stale_removed))
+    if report.invalid_removed:
+        t.add_row("[red]documents of invalid rows removed", str(report.invalid_removed))
+    if report.pruned:
+        t.add_row("pruned (not in catalog)", str(report.pruned))
+    elif report.orphans:
+        t.add_row("[yellow]in store, not in catalog (--prune)", str(report.orphans))
+    if report.not_pruned:
+        t.add_row("[bold red]not pruned", report.not_pruned)
+    if report.removal_refused:
+        t.add_row("[bold red]nothing removed", report.removal_refused)
+    for note in report.notes:
+        t.add_row("[yellow]note", note)
+    if report.promoted:
+        t.add_row("[green]now serving", report.promoted)
+    if report.not_promoted:
+        t.add_row("[yellow]not serving yet", report.not_promoted)
+    if report.errors_path and report.errors_in_file:
+        t.add_row("errors file", f"{report.errors_path} ({report.errors_in_file} lines)")
+    rate = report.indexed / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    t.add_row("time", f"{report.elapsed_s:.1f} s ({rate:.1f} items/s)")
+    tm = report.timings
+    t.add_row("time split", f"model {tm.model_s:.1f} s, waiting for images {tm.wait_s:.1f} s, "
+                            f"store writes {report.write_s:.1f} s")
+    if report.aborted:
+        t.add_row("[bold red]aborted", report.aborted)
+    return t

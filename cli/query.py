@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence
 
 import typer
+from rich.table import Table
+
+from fgplugin.errors import OutputError, QueryError
+from fgplugin.query.execute import QueryRun, key_fields, opensearch_body, reference_label, result_to_dict, run_query
+from fgplugin.search.spec import QuerySpec, parse_attributes, parse_filter
+from fgplugin.stores import open_store
 
 from .common import check_writable, console, err_console, friendly_errors, print_json, warn_password_in_url
 
@@ -44,11 +51,6 @@ def query(
     ),
 ) -> None:
     """Find the items most similar to a reference on the chosen attributes (weighted sum of cosines)."""
-    from fgplugin.errors import OutputError, QueryError
-    from fgplugin.query.execute import result_table, result_to_dict, run_query
-    from fgplugin.query.spec import QuerySpec, parse_attributes, parse_filter
-    from fgplugin.stores.open import open_store
-
     if (like is None) == (image is None):
         raise QueryError("give exactly one reference: --like ID or --image PATH_OR_URL")
     if not attr:
@@ -72,12 +74,12 @@ def query(
         if explain:
             _print_explain(run, as_json)
         if html_out is not None:
-            from fgplugin.query.html import write_report
+            from fgplugin.query.html import write_report  # imported when a page is asked for
 
             if explain and checkpoint is not None and run.query_image is not None:
-                from .evaluate import load_model
+                from fgplugin.loading import load_encoder  # torch: only for attention maps
 
-                run.encoder = load_model(checkpoint, None, "cpu")
+                run.explainer = load_encoder(checkpoint, device="cpu")
             try:
                 path = write_report(run, html_out, explain=explain)
             except OSError as e:  # passed the early check, failed anyway (disk full, a race): results still print
@@ -100,15 +102,7 @@ def query(
 def _print_explain(run, as_json: bool) -> None:
     """The OpenSearch request this query compiles to (printed to stderr with --json, so stdout stays JSON)."""
     out = err_console if as_json else console
-    try:
-        from fgplugin.query.execute import opensearch_body
-
-        body = opensearch_body(run)
-    except ImportError as e:
-        out.print(f"[yellow]explain:[/] the OpenSearch compiler is not available ({e})", highlight=False)
-        return
-    import json
-
+    body = opensearch_body(run)
     out.print(f"[bold]OpenSearch request body[/] ({run.spec.mode} mode; long vectors shortened):", highlight=False)
     out.print_json(json.dumps(_shorten_vectors(body)))
 
@@ -122,3 +116,32 @@ def _shorten_vectors(obj, keep: int = 4):
             return [round(float(x), 4) for x in obj[:keep]] + [f"... {len(obj) - keep} more"]
         return [_shorten_vectors(x, keep) for x in obj]
     return obj
+
+
+def result_table(run: QueryRun, fields: Sequence[str] | None = None) -> Table:
+    """The hits as the CLI shows them: score, each attribute's cosine and a few metadata columns."""
+    spec, r = run.spec, run.result
+    attrs = list(spec.attributes)
+    fields = key_fields(spec, run.layout.metadata_types) if fields is None else list(fields)
+    weights = ", ".join(f"{a}={w:g}" for a, w in spec.attributes.items())
+    total = "" if r.total_candidates is None else f", {r.total_candidates} candidates"
+    table = Table(title=f"{reference_label(spec)} by {weights} ({r.mode}{total})", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("id")
+    table.add_column("score", justify="right")
+    for a in attrs:
+        table.add_column(f"cos {a}", justify="right")
+    for f in fields:
+        table.add_column(f)
+    for i, h in enumerate(r.hits, start=1):
+        cos = [f"{h.cosines[a]:.4f}" if a in h.cosines else "—" for a in attrs]
+        meta = [_short(h.metadata.get(f)) for f in fields]
+        table.add_row(str(i), h.id, f"{h.score:.4f}", *cos, *meta)
+    return table
+
+
+def _short(v: Any, n: int = 24) -> str:
+    if v is None:
+        return ""
+    s = f"{v:g}" if isinstance(v, float) else str(v)
+    return s if len(s) <= n else s[: n - 1] + "…"

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from fgplugin.stores import open_store
+
 from .common import console, friendly_errors, print_json
 
 app = typer.Typer(no_args_is_help=True)
@@ -20,17 +22,8 @@ def verify(
 ) -> None:
     """Read every document of a store whole: a damaged file (checksum failure, truncation) is reported
     (exit 2) instead of failing later in a query. `fgplugin index` runs the same check first."""
-    from fgplugin.errors import StoreError
-    from fgplugin.stores.open import open_store
-
-    st = open_store(store, index=index_name, read_only=True, interactive=True)
-    try:
-        check = getattr(st, "verify", None)
-        if check is None:
-            raise StoreError(f"{getattr(st, 'url', store)}: this store kind cannot be verified")
-        result = check()
-    finally:
-        st.close()
+    with open_store(store, index=index_name, read_only=True, interactive=True) as st:
+        result = st.verify()
     if as_json:
         print_json(result)
     else:

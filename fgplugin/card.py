@@ -71,24 +71,34 @@ def compute_integrity(export_dir: str | Path, card: dict[str, Any]) -> str:
     return _hash_files(Path(export_dir), (encoder_file(card), WEIGHTS_FILE), _canonical(card))
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The model card of an export folder, format-checked (no hash check; see ExportedEncoder.load)."""
-    d = Path(path)
-    f = d / CARD_FILE
+def read_format_file(folder: str | Path, name: str, *, what: str, fmt: str, versions: Sequence[int],
+                     required: Sequence[str]) -> dict[str, Any]:
+    """The JSON header file ``name`` of an fgplugin folder (an export's card, a checkpoint's config),
+    refused (ModelCardError naming the file) unless it is there, parses, carries format ``fmt`` in one of
+    ``versions`` and has every ``required`` key."""
+    d = Path(folder)
+    f = d / name
     if not f.is_file():
-        raise ModelCardError(f"{d}: no {CARD_FILE}; not an fgplugin export (run `fgplugin export`)")
+        raise ModelCardError(f"{d}: no {name}; not an fgplugin {what}")
     try:
-        card = json.loads(f.read_text(encoding="utf-8"))
+        data = json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ModelCardError(f"{f}: not valid JSON ({e.msg})") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise ModelCardError(f"{f}: format is {card.get('format') if isinstance(card, dict) else None!r}, expected {FORMAT!r}")
-    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        got = data.get("format") if isinstance(data, dict) else None
+        raise ModelCardError(f"{f}: not an fgplugin {what} (format {got!r}, expected {fmt!r})")
+    if data.get("format_version") not in versions:
         raise ModelCardError(
-            f"{f}: format_version {card.get('format_version')!r} is not supported by fgplugin {__version__} "
-            f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export or upgrade fgplugin"
-        )
-    for key in ("schema", "attributes", "dims", "preprocess", "version"):
-        if key not in card:
-            raise ModelCardError(f"{f}: model card lacks {key!r}")
-    return card
+            f"{f}: format_version {data.get('format_version')!r} is not supported by fgplugin {__version__} "
+            f"(supported: {', '.join(map(str, versions))}); {'re-export' if what == 'export' else 'retrain'} "
+            "or upgrade fgplugin")
+    for key in required:
+        if key not in data:
+            raise ModelCardError(f"{f}: the {what}'s {name} lacks {key!r}")
+    return data
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card of an export folder, format-checked (no hash check; see ExportedEncoder.load)."""
+    return read_format_file(path, CARD_FILE, what="export", fmt=FORMAT, versions=SUPPORTED_FORMAT_VERSIONS,
+                            required=("schema", "attributes", "dims", "preprocess", "version"))

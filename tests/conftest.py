@@ -149,7 +149,7 @@ def export_and_catalog(tmp_path_factory):
     from test_encoder import tiny_export
 
     export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
-    catalog = synth.generate(tmp_path_factory.mktemp("catalog"), 2, seed=1, size=64, workers=1, progress=False)
+    catalog = synth.generate(tmp_path_factory.mktemp("catalog"), 2, seed=1, size=64, workers=1)
     return export, catalog
 
 

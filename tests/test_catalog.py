@@ -126,6 +126,18 @@ def test_catalog_reports_every_problem_with_row_and_cause(folder):
     assert cat.problems[2].kind == "invalid" and cat.problems[1].kind == "duplicate"
 
 
+def test_labels_that_are_not_an_object_are_that_rows_problem_not_a_crash(folder):
+    rows = [{"id": "a", "image": "img/0.jpg", "labels": "red"}, {"id": "b", "image": "img/1.jpg", "labels": ["long"]},
+            {"id": "c", "image": "img/2.jpg", "sleeve": "elbow", "colour": "green"}]
+    cat = load_catalog(_jsonl(folder / "cat.jsonl", rows), _schema(), strict=False)
+    assert [str(p) for p in cat.problems] == [
+        "row 1 (id 'a'): 'labels' must be an object", "row 2 (id 'b'): 'labels' must be an object",
+        # in schema order, whatever the hash seed of the run
+        "row 3 (id 'c'): attribute 'sleeve' has unknown value 'elbow' (allowed: short, long, hidden)",
+        "row 3 (id 'c'): attribute 'colour' has unknown value 'green' (allowed: red, blue)",
+    ]
+
+
 def test_catalog_checks_image_files_when_asked(folder):
     rows = [
         {"id": "ok", "image": "img/0.jpg", "sleeve": "long"},

@@ -7,7 +7,7 @@ import re
 
 from typer.testing import CliRunner
 
-from fgplugin.stores.open import open_store
+from fgplugin.stores import open_store
 from fgplugin_cli.app import app
 
 

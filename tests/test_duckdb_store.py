@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from fgplugin.errors import QueryError, StoreError, UnknownAttributeError
-from fgplugin.query.spec import Bool, Exists, QuerySpec, Range, Term, Terms, coerce_filters, parse_filter
+from fgplugin.search.spec import Bool, Exists, QuerySpec, Range, Term, Terms, coerce_filters, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, Fingerprint, IndexLayout, Store
-from fgplugin.stores.duckdb_store import DB_FILE, DuckDBStore
-from fgplugin.stores.open import open_store, parse_store_url
+from fgplugin.search.store import Document, Fingerprint, IndexLayout, Store
+from fgplugin.search.embedded import DB_FILE, DuckDBStore
+from fgplugin.stores import open_store, parse_store_url
 
 ATTRS = ("sleeve", "neckline", "colour", "length")
 D = 16

@@ -231,7 +231,7 @@ def test_compact_storage_round_trips(setup):
     b32 = next(iter_encoded(enc, [(str(i), str(p)) for i, p in enumerate(paths[:8])], batch_size=8))
     b8 = next(iter_encoded(enc, [(str(i), str(p)) for i, p in enumerate(paths[:8])], batch_size=8, dtype="int8"))
     b16 = quantize(b32.vectors, "float16")
-    scales = int8_scales(enc)
+    scales = int8_scales(enc.card)
     assert set(scales) == set(enc.attributes) and all(s > 0 for s in scales.values())
     for a in enc.attributes:
         assert b8.vectors[a].dtype == np.int8 and b16[a].dtype == np.float16

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from fgplugin.catalog import load_catalog
 from fgplugin.errors import ModelCardError
-from fgplugin.export import CARD_FILE, WEIGHTS_FILE, ExportedEncoder, compute_integrity, compute_version, export_model
+from fgplugin.card import CARD_FILE, WEIGHTS_FILE, compute_integrity, compute_version
+from fgplugin.export import ExportedEncoder, export_model
 from fgplugin.images import load_image
 from fgplugin.models import build_model, load_config, save_checkpoint
 from fgplugin.schema import Attribute, AttributeSchema
@@ -34,7 +35,7 @@ SMALL = {"trunk": "resnet_tiny", "local_trunk": "resnet_tiny", "image_size": 64,
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("synth"), 60, seed=3, size=80, progress=False)
+    return generate(tmp_path_factory.mktemp("synth"), 60, seed=3, size=80)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_export_reproduces_the_in_memory_model(exports, synth, variant):
     assert enc.attributes == model.schema.names and enc.dims == model.dims
     if variant == "csn":  # embedding + posterior over the attribute's visible values
         assert enc.dims == {a.name: 32 + a.num_classes for a in synth_schema()}
-    assert enc.preprocess == model.preprocess()
+    assert enc.preprocess == model.preprocess
     images = _images(synth, 5)
     batch = enc.preprocess.batch(images)
     with torch.no_grad():
@@ -95,7 +96,7 @@ def test_model_card_records_what_serving_needs(exports, synth):
     assert card["variant"] == "asen_v2" and card["config"]["trunk"] == "resnet_tiny"
     assert card["schema_fingerprint"] == synth_schema().fingerprint()
     assert card["attributes"] == synth_schema().names
-    assert card["preprocess"] == model.preprocess().to_dict()
+    assert card["preprocess"] == model.preprocess.to_dict()
     assert card["encoder"]["kind"] == "torch.export"
     assert card["version"] == compute_version(path, card)
     # Training data summary and the metrics of the evaluation run by `export --catalog`.
@@ -146,7 +147,7 @@ def test_loading_refuses_another_schema(exports):
     with pytest.raises(ModelCardError, match=r"values differ for: pattern"):
         ExportedEncoder.load(path, schema=other)
     fewer = AttributeSchema(s.attributes[:3], name=s.name)
-    with pytest.raises(ModelCardError, match=r"missing from the given schema: .*pocket"):
+    with pytest.raises(ModelCardError, match=r"only in the former: .*pocket"):
         ExportedEncoder.load(path, schema=fewer)
 
 
@@ -216,7 +217,7 @@ def test_export_refuses_to_overwrite_a_folder_that_is_not_an_export(exports, tmp
 
 def test_an_export_loads_in_a_fresh_process_without_training_code(exports, synth, tmp_path):
     model, path, _ = exports["asen_v2"]
-    batch = model.preprocess().batch(_images(synth, 3))
+    batch = model.preprocess.batch(_images(synth, 3))
     torch.save(batch, tmp_path / "batch.pt")
     probe = f"""
 import json, sys, numpy as np, torch
@@ -242,8 +243,8 @@ def test_posterior_prob_export_indexes_with_the_slack_flag_and_queries_by_probab
     slack value, the index records it, and a like-id query scores each item p_q . p_x / |p_q| (the
     encoder's posteriors), i.e. it ranks by the probability of holding the query's value."""
     from fgplugin.indexer import index_catalog
-    from fgplugin.query.spec import QuerySpec
-    from fgplugin.stores.duckdb_store import DuckDBStore
+    from fgplugin.search.spec import QuerySpec
+    from fgplugin.search.embedded import DuckDBStore
 
     torch.manual_seed(0)
     model = build_model(load_config("mtc", {**SMALL, "posterior": "prob"}), synth_schema()).eval()
@@ -253,7 +254,7 @@ def test_posterior_prob_export_indexes_with_the_slack_flag_and_queries_by_probab
     assert enc.query_slack and json.loads((Path(dest) / CARD_FILE).read_text())["query_slack"] is True
     cat = load_catalog(synth, synth_schema())
     store = DuckDBStore(tmp_path / "store")
-    report = index_catalog(cat, enc, store, workers=1, progress=False)
+    report = index_catalog(cat, enc, store, workers=1)
     assert report.indexed == len(cat) == store.count() and not report.failures
     assert store.layout.query_slack
     attr = synth_schema().names[0]

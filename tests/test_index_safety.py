@@ -20,9 +20,9 @@ from fgplugin.catalog import UNREADABLE, load_catalog
 from fgplugin.indexer import index_catalog
 from fgplugin.opensearch.client import OpenSearchConfig
 from fgplugin.opensearch.store import OpenSearchStore
-from fgplugin.query.spec import QuerySpec, parse_filter
-from fgplugin.stores.base import same_image
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.spec import QuerySpec, parse_filter
+from fgplugin.search.store import same_image
+from fgplugin.search.embedded import DuckDBStore
 from opensearch_spec import api_spec  # noqa: F401 (session fixture)
 from test_indexer import N, env  # noqa: F401 (the tiny export and an N-item generated catalog)
 
@@ -84,9 +84,9 @@ def ids_in(st) -> set[str]:
 def test_an_empty_catalog_prunes_nothing_without_confirmation(env, make_store):
     enc, _, catalog_path = env
     st = make_store()
-    assert index_catalog(catalog_path, enc, st, progress=False).indexed == N
+    assert index_catalog(catalog_path, enc, st).indexed == N
     empty = write_rows(catalog_path.parent / "empty.jsonl", [])
-    rep = index_catalog(empty, enc, st, prune=True, progress=False)
+    rep = index_catalog(empty, enc, st, prune=True)
     assert (rep.pruned, rep.ok, len(ids_in(st))) == (0, False, N)
     assert rep.removal_refused.startswith(f"{N} of the {N} stored documents would be removed ({N} not in the catalog)")
     assert "--max-removal 100" in rep.removal_refused
@@ -96,7 +96,7 @@ def test_an_empty_catalog_prunes_nothing_without_confirmation(env, make_store):
 def test_prune_never_acts_on_a_catalog_read_incompletely(env, make_store, damage):
     enc, _, catalog_path = env
     st = make_store()
-    index_catalog(catalog_path, enc, st, progress=False)
+    index_catalog(catalog_path, enc, st)
     rows: list = rows_of(catalog_path)
     gone = rows.pop(0)["id"]  # really deleted: an orphan
     damaged = rows[3]["id"]
@@ -107,7 +107,7 @@ def test_prune_never_acts_on_a_catalog_read_incompletely(env, make_store, damage
     path = catalog_path.parent / f"damaged-{damage}.jsonl"
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
     path.write_bytes(text.encode("utf-8", errors="surrogateescape"))  # \udcff -> the lone byte 0xff
-    rep = index_catalog(path, enc, st, prune=True, max_removal=1.0, progress=False)
+    rep = index_catalog(path, enc, st, prune=True, max_removal=1.0)
     assert rep.pruned == 0 and rep.not_pruned and not rep.ok
     assert "row 4" in rep.not_pruned and "fix them, then prune" in rep.not_pruned
     assert ids_in(st) >= {gone, damaged}  # neither the orphan nor the unreadable row's document went
@@ -120,7 +120,7 @@ def test_prune_never_acts_on_a_catalog_read_incompletely(env, make_store, damage
     # Fixed, the same prune goes through.
     rows[3] = {r["id"]: r for r in rows_of(catalog_path)}[damaged]
     write_rows(path, rows)
-    rep = index_catalog(path, enc, st, prune=True, max_removal=1.0, progress=False)
+    rep = index_catalog(path, enc, st, prune=True, max_removal=1.0)
     assert (rep.pruned, rep.ok) == (1, True) and gone not in ids_in(st) and damaged in ids_in(st)
 
 
@@ -131,11 +131,11 @@ def test_a_row_that_turns_invalid_stops_serving_its_old_metadata(env, make_store
     for r in rows:
         r["in_stock"] = True
     path = write_rows(catalog_path.parent / "stock.jsonl", rows)
-    index_catalog(path, enc, st, progress=False)
+    index_catalog(path, enc, st)
     bad = rows[2]["id"]
     rows[2]["in_stock"] = "maybe"  # no longer a boolean: the row is invalid
     write_rows(path, rows)
-    rep = index_catalog(path, enc, st, progress=False)
+    rep = index_catalog(path, enc, st)
     assert (rep.invalid_removed, rep.ok) == (1, False)
     assert [p.item_id for p in rep.catalog_problems] == [bad]
     spec = QuerySpec({"colour": 1.0}, like_id=rows[0]["id"], filters=[parse_filter("in_stock=true")], k=50)
@@ -143,17 +143,17 @@ def test_a_row_that_turns_invalid_stops_serving_its_old_metadata(env, make_store
     assert bad not in hits and len(hits) == N - 2  # everything else in stock still answers
     rows[2]["in_stock"] = False  # fixed: indexed again, with the new value
     write_rows(path, rows)
-    rep = index_catalog(path, enc, st, progress=False)
+    rep = index_catalog(path, enc, st)
     assert (rep.indexed, rep.ok) == (1, True) and bad not in {h.id for h in st.search(spec).hits}
 
 
 def test_a_duplicate_row_does_not_remove_the_first_rows_document(env, make_store):
     enc, _, catalog_path = env
     st = make_store()
-    index_catalog(catalog_path, enc, st, progress=False)
+    index_catalog(catalog_path, enc, st)
     rows = rows_of(catalog_path)
     path = write_rows(catalog_path.parent / "dup.jsonl", rows + [dict(rows[0], price=1.0)])
-    rep = index_catalog(path, enc, st, max_removal=1.0, progress=False)
+    rep = index_catalog(path, enc, st, max_removal=1.0)
     assert rep.invalid_removed == 0 and rows[0]["id"] in ids_in(st)
     assert rep.catalog_problems[0].kind == "duplicate"
 
@@ -162,12 +162,12 @@ def test_mass_failures_remove_nothing_without_confirmation(env, tmp_path):
     """An image folder that is gone (unmounted, moved) makes every re-encoding fail: the documents stay."""
     enc, _, catalog_path = env
     st = DuckDBStore(tmp_path / "store")
-    index_catalog(catalog_path, enc, st, progress=False)
+    index_catalog(catalog_path, enc, st)
     rows = rows_of(catalog_path)
     for r in rows:
         r["image"] = "elsewhere/" + r["image"]
     path = write_rows(catalog_path.parent / "moved.jsonl", rows)
-    rep = index_catalog(path, enc, st, progress=False)
+    rep = index_catalog(path, enc, st)
     assert len(rep.failures) == N and rep.stale_removed == 0 and st.count() == N
     assert f"{N} whose update failed" in rep.removal_refused
     st.close()
@@ -249,7 +249,7 @@ def test_a_mostly_numeric_column_with_text_is_reported_and_range_filters_on_text
     (note,) = cat.notes
     assert note.startswith(f"metadata 'rating' is stored as text: {N - 1} of its {N} values are numbers, but row 4 'n/a' is not")
     st = DuckDBStore(tmp_path / "store")
-    rep = index_catalog(cat, enc, st, progress=False)
+    rep = index_catalog(cat, enc, st)
     assert rep.notes == [note] and rep.ok
     from fgplugin.errors import QueryError
 
@@ -264,12 +264,12 @@ def test_relative_image_paths_do_not_depend_on_the_working_directory(env, tmp_pa
     enc, _, catalog_path = env
     st = DuckDBStore(tmp_path / "store")
     monkeypatch.chdir(catalog_path.parent)
-    rep = index_catalog(Path(catalog_path.name), enc, st, progress=False)
+    rep = index_catalog(Path(catalog_path.name), enc, st)
     assert rep.indexed == N
     docs = st.get_documents([rows_of(catalog_path)[0]["id"]])
     assert all(Path(d.image).is_absolute() and Path(d.image).is_file() for d in docs.values())
     monkeypatch.chdir(tmp_path)
-    rep = index_catalog(os.path.relpath(catalog_path, tmp_path), enc, st, progress=False)
+    rep = index_catalog(os.path.relpath(catalog_path, tmp_path), enc, st)
     assert (rep.indexed, rep.skipped_current) == (0, N)
     st.close()
 
@@ -286,7 +286,7 @@ def test_keys_written_with_relative_sources_match_the_same_file():
 
 INTERRUPT = """
 import os, signal, sys
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.embedded import DuckDBStore
 real = DuckDBStore.upsert
 calls = []
 def upsert(self, docs):
@@ -331,7 +331,7 @@ def _damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated", "overwritten", "flipped"])
 def test_a_damaged_store_is_reported_by_index_verify_and_query_never_as_current(env, tmp_path, how):
     enc, export, catalog_path = env
-    from fgplugin.stores.base import Document, IndexLayout
+    from fgplugin.search.store import Document, IndexLayout
     import numpy as np
 
     # Enough documents that the file has data blocks beyond its header (the tiny export's 20 fit in one).
@@ -354,13 +354,13 @@ def test_a_damaged_store_is_reported_by_index_verify_and_query_never_as_current(
         assert "another fgplugin process" not in out
     with pytest.raises(Exception, match="is damaged"):
         st = DuckDBStore(tmp_path / "st")
-        index_catalog(catalog_path, enc, st, progress=False)
+        index_catalog(catalog_path, enc, st)
 
 
 def test_verify_passes_a_sound_store(env, tmp_path):
     enc, _, catalog_path = env
     with DuckDBStore(tmp_path / "st") as st:
-        index_catalog(catalog_path, enc, st, progress=False)
+        index_catalog(catalog_path, enc, st)
     r = subprocess.run([sys.executable, "-m", "fgplugin_cli.app", "store", "verify", "--store",
                         f"embedded:{tmp_path / 'st'}", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout)["documents"] == N
@@ -372,12 +372,12 @@ def test_a_red_opensearch_index_is_reported_by_index_and_verify(env, fake):
     alias = f"fgred-{uuid.uuid4().hex[:6]}"
     st = OpenSearchStore(OpenSearchConfig(url=fake.url, index=alias, retry_total_s=0.2, retry_initial_s=0.01),
                          refresh="wait_for")
-    assert index_catalog(catalog_path, enc, st, progress=False).indexed == N
+    assert index_catalog(catalog_path, enc, st).indexed == N
     assert st.verify()["documents"] == N
     fake.red_indices.add(st.write_index or next(iter(fake.aliases[alias])))
     try:
         with pytest.raises(Exception, match=r"is red: 1 shard\(s\) unassigned"):
-            index_catalog(catalog_path, enc, st, progress=False)
+            index_catalog(catalog_path, enc, st)
         r = subprocess.run([sys.executable, "-m", "fgplugin_cli.app", "store", "verify", "--store",
                             f"opensearch:{fake.url}/{alias}"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "is red" in r.stderr and "Traceback" not in r.stderr

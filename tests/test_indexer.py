@@ -27,10 +27,11 @@ from fgplugin.catalog import load_catalog
 from fgplugin.errors import ModelCardError
 from fgplugin.export import ExportedEncoder
 from fgplugin.images import ImageLimits
-from fgplugin.indexer import index_catalog, read_errors, report_table
-from fgplugin.query.spec import QuerySpec, parse_filter
+from fgplugin.indexer import index_catalog, read_errors
+from fgplugin_cli.index import report_table
+from fgplugin.search.spec import QuerySpec, parse_filter
 from fgplugin.schema import AttributeSchema
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.embedded import DuckDBStore
 from fgplugin_cli.app import app
 
 from opensearch_spec import api_spec  # noqa: F401 (session fixture)
@@ -45,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 def env(tmp_path_factory):
     export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
     data = tmp_path_factory.mktemp("data")
-    catalog_path = synth.generate(data, N, seed=3, size=64, workers=1, progress=False)
+    catalog_path = synth.generate(data, N, seed=3, size=64, workers=1)
     return ExportedEncoder.load(export, device="cpu"), export, catalog_path
 
 
@@ -97,7 +98,7 @@ def test_cli_round_trips_vectors_and_metadata_and_reruns_skip(env, tmp_path):
 
 KILLER = """
 import os, signal, sys
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.embedded import DuckDBStore
 after = int(sys.argv[1])
 real = DuckDBStore.upsert
 calls = []
@@ -179,7 +180,7 @@ def test_failures_go_to_the_errors_file_and_retry_errors_clears_fixed_ones(env, 
 
     try:
         st = DuckDBStore(store_dir)
-        rep = index_catalog(catalog, enc, st, batch_size=4, workers=3, errors_path=errors, limits=limits, progress=False)
+        rep = index_catalog(catalog, enc, st, batch_size=4, workers=3, errors_path=errors, limits=limits)
         assert rep.indexed == 11 and not rep.ok  # the 10 good rows and the image served over HTTP
         assert {f.id: (f.stage, f.kind) for f in rep.failures} == {
             "corrupt": ("decode", "corrupt"), "missing": ("read", "missing"), "big": ("read", "too_large"),
@@ -194,12 +195,12 @@ def test_failures_go_to_the_errors_file_and_retry_errors_clears_fixed_ones(env, 
         assert sorted(st.versions()) == sorted([r["id"] for r in rows] + ["web"])
 
         # A plain rerun does not retry known failures (the slow URL would cost its timeout again).
-        rep = index_catalog(catalog, enc, st, errors_path=errors, limits=limits, progress=False)
+        rep = index_catalog(catalog, enc, st, errors_path=errors, limits=limits)
         assert (rep.indexed, rep.skipped_failed, rep.to_index, len(rep.failures)) == (0, 5, 0, 0)
         assert not rep.ok
 
         shutil.copy(rows[1]["image"], bad / "corrupt.jpg")  # fix one file
-        rep = index_catalog(catalog, enc, st, errors_path=errors, retry_errors=True, limits=limits, progress=False)
+        rep = index_catalog(catalog, enc, st, errors_path=errors, retry_errors=True, limits=limits)
         assert rep.indexed == 1 and rep.to_index == 5
         assert set(read_errors(errors)) == {"missing", "big", "wide", "slow"}
         assert "corrupt" in st.versions()
@@ -220,21 +221,21 @@ def test_failures_go_to_the_errors_file_and_retry_errors_clears_fixed_ones(env, 
 def test_prune_removes_rows_deleted_from_the_catalog(env, tmp_path):
     enc, _, catalog_path = env
     st = DuckDBStore(tmp_path / "store")
-    rep = index_catalog(catalog_path, enc, st, batch_size=16, progress=False)
+    rep = index_catalog(catalog_path, enc, st, batch_size=16)
     assert rep.indexed == N and st.count() == N
     lines = catalog_path.read_text().splitlines()
     fewer = catalog_path.parent / "fewer.jsonl"  # beside the images, so relative paths still resolve
     fewer.write_text("\n".join(lines[5:]) + "\n")
     removed = {json.loads(line)["id"] for line in lines[:5]}
 
-    rep = index_catalog(fewer, enc, st, progress=False)
+    rep = index_catalog(fewer, enc, st)
     assert (rep.orphans, rep.pruned, st.count()) == (5, 0, N)  # reported, kept without --prune
     # 5 of 24 is more than one run may remove by default: refused, with the count and the way to confirm.
-    rep = index_catalog(fewer, enc, st, prune=True, progress=False)
+    rep = index_catalog(fewer, enc, st, prune=True)
     assert (rep.pruned, rep.ok, st.count()) == (0, False, N)
     assert rep.removal_refused.startswith("5 of the 24 stored documents would be removed (5 not in the catalog)")
     assert "--max-removal 21" in rep.removal_refused
-    rep = index_catalog(fewer, enc, st, prune=True, max_removal=0.21, progress=False)
+    rep = index_catalog(fewer, enc, st, prune=True, max_removal=0.21)
     assert (rep.pruned, rep.indexed, rep.skipped_current, rep.ok) == (5, 0, N - 5, True)
     assert st.count() == N - 5 and not removed & set(st.versions())
     st.close()
@@ -243,14 +244,14 @@ def test_prune_removes_rows_deleted_from_the_catalog(env, tmp_path):
 def test_a_new_model_version_reindexes_and_drops_stale_vectors_it_cannot_replace(env, tmp_path):
     enc, _, catalog_path = env
     st = DuckDBStore(tmp_path / "store")
-    index_catalog(catalog_path, enc, st, batch_size=16, progress=False)
+    index_catalog(catalog_path, enc, st, batch_size=16)
     lines = [json.loads(line) for line in catalog_path.read_text().splitlines()]
     lines[0]["image"] = "images/gone.jpg"
     changed = catalog_path.parent / "changed.jsonl"
     changed.write_text("".join(json.dumps(r) + "\n" for r in lines))
     v2 = copy.copy(enc)
     v2.version = "0" * 64  # what a retrained export would bring
-    rep = index_catalog(changed, v2, st, batch_size=16, progress=False)
+    rep = index_catalog(changed, v2, st, batch_size=16)
     assert (rep.indexed, rep.skipped_current, rep.stale_removed) == (N - 1, 0, 1)
     assert [(f.id, f.kind) for f in rep.failures] == [(lines[0]["id"], "missing")]
     versions = st.versions()
@@ -268,8 +269,8 @@ def test_schema_mismatch_is_refused(env, tmp_path):
     assert r.exit_code == 2
     msg = " ".join(r.output.split())
     assert "schema" in msg and "fgplugin-synth" in msg and "other" in msg
-    with DuckDBStore(tmp_path / "store2") as st, pytest.raises(ModelCardError, match="trained for schema"):
-        index_catalog(load_catalog(catalog, other), enc, st, progress=False)
+    with DuckDBStore(tmp_path / "store2") as st, pytest.raises(ModelCardError, match="was built for schema .*but the catalog .* uses schema .other."):
+        index_catalog(load_catalog(catalog, other), enc, st)
     assert not (tmp_path / "store" / "fgplugin.duckdb").exists()  # refused before the store was opened
 
 
@@ -314,7 +315,7 @@ def test_opensearch_store_errors_file_named_after_the_index_rejections_and_promo
         v2.version = "0" * 64
         st = OpenSearchStore.from_url(fake.url, index="shop")
         old_index = next(iter(fake.aliases["shop"]))
-        rep = index_catalog(catalog, v2, st, batch_size=16, progress=False)
+        rep = index_catalog(catalog, v2, st, batch_size=16)
         assert (rep.indexed, rep.skipped_current) == (N + 1, 0)
         assert rep.promoted == "shop-000000000000" and fake.aliases["shop"] == {"shop-000000000000"}
         assert old_index != "shop-000000000000" and len(fake.indices[old_index]["docs"]) == N + 1
@@ -331,7 +332,7 @@ def _edit_and_rerun(enc, catalog_path, tmp_path, open_store):
     catalog = data / "catalog.jsonl"
     rows = [json.loads(line) for line in catalog.read_text().splitlines()]
     st = open_store()
-    rep = index_catalog(catalog, enc, st, batch_size=8, workers=2, progress=False)
+    rep = index_catalog(catalog, enc, st, batch_size=8, workers=2)
     assert (rep.indexed, rep.metadata_updated, rep.skipped_current) == (N, 0, 0)
     before = st.get_vectors([r["id"] for r in rows])
 
@@ -344,7 +345,7 @@ def _edit_and_rerun(enc, catalog_path, tmp_path, open_store):
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     encoded: list[str] = []
-    rep = index_catalog(catalog, enc, st, batch_size=8, workers=2, progress=False,
+    rep = index_catalog(catalog, enc, st, batch_size=8, workers=2,
                         on_batch=lambda b: encoded.extend(b.ids))
     assert sorted(encoded) == sorted([repointed, replaced])  # the price change was not re-encoded
     assert (rep.indexed, rep.metadata_updated, rep.skipped_current, rep.to_index) == (2, 1, N - 3, 3)
@@ -369,7 +370,7 @@ def _edit_and_rerun(enc, catalog_path, tmp_path, open_store):
     assert st.image_of(repointed) == str(data / rows[7]["image"])  # the document names its new image
 
     encoded.clear()
-    rep = index_catalog(catalog, enc, st, progress=False, on_batch=lambda b: encoded.extend(b.ids))
+    rep = index_catalog(catalog, enc, st, on_batch=lambda b: encoded.extend(b.ids))
     assert (rep.indexed, rep.metadata_updated, rep.skipped_current, encoded) == (0, 0, N, [])
     return st
 
@@ -400,15 +401,15 @@ def test_a_store_from_before_fingerprints_is_reindexed(env, tmp_path):
     few = catalog_path.parent / "few.jsonl"  # beside the images, so relative paths still resolve
     few.write_text("".join(catalog_path.read_text().splitlines(keepends=True)[:6]))
     st = DuckDBStore(tmp_path / "store")
-    index_catalog(few, enc, st, progress=False)
+    index_catalog(few, enc, st)
     st.close()
     make_old_layout(tmp_path / "store")  # no image_key / meta_key columns, as an older fgplugin wrote it
 
     st = DuckDBStore(tmp_path / "store")
     assert {fp.image_key for fp in st.fingerprints().values()} == {None}
-    rep = index_catalog(few, enc, st, progress=False)
+    rep = index_catalog(few, enc, st)
     assert (rep.indexed, rep.skipped_current, rep.metadata_updated, rep.ok) == (6, 0, 0, True)  # unknown: re-indexed
-    rep = index_catalog(few, enc, st, progress=False)
+    rep = index_catalog(few, enc, st)
     assert (rep.indexed, rep.skipped_current) == (0, 6)
     st.close()
 
@@ -423,23 +424,23 @@ def test_a_changed_image_that_fails_drops_the_stale_document_until_the_file_is_f
     shutil.copy(catalog_path.parent / "schema.toml", tmp_path / "schema.toml")
     errors = tmp_path / "errors.jsonl"
     st = DuckDBStore(tmp_path / "store")
-    assert index_catalog(catalog, enc, st, errors_path=errors, progress=False).indexed == 4
+    assert index_catalog(catalog, enc, st, errors_path=errors).indexed == 4
 
     later = tmp_path / "later.jpg"
     rows[0]["image"] = str(later)  # not there yet
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
+    rep = index_catalog(catalog, enc, st, errors_path=errors)
     assert [(f.id, f.kind) for f in rep.failures] == [(rows[0]["id"], "missing")]
     assert rep.stale_removed == 0 and "1 whose update failed" in rep.removal_refused  # 1 of 4: over 10 %
-    rep = index_catalog(catalog, enc, st, errors_path=errors, max_removal=0.25, progress=False)
+    rep = index_catalog(catalog, enc, st, errors_path=errors, max_removal=0.25)
     assert (rep.skipped_failed, rep.removal_refused) == (1, None)  # failed before, and its document goes now
     assert rep.stale_removed == 1 and rows[0]["id"] not in st.versions()  # no vectors of the old image left
     assert set(read_errors(errors)) == {rows[0]["id"]}
-    rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
+    rep = index_catalog(catalog, enc, st, errors_path=errors)
     assert (rep.skipped_failed, rep.to_index) == (1, 0)  # same inputs: not retried
 
     shutil.copy(rows[1]["image"], later)  # the file appears: its key changes, so a plain rerun takes it
-    rep = index_catalog(catalog, enc, st, errors_path=errors, progress=False)
+    rep = index_catalog(catalog, enc, st, errors_path=errors)
     assert (rep.indexed, rep.skipped_failed, rep.ok) == (1, 0, True) and not errors.exists()
     np.testing.assert_allclose(st.get_vectors([rows[0]["id"]])[rows[0]["id"]][enc.attributes[0]],
                                st.get_vectors([rows[1]["id"]])[rows[1]["id"]][enc.attributes[0]], atol=ATOL)

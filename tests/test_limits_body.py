@@ -35,6 +35,7 @@ class StubEncoder:
     dims = {"colour": 3}
     version = "stub-1"
     card = {"version": "stub-1"}
+    query_slack = False
 
     def preprocess(self, image):
         return torch.from_numpy(np.asarray(image.resize((4, 4)), np.float32) / 255.0).permute(2, 0, 1)

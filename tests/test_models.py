@@ -102,7 +102,7 @@ def test_every_variant_implements_the_interface(variant):
         idx = torch.tensor([0, 1, 2, 1, 0])
         assert torch.allclose(model.embed(x, idx), out[torch.arange(5), idx], atol=1e-5)
         maps, boxes = model.attention(x, idx)
-    assert model.preprocess().image_size == 64
+    assert model.preprocess.image_size == 64
     if variant in ("asen_v2", "asen", "ag_mlan"):
         assert maps is not None and maps.shape[0] == 5 and maps.ndim == 3
         assert float(maps.min()) >= 0 and float(maps.max()) <= 1
@@ -117,6 +117,19 @@ def test_every_variant_implements_the_interface(variant):
         assert torch.allclose(out[:, 0], out[:, 1])
     elif variant != "mtc":
         assert not torch.allclose(out[:, 0], out[:, 1], atol=1e-3)
+
+
+
+def test_the_training_model_is_an_encoder_and_every_variant_name_builds_one_class():
+    from fgplugin.encoding import Encoder
+    from fgplugin.models import MODELS
+    from fgplugin.preprocess import Preprocess
+
+    assert tuple(MODELS) == VARIANTS  # the factory's table covers exactly the configurable names
+    model = tiny_model("csn")
+    assert isinstance(model, Encoder) and isinstance(model.preprocess, Preprocess)
+    assert model.device == torch.device("cpu") and model.schema is SCHEMA and model.query_slack is False
+    assert model.proxies is None  # declared: no proxy classifier without train.cls_weight
 
 
 @pytest.mark.parametrize("variant", ["asen_v2", "ag_mlan", "mtc"])
@@ -200,7 +213,7 @@ def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path, variant):
     with torch.no_grad():
         assert torch.equal(loaded.embed_all(x), before)
     other = AttributeSchema.from_dict({"attributes": {"colour": ["red", "blue"]}})
-    with pytest.raises(ModelCardError, match="trained for schema"):
+    with pytest.raises(ModelCardError, match="was built for schema"):
         load_checkpoint(d, schema=other)
 
 
@@ -285,7 +298,7 @@ def test_sampler_draws_valid_reproducible_triplets():
 
 
 def test_losses_on_hand_made_vectors():
-    from fgplugin.training import losses as L
+    from fgplugin.models import losses as L
 
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -301,7 +314,7 @@ def test_losses_on_hand_made_vectors():
 
 
 def test_batch_all_and_batch_hard_on_hand_made_vectors():
-    from fgplugin.training import losses as L
+    from fgplugin.models import losses as L
 
     # One attribute; images 0 and 1 share value 0, image 2 has value 1, image 3 is unlabelled.
     emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [-1.0, 0.0]]).unsqueeze(1)  # [4, 1, 2]
@@ -320,7 +333,7 @@ def test_batch_all_and_batch_hard_on_hand_made_vectors():
 
 
 def test_posterior_vector_softmax_or_sqrt():
-    from fgplugin.models.base import posterior_vector
+    from fgplugin.models.vectors import posterior_vector
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     p = torch.softmax(logits, dim=-1)
@@ -343,7 +356,7 @@ def test_posterior_prob_ranks_by_the_probability_of_the_query_value():
     """posterior = prob: stored [p, sqrt(1 - |p|^2)] is unit; a query drops the slack value, and its
     cosine with an item is p_q . p_x / |p_q| (the probability ranking), where the softmax cosine lifts
     the item the classifier is unsure of."""
-    from fgplugin.models.base import posterior_vector
+    from fgplugin.models.vectors import posterior_vector
     from fgplugin.similarity import query_form, query_form_padded
 
     p = torch.tensor([[0.90, 0.05, 0.05],   # query: value 0
@@ -400,7 +413,7 @@ def test_posterior_prob_vectors_in_every_model_that_carries_a_posterior():
 
 
 def test_proxy_classifier_scores_hand_made_vectors_and_ignores_unknown_labels():
-    from fgplugin.training.losses import ProxyClassifier
+    from fgplugin.models.losses import ProxyClassifier
 
     head = ProxyClassifier([2, 3], dim=2, scale=3.0).requires_grad_(False)
     with torch.no_grad():  # attribute 0: proxies on the axes; attribute 1: three directions

@@ -18,7 +18,7 @@ from fgplugin.errors import StoreError
 from fgplugin.opensearch.client import OpenSearchConfig, load_config, redact_url
 from fgplugin.opensearch.store import OpenSearchStore
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout
+from fgplugin.search.store import Document, IndexLayout
 
 DIMS = {"sleeve": 4, "neckline": 3}
 LAYOUT = IndexLayout(AttributeSchema(tuple(Attribute(n, ("a", "b")) for n in DIMS), name="t"), DIMS,

@@ -13,9 +13,9 @@ from fgplugin.opensearch.checks import RequestCheckError, check_request
 from fgplugin.opensearch.compile import to_opensearch
 from fgplugin.opensearch.mapping import alias_swap_body, build_index_body
 from fgplugin.opensearch.scripts import stored_script_body
-from fgplugin.query.spec import QuerySpec
+from fgplugin.search.spec import QuerySpec
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import IndexLayout
+from fgplugin.search.store import IndexLayout
 
 DIMS = {"sleeve": 4, "neckline": 3}
 LAYOUT = IndexLayout(AttributeSchema(tuple(Attribute(n, ("a", "b")) for n in DIMS), name="t"), DIMS, {"price": "float"}, "v1")

@@ -16,9 +16,9 @@ from fgplugin.opensearch.compile import (compile_filter, innerproduct_dot, inner
                                          to_opensearch, total_candidates)
 from fgplugin.opensearch.scripts import (MISSING_COSINE, SCRIPT_ID, SCRIPT_SOURCE, script_score,
                                          script_to_weighted_cosine, stored_script_body)
-from fgplugin.query.spec import Bool, Exists, QuerySpec, Range, Term, Terms, coerce_filters, parse_filter
+from fgplugin.search.spec import Bool, Exists, QuerySpec, Range, Term, Terms, coerce_filters, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import IndexLayout
+from fgplugin.search.store import IndexLayout
 
 DIMS = {"sleeve": 8, "neckline": 6, "colour": 4}
 TYPES = {"price": "float", "cat": "keyword", "stock": "boolean", "added": "date", "title": "text", "qty": "integer"}
@@ -172,12 +172,6 @@ def test_bad_queries_are_refused():
         to_opensearch(spec(attributes={"sleeve": -1.0}), LAYOUT)
     with pytest.raises(QueryError, match="mode"):
         to_opensearch(spec(mode="fuzzy"), LAYOUT)
-
-
-def test_query_package_exports_to_opensearch():
-    from fgplugin.query import to_opensearch as exported
-
-    assert exported is to_opensearch
 
 
 # -- exactness of the ANN vector and the score conversions -------------------------------------------

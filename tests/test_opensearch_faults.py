@@ -20,7 +20,7 @@ from fgplugin.errors import StoreError
 from fgplugin.export import ExportedEncoder
 from fgplugin.indexer import index_catalog
 from fgplugin.opensearch.store import OpenSearchStore
-from fgplugin.stores.base import Document
+from fgplugin.search.store import Document
 from test_encoder import tiny_export
 from test_store_contract import layout, make_docs
 
@@ -41,7 +41,7 @@ def node(request, opensearch_url):  # noqa: ARG001 - skips, saying why, where no
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     export = tiny_export(tmp_path_factory.getbasetemp(), synth.synth_schema())
-    catalog_path = synth.generate(tmp_path_factory.mktemp("data"), N, seed=11, size=64, workers=1, progress=False)
+    catalog_path = synth.generate(tmp_path_factory.mktemp("data"), N, seed=11, size=64, workers=1)
     return ExportedEncoder.load(export, device="cpu"), export, catalog_path
 
 
@@ -62,7 +62,7 @@ def test_node_stopped_mid_index_then_rerun_holds_exactly_the_catalog(node, env):
         if len(batches) == 2:
             node.run("stop", timeout=120)  # the node goes away between two bulk writes
 
-    rep = index_catalog(catalog_path, enc, st, batch_size=4, workers=1, on_batch=stop_after_two, progress=False)
+    rep = index_catalog(catalog_path, enc, st, batch_size=4, workers=1, on_batch=stop_after_two)
     assert rep.aborted and rep.indexed == 8 and not rep.ok  # the store error ends the run, nothing is a failure
     assert not rep.failures
     st.close()
@@ -70,7 +70,7 @@ def test_node_stopped_mid_index_then_rerun_holds_exactly_the_catalog(node, env):
     r = node.run(*args)  # same ports, same data
     assert r.returncode == 0, r.stderr[-2000:]
     st = store_on(node.url, alias)
-    rep = index_catalog(catalog_path, enc, st, batch_size=4, workers=1, progress=False)
+    rep = index_catalog(catalog_path, enc, st, batch_size=4, workers=1)
     assert (rep.indexed, rep.skipped_current, rep.ok) == (N - 8, 8, True)
     assert sorted(st.versions()) == sorted(ids) and st.count() == N  # exactly the catalog: no gap, no duplicate
     for name in list(st.client.indices.get(index=f"{alias}-*")):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from fgplugin.opensearch.store import OpenSearchStore
-from fgplugin.query.spec import QuerySpec, parse_filter
+from fgplugin.search.spec import QuerySpec, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout
+from fgplugin.search.store import Document, IndexLayout
 
 pytestmark = [pytest.mark.live]
 

@@ -17,7 +17,7 @@ from fgplugin.opensearch.client import DEFAULT_IMAGE, DEFAULT_PORT, DEFAULT_URL
 from fgplugin.opensearch.mapping import (alias_swap_body, build_index_body, demo_mapping_json, layout_from_meta,
                                          main, versioned_index_name)
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import IndexLayout
+from fgplugin.search.store import IndexLayout
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = {"brand": "keyword", "title": "text", "price": "float", "qty": "integer", "in_stock": "boolean",

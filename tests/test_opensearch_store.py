@@ -17,10 +17,10 @@ from fgplugin.errors import QueryError, StoreError
 from fgplugin.opensearch.client import OpenSearchConfig
 from fgplugin.opensearch.scripts import SCRIPT_ID, SCRIPT_SOURCE
 from fgplugin.opensearch.store import OpenSearchStore
-from fgplugin.query.spec import QuerySpec, parse_filter
+from fgplugin.search.spec import QuerySpec, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, Fingerprint, IndexLayout, Store
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.store import Document, Fingerprint, IndexLayout, Store
+from fgplugin.search.embedded import DuckDBStore
 
 DIMS = {"sleeve": 8, "neckline": 6, "colour": 4}
 TYPES = {"price": "float", "cat": "keyword", "stock": "boolean", "added": "date", "title": "text", "qty": "integer"}
@@ -192,11 +192,11 @@ def test_bad_references_are_clear_errors(store):
 
 def test_layout_mismatches_are_refused_and_new_fields_added(fake, store):
     other = OpenSearchStore(config(fake))
-    with pytest.raises(StoreError, match="serves schema"):
+    with pytest.raises(StoreError, match="was built for schema"):
         other.ensure_index(IndexLayout(schema(("sleeve", "fit")), {"sleeve": 8, "fit": 2}, TYPES, V1))
     with pytest.raises(StoreError, match="holds vectors of sizes"):
         other.ensure_index(dataclasses.replace(LAYOUT, dims={**DIMS, "colour": 5}))
-    with pytest.raises(StoreError, match="maps metadata field 'qty' as integer"):
+    with pytest.raises(StoreError, match="stores metadata field 'qty' as integer"):
         other.ensure_index(dataclasses.replace(LAYOUT, metadata_types={**TYPES, "qty": "keyword"}))
     other.ensure_index(dataclasses.replace(LAYOUT, metadata_types={**TYPES, "season": "keyword"}))
     props = fake.indices["fg-1111aaaa2222"]["mappings"]["properties"]
@@ -301,7 +301,7 @@ def test_every_request_kind_was_sent_and_validated(fake, store):
 
 
 def test_open_store_builds_the_opensearch_store_from_a_url(fake, monkeypatch, tmp_path):
-    from fgplugin.stores.open import open_store
+    from fgplugin.stores import open_store
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for k in ("URL", "USER", "PASSWORD", "API_KEY", "INDEX", "CONFIG"):

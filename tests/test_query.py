@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from fgplugin.errors import QueryError
 from fgplugin.query.execute import result_to_dict, run_query
 from fgplugin.query.html import render_report
-from fgplugin.query.spec import QuerySpec
+from fgplugin.search.spec import QuerySpec
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.store import Document, IndexLayout
+from fgplugin.search.embedded import DuckDBStore
 from fgplugin_cli.app import app
 
 N = 40
@@ -218,7 +218,7 @@ def test_image_query_end_to_end_with_a_real_export(tmp_path_factory, runner):
     schema = synth.synth_schema()
     export = tiny_export(tmp_path_factory.getbasetemp(), schema)
     data = tmp_path_factory.mktemp("e2e")
-    catalog = synth.generate(data, 12, seed=5, size=64, workers=1, progress=False)
+    catalog = synth.generate(data, 12, seed=5, size=64, workers=1)
     store = f"embedded:{data / 'store'}"
     r = runner.invoke(app, ["index", "--catalog", str(catalog), "--model", str(export), "--store", store,
                             "--workers", "1", "--device", "cpu", "--json"])

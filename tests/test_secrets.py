@@ -207,12 +207,12 @@ def test_the_real_executable_prints_no_secret():
 
 
 def test_unexpected_errors_are_scrubbed_one_line_exit_1(monkeypatch):
-    import fgplugin.stores.open
+    import fgplugin_cli.query
 
     def boom(url, **kw):
         raise RuntimeError(f"internal failure on {url} with Authorization: Basic enF1c2VyOnpxcGFzcw==")
 
-    monkeypatch.setattr(fgplugin.stores.open, "open_store", boom)
+    monkeypatch.setattr(fgplugin_cli.query, "open_store", boom)
     r, out = run("query", "--store", f"opensearch:http://zquser:{RESERVED}@h:1", "--like", "a", "--attr", "c")
     assert r.exit_code == 1 and "Traceback" not in out
     assert "unexpected RuntimeError: internal failure on" in out
@@ -299,7 +299,7 @@ def test_serve_token_forms_and_their_errors(tmp_path, captured_serve):
 
 
 def test_setup_reads_the_serve_token_from_a_file(tmp_path, monkeypatch, export_and_catalog):
-    from fgplugin.opensearch import wiring
+    import fgplugin_cli.opensearch as wiring
 
     export, _ = export_and_catalog
     seen = {}

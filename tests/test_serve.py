@@ -13,7 +13,6 @@ import io
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -85,7 +84,7 @@ class Counting:
     def __init__(self, inner, delay_s: float = 0.0, fail: Exception | None = None):
         self.inner, self.delay_s, self.fail = inner, delay_s, fail
         self.calls: list[int] = []
-        for k in ("attributes", "dims", "version", "card", "preprocess"):
+        for k in ("attributes", "dims", "version", "card", "preprocess", "query_slack"):
             setattr(self, k, getattr(inner, k))
 
     def encode_tensors(self, batch):

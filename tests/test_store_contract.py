@@ -15,10 +15,10 @@ import pytest
 
 from fgplugin.errors import QueryError
 from fgplugin.opensearch.store import OpenSearchStore
-from fgplugin.query.spec import QuerySpec, parse_filter
+from fgplugin.search.spec import QuerySpec, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
-from fgplugin.stores.base import Document, IndexLayout
-from fgplugin.stores.duckdb_store import DuckDBStore
+from fgplugin.search.store import Document, IndexLayout
+from fgplugin.search.embedded import DuckDBStore
 
 pytestmark = [pytest.mark.live]
 

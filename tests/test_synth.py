@@ -27,7 +27,7 @@ GLOBAL = ["colour", "pattern"]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    generate(out, N, seed=3, workers=2, progress=False)
+    generate(out, N, seed=3, workers=2)
     return out
 
 
@@ -54,8 +54,8 @@ def test_same_seed_same_item_other_seed_other_item():
 
 
 def test_bytes_do_not_depend_on_worker_count(tmp_path):
-    one = Path(generate(tmp_path / "w1", 12, seed=5, workers=1, progress=False)).parent
-    two = Path(generate(tmp_path / "w2", 12, seed=5, workers=2, progress=False)).parent
+    one = Path(generate(tmp_path / "w1", 12, seed=5, workers=1)).parent
+    two = Path(generate(tmp_path / "w2", 12, seed=5, workers=2)).parent
     for name in ("catalog.jsonl", "boxes.jsonl", "splits.json", "schema.toml"):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     files = sorted(p.name for p in (one / "images").iterdir())

@@ -41,7 +41,7 @@ TINY = {**LEARN, "image_size": 32, "local_size": 16, "embed_dim": 16, "batch_siz
 def data(tmp_path_factory):
     from fgplugin.synth import generate
 
-    path = generate(tmp_path_factory.mktemp("synth"), N_ITEMS, seed=0, size=96, progress=False)
+    path = generate(tmp_path_factory.mktemp("synth"), N_ITEMS, seed=0, size=96)
     catalog = load_catalog(path, AttributeSchema.load(path.parent / "schema.toml"))
     return catalog, Splits.load(path.parent / "splits.json")
 
@@ -62,7 +62,7 @@ def runs(data, tmp_path_factory):
 
     def get(variant: str):
         if variant not in cache:
-            result = train(load_config(variant, LEARN), catalog, splits, root / variant, device="cpu", progress=False)
+            result = train(load_config(variant, LEARN), catalog, splits, root / variant, device="cpu")
             model, _ = load_checkpoint(result.last)
             cache[variant] = (result, model, _retrieval(model, catalog, splits))
         return cache[variant]
@@ -78,8 +78,8 @@ def _retrieval(model, catalog, splits):
     row = {it.id: r for r, it in enumerate(catalog.items)}
     labels = catalog.label_matrix()
     ql, cl = labels[[row[i] for i in q]], labels[[row[i] for i in c]]
-    qv = encode_catalog(model, catalog, q, progress=False)
-    cv = encode_catalog(model, catalog, c, progress=False)
+    qv = encode_catalog(model, catalog, q)
+    cv = encode_catalog(model, catalog, c)
     names = catalog.schema.names
     return {"map": retrieval_map(qv, ql, cv, cl, attribute_names=names),
             "chance": chance_map(ql, cl, attribute_names=names), "qv": qv, "cv": cv, "ql": ql, "cl": cl}
@@ -166,12 +166,10 @@ def _embeddings(ckpt, x):
 def test_resume_continues_the_step_count_and_the_same_trajectory(data, small_splits, tmp_path):
     catalog, _ = data
     x = torch.randn(2, 3, 32, 32)
-    straight = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "a", device="cpu", progress=False)
-    first = train(load_config("asen", {**TINY, "steps": 3}), catalog, small_splits, tmp_path / "b", device="cpu",
-                  progress=False)
+    straight = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "a", device="cpu")
+    first = train(load_config("asen", {**TINY, "steps": 3}), catalog, small_splits, tmp_path / "b", device="cpu")
     assert first.steps == 3 and _embeddings(first.last, x)[1]["step"] == 3
-    resumed = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "b", device="cpu", progress=False,
-                    resume=True)
+    resumed = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "b", device="cpu", resume=True)
     assert resumed.steps == 6 and resumed.total_steps == 6
     assert [v["step"] for v in resumed.validations] == [3, 6]  # history carried over from the first call
     a, state_a = _embeddings(straight.last, x)
@@ -180,8 +178,7 @@ def test_resume_continues_the_step_count_and_the_same_trajectory(data, small_spl
     # The optimiser state, step and per-step random draws were restored: the same weights as one run.
     assert torch.allclose(a, b, atol=1e-5)
     # A finished run resumed again has nothing left to do.
-    again = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "b", device="cpu", progress=False,
-                  resume=True)
+    again = train(load_config("asen", TINY), catalog, small_splits, tmp_path / "b", device="cpu", resume=True)
     assert again.stopped == "already done" and again.steps == 6
 
 
@@ -193,7 +190,7 @@ def test_frozen_trunk_stages_stay_as_loaded_while_the_rest_trains(data, small_sp
     start = build_model(cfg, catalog.schema)
     weights = tmp_path / "start.safetensors"
     save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(weights))
-    result = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", progress=False, validate=False)
+    result = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", validate=False)
     model, _ = load_checkpoint(result.last)
     before, after = load_file(str(weights)), model.state_dict()
     stage_of = _trunk_stage_of_keys(model)
@@ -210,7 +207,7 @@ def test_frozen_trunk_stages_stay_as_loaded_while_the_rest_trains(data, small_sp
     assert all(not m.training for m in model.frozen_trunk_stages()) and model.frozen_trunk_stages()
     with pytest.raises(ModelCardError, match=r"freeze_stages: 1 -> 0"):  # the optimiser state would not fit
         train(load_config(variant, {**TINY, "steps": 6, "stage1_fraction": 0.5}), catalog, small_splits,
-              tmp_path / "run", device="cpu", progress=False, resume=True)
+              tmp_path / "run", device="cpu", resume=True)
     with pytest.raises(FgpluginError, match="freeze_stages must be 0, 1, 2 or 3"):
         load_config(variant, {"freeze_stages": 4})
 
@@ -233,10 +230,10 @@ def _trunk_stage_of_keys(model) -> dict[str, int | None]:
 def test_budget_stops_early_and_the_run_resumes(data, small_splits, tmp_path):
     catalog, _ = data
     cfg = load_config("asen_v2", {**TINY, "steps": 8, "cache": "off"})  # images decoded per step
-    stopped = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", progress=False, budget_s=1e-3)
+    stopped = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", budget_s=1e-3)
     assert stopped.stopped == "budget" and stopped.steps == 1
     assert (stopped.last / "weights.safetensors").is_file() and (stopped.last / "optimizer.pt").is_file()
-    done = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", progress=False, resume=True)
+    done = train(cfg, catalog, small_splits, tmp_path / "run", device="cpu", resume=True)
     assert done.stopped == "done" and done.steps == 8
     assert {h["stage"] for h in done.history} == {1, 2}
 
@@ -244,27 +241,26 @@ def test_budget_stops_early_and_the_run_resumes(data, small_splits, tmp_path):
 def test_runs_are_never_overwritten_or_resumed_with_another_model(data, small_splits, tmp_path):
     catalog, _ = data
     train(load_config("global", {**TINY, "steps": 2}), catalog, small_splits, tmp_path / "run", device="cpu",
-          progress=False, validate=False)
+          validate=False)
     with pytest.raises(FgpluginError, match="already holds a training run"):
-        train(load_config("global", {**TINY, "steps": 2}), catalog, small_splits, tmp_path / "run", device="cpu",
-              progress=False)
+        train(load_config("global", {**TINY, "steps": 2}), catalog, small_splits, tmp_path / "run", device="cpu")
     with pytest.raises(ModelCardError, match=r"another model config \(embed_dim: 16 -> 32"):
         train(load_config("global", {**TINY, "steps": 4, "embed_dim": 32}), catalog, small_splits, tmp_path / "run",
-              device="cpu", progress=False, resume=True)
+              device="cpu", resume=True)
     # The saved optimiser state carries the rates it was made with: a changed one is refused by name,
     # not silently overridden by the restored state (or failing later on the parameter-group count).
     with pytest.raises(ModelCardError, match=r"optimisation settings \(lr: .* -> 0\.05\)"):
         train(load_config("global", {**TINY, "steps": 4, "lr": 0.05}), catalog, small_splits, tmp_path / "run",
-              device="cpu", progress=False, resume=True)
+              device="cpu", resume=True)
     with pytest.raises(ModelCardError, match=r"trunk_lr_scale: 1\.0 -> 0\.1"):
         train(load_config("global", {**TINY, "steps": 4, "trunk_lr_scale": 0.1}), catalog, small_splits,
-              tmp_path / "run", device="cpu", progress=False, resume=True)
+              tmp_path / "run", device="cpu", resume=True)
     more = train(load_config("global", {**TINY, "steps": 4}), catalog, small_splits, tmp_path / "run", device="cpu",
-                 progress=False, validate=False, resume=True)
+                 validate=False, resume=True)
     assert more.steps == 4  # the run's own settings with more steps still resume
     bad = dataclasses.replace(small_splits, train=["nope", *small_splits.train])
     with pytest.raises(FgpluginError, match="not in"):
-        train(load_config("global", TINY), catalog, bad, tmp_path / "other", device="cpu", progress=False)
+        train(load_config("global", TINY), catalog, bad, tmp_path / "other", device="cpu")
 
 
 def test_parse_budget():

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,24 @@ from PIL import Image
 from fake_opensearch import FakeOpenSearch
 from opensearch_spec import api_spec  # noqa: F401 (session fixture)
 from fgplugin.errors import StoreError
-from fgplugin.opensearch import wiring
 from fgplugin.opensearch.checks import check_request
 from fgplugin.opensearch.client import DEFAULT_PORT as OS_PORT
 from fgplugin.opensearch.client import DEFAULT_IMAGE, DEFAULT_URL
 from fgplugin.opensearch.compile import to_opensearch
 from fgplugin.opensearch.mapping import build_index_body, versioned_index_name
+from fgplugin.opensearch.mlcommons.apply import apply, teardown
+from fgplugin.opensearch.mlcommons.bodies import connector_body, image_query
+from fgplugin.opensearch.mlcommons.checks import check_connector, check_ml_inference, check_plan_bodies
+from fgplugin.opensearch.mlcommons.inputs import WiringOptions, layout_for, needs_query_form, output_names, query_spec
+from fgplugin.opensearch.mlcommons.names import TEMPLATE_ID, Names, WiringError
+from fgplugin.opensearch.mlcommons.plan import plan
+from fgplugin.opensearch.mlcommons.settings import (cluster_settings_body, cluster_settings_warnings, is_private_host,
+                                                    missing_cluster_settings)
+from fgplugin.opensearch.mlcommons.simulate import connector_payload, java_list_string, simulate_ingest, simulate_search
+from fgplugin.opensearch.mlcommons.templates import (query_template, render_mustache, search_template_body,
+                                                     search_template_request)
 from fgplugin.opensearch.scripts import SCRIPT_ID, stored_script_body
-from fgplugin.query.spec import QuerySpec, parse_filter
+from fgplugin.search.spec import QuerySpec, parse_filter
 from fgplugin.serve import DEFAULT_PORT as SERVE_PORT
 from fgplugin.serve import BackgroundServer, ServeConfig, create_app
 
@@ -106,16 +115,16 @@ def assert_same_body(got: Any, want: Any, path: str = "body") -> None:
 
 def fill(template: str, outputs: dict[str, Any]) -> Any:
     """ML Commons' query_template substitution: Java List.toString of each output."""
-    return json.loads(re.sub(r"\$\{([^}]+)\}", lambda m: wiring.java_list_string(outputs[m.group(1)]), template))
+    return json.loads(re.sub(r"\$\{([^}]+)\}", lambda m: java_list_string(outputs[m.group(1)]), template))
 
 
 # -- generated bodies ----------------------------------------------------------------------------
 def test_every_generated_body_validates(api_spec, card):
-    options = wiring.WiringOptions(serve_url=SERVE_URL, metadata_types=META, filters=["price<100"], token="t0k3n")
-    steps = wiring.plan(card, options)
+    options = WiringOptions(serve_url=SERVE_URL, metadata_types=META, filters=["price<100"], token="t0k3n")
+    steps = plan(card, options)
     assert [s.key for s in steps] == ["cluster-settings", "stored-script", "search-template", "connector",
                                       "model-group", "model", "model-deploy", "ingest-pipeline", "search-pipeline"]
-    v = wiring.Names.for_version(card["version"]).version
+    v = Names.for_version(card["version"]).version
     assert v == card["version"][:12]
     # The spec allows "_meta" on ingest pipelines; OpenSearch 2.19 refused it (the real node's word).
     assert "_meta" not in next(s.body for s in steps if s.key == "ingest-pipeline")
@@ -130,7 +139,7 @@ def test_every_generated_body_validates(api_spec, card):
             assert errs and all(e.startswith("request_processors/0") for e in errs), errs
             assert spec_errors(api_spec, s.spec, {**s.body, "request_processors": []}) == []
             proc = s.body["request_processors"][0]["ml_inference"]
-            assert wiring.check_ml_inference(proc, "p", kind="search_request", outputs=wiring.output_names(card)) == []
+            assert check_ml_inference(proc, "p", kind="search_request", outputs=output_names(card)) == []
         else:
             assert errs == [], (s.key, errs)
     bodies = {s.key: s.body for s in steps}
@@ -145,11 +154,11 @@ def test_every_generated_body_validates(api_spec, card):
     assert ingest["output_map"] == [{**{f"emb_{a}": a for a in card["attributes"]}, "emb_all": "emb_all",
                                      "model_version": "model_version"}]
     # every output_map target is a field of the index the store creates, and nothing else is written
-    props = build_index_body(wiring.layout_for(card, META))["mappings"]["properties"]
+    props = build_index_body(layout_for(card, META))["mappings"]["properties"]
     assert set(ingest["output_map"][0]) <= set(props)
     # the bearer token is kept out of generated output, but sent when applying
     assert "t0k3n" not in json.dumps([s.body for s in steps])
-    assert wiring.plan(card, options, redact=False)[3].body["credential"] == {"token": "t0k3n"}
+    assert plan(card, options, redact=False)[3].body["credential"] == {"token": "t0k3n"}
 
 
 @pytest.mark.parametrize("mode,weights,filters", [
@@ -159,15 +168,15 @@ def test_every_generated_body_validates(api_spec, card):
     ("ann+rescore", None, ["has:brand"]),
 ])
 def test_query_template_is_the_compiled_query(api_spec, card, mode, weights, filters):
-    options = wiring.WiringOptions(serve_url=SERVE_URL, attributes=weights, filters=filters, k=15, mode=mode,
+    options = WiringOptions(serve_url=SERVE_URL, attributes=weights, filters=filters, k=15, mode=mode,
                                    metadata_types=META)
-    template, names = wiring.query_template(card, options)
+    template, names = query_template(card, options)
     q = unit_vectors(card, seed=3)
     outputs = {f"emb_{a}": q[a].tolist() for a in card["attributes"]}
     outputs["emb_all"] = np.concatenate([q[a] for a in card["attributes"]]).tolist()
     body = fill(template, outputs)
-    spec = wiring.query_spec(card, options)
-    want = to_opensearch(spec, wiring.layout_for(card, META), query_vectors=q)
+    spec = query_spec(card, options)
+    want = to_opensearch(spec, layout_for(card, META), query_vectors=q)
     assert_same_body(body, want)
     api_spec.validate("search", body)
     check_request("search", body)
@@ -184,9 +193,9 @@ def test_posterior_prob_plan_adds_a_query_connector(api_spec, card, prob_encoder
     from fgplugin.similarity import query_form
 
     pcard = prob_encoder.card
-    assert wiring.needs_query_form(pcard) and not wiring.needs_query_form(card)
-    options = wiring.WiringOptions(serve_url=SERVE_URL, token="t0k3n")
-    steps = wiring.plan(pcard, options)
+    assert needs_query_form(pcard) and not needs_query_form(card)
+    options = WiringOptions(serve_url=SERVE_URL, token="t0k3n")
+    steps = plan(pcard, options)
     assert [s.key for s in steps] == ["cluster-settings", "stored-script", "search-template", "connector",
                                       "model-group", "model", "model-deploy", "query-connector", "query-model",
                                       "query-model-deploy", "ingest-pipeline", "search-pipeline"]
@@ -194,73 +203,73 @@ def test_posterior_prob_plan_adds_a_query_connector(api_spec, card, prob_encoder
         if s.spec is not None and s.key != "search-pipeline":  # ml_inference: not in the spec (see above)
             assert spec_errors(api_spec, s.spec, s.body) == [], s.key
     bodies = {s.key: s.body for s in steps}
-    v = wiring.Names.for_version(pcard["version"]).version
+    v = Names.for_version(pcard["version"]).version
     assert bodies["query-connector"]["name"] == bodies["query-model"]["name"] == f"fgplugin-encoder-query-{v}"
-    assert wiring.connector_payload(bodies["query-connector"], {"url": "u"}) == {"url": "u", "form": "query"}
-    assert wiring.connector_payload(bodies["connector"], {"url": "u"}) == {"url": "u"}
+    assert connector_payload(bodies["query-connector"], {"url": "u"}) == {"url": "u", "form": "query"}
+    assert connector_payload(bodies["connector"], {"url": "u"}) == {"url": "u"}
     assert bodies["query-model"]["connector_id"] == "<query_connector_id>"
     assert steps[9].path.endswith("/<query_model_id>/_deploy")
     assert bodies["ingest-pipeline"]["processors"][0]["ml_inference"]["model_id"] == "<model_id>"
     assert bodies["search-pipeline"]["request_processors"][0]["ml_inference"]["model_id"] == "<query_model_id>"
     assert "t0k3n" not in json.dumps(bodies["query-connector"])
     # the checks: a query connector that sends the stored form, or a plan without one, is refused
-    assert wiring.check_connector(bodies["query-connector"], SERVE_URL, "query") == []
-    assert "query form" in " ".join(wiring.check_connector(bodies["connector"], SERVE_URL, "query"))
-    assert "stored form" in " ".join(wiring.check_connector(bodies["query-connector"], SERVE_URL))
+    assert check_connector(bodies["query-connector"], SERVE_URL, "query") == []
+    assert "query form" in " ".join(check_connector(bodies["connector"], SERVE_URL, "query"))
+    assert "stored form" in " ".join(check_connector(bodies["query-connector"], SERVE_URL))
     plain = {"connector": bodies["connector"], "ingest_pipeline": bodies["ingest-pipeline"],
              "search_pipeline": bodies["search-pipeline"]}
-    with pytest.raises(wiring.WiringError, match="needs the query connector"):
-        wiring.check_plan_bodies(pcard, options, plain)
-    assert "query-connector" not in {s.key for s in wiring.plan(card, options)}
+    with pytest.raises(WiringError, match="needs the query connector"):
+        check_plan_bodies(pcard, options, plain)
+    assert "query-connector" not in {s.key for s in plan(card, options)}
     # ann modes: the service's query-form emb_all is what the compiled query searches with
-    ann = wiring.WiringOptions(serve_url=SERVE_URL, mode="ann")
-    template, used = wiring.query_template(pcard, ann)
+    ann = WiringOptions(serve_url=SERVE_URL, mode="ann")
+    template, used = query_template(pcard, ann)
     q = {a: query_form(v, True) for a, v in unit_vectors(pcard, seed=5).items()}
     body = fill(template, {"emb_all": np.concatenate([q[a] for a in pcard["attributes"]]).tolist()})
     assert used == ["emb_all"]
-    assert_same_body(body, to_opensearch(wiring.query_spec(pcard, ann), wiring.layout_for(pcard), query_vectors=q))
+    assert_same_body(body, to_opensearch(query_spec(pcard, ann), layout_for(pcard), query_vectors=q))
 
 
 def test_ann_with_unequal_weights_cannot_be_templated(card):
-    options = wiring.WiringOptions(serve_url=SERVE_URL, attributes={"neckline": 2.0, "collar": 1.0}, mode="ann")
+    options = WiringOptions(serve_url=SERVE_URL, attributes={"neckline": 2.0, "collar": 1.0}, mode="ann")
     for mode in ("ann", "ann+rescore"):
         options.mode = mode
-        with pytest.raises(wiring.WiringError, match="only when every attribute is chosen at weight 1"):
-            wiring.query_template(card, options)
-    with pytest.raises(wiring.WiringError, match="unknown attribute"):
-        wiring.query_template(card, wiring.WiringOptions(serve_url=SERVE_URL, attributes={"sleeves": 1.0}))
+        with pytest.raises(WiringError, match="only when every attribute is chosen at weight 1"):
+            query_template(card, options)
+    with pytest.raises(WiringError, match="unknown attribute"):
+        query_template(card, WiringOptions(serve_url=SERVE_URL, attributes={"sleeves": 1.0}))
 
 
 def test_search_template_renders_to_the_exact_query(api_spec, card):
-    body = wiring.search_template_body(card)
+    body = search_template_body(card)
     assert spec_errors(api_spec, ("_core.yaml", "put_script"), body) == []
-    layout = wiring.layout_for(card, META)
+    layout = layout_for(card, META)
     q = unit_vectors(card, seed=5)
     spec = QuerySpec(attributes={"neckline": 0.5, "pattern": 1.5}, vectors={a: q[a] for a in ("neckline", "pattern")},
                      filters=[parse_filter("price>=10"), parse_filter("brand!=acme")], k=7)
-    req = wiring.search_template_request(spec, layout, spec.vectors)
+    req = search_template_request(spec, layout, spec.vectors)
     assert spec_errors(api_spec, ("_core.yaml", "search_template"), req) == []
-    rendered = wiring.render_mustache(body["script"]["source"], req["params"])
+    rendered = render_mustache(body["script"]["source"], req["params"])
     assert rendered == to_opensearch(spec, layout)  # exactly the query the builder produces
     api_spec.validate("search", rendered)
-    with pytest.raises(wiring.WiringError, match="lack vectors"):
-        wiring.render_mustache(body["script"]["source"], {k: v for k, v in req["params"].items() if k != "vectors"})
-    with pytest.raises(wiring.WiringError, match="exact"):
-        wiring.search_template_request(QuerySpec({"neckline": 1.0}, vectors=spec.vectors, mode="ann"), layout, spec.vectors)
+    with pytest.raises(WiringError, match="lack vectors"):
+        render_mustache(body["script"]["source"], {k: v for k, v in req["params"].items() if k != "vectors"})
+    with pytest.raises(WiringError, match="exact"):
+        search_template_request(QuerySpec({"neckline": 1.0}, vectors=spec.vectors, mode="ann"), layout, spec.vectors)
 
 
 def test_ml_inference_checker_catches_mistakes(card):
-    steps = {s.key: s.body for s in wiring.plan(card, wiring.WiringOptions(serve_url=SERVE_URL))}
+    steps = {s.key: s.body for s in plan(card, WiringOptions(serve_url=SERVE_URL))}
     ingest = steps["ingest-pipeline"]["processors"][0]["ml_inference"]
     search = steps["search-pipeline"]["request_processors"][0]["ml_inference"]
-    outs = wiring.output_names(card)
+    outs = output_names(card)
     fields = {f"emb_{a}": 1 for a in card["attributes"]} | {"emb_all": 1, "model_version": 0}
-    assert wiring.check_ml_inference(ingest, "i", kind="ingest", outputs=outs, fields=fields) == []
+    assert check_ml_inference(ingest, "i", kind="ingest", outputs=outs, fields=fields) == []
 
     def problems(base, kind, change):
         proc = copy.deepcopy(base)
         change(proc)
-        return " | ".join(wiring.check_ml_inference(proc, "p", kind=kind, outputs=outs, fields=fields))
+        return " | ".join(check_ml_inference(proc, "p", kind=kind, outputs=outs, fields=fields))
 
     a0 = card["attributes"][0]
     cases = [
@@ -283,23 +292,23 @@ def test_ml_inference_checker_catches_mistakes(card):
 
 
 def test_connector_request_and_cluster_settings(api_spec):
-    options = wiring.WiringOptions(serve_url="http://fgplugin-serve:8080/")
+    options = WiringOptions(serve_url="http://fgplugin-serve:8080/")
     assert options.serve_url == SERVE_URL
     card = {"version": "ab" * 32, "attributes": ["a"], "dims": {"a": 4}}
-    conn = wiring.connector_body(card, options)
-    assert wiring.check_connector(conn, SERVE_URL) == []
+    conn = connector_body(card, options)
+    assert check_connector(conn, SERVE_URL) == []
     nasty = 'http://img.example/a "b" \\ c.jpg'
-    assert wiring.connector_payload(conn, {"url": nasty}) == {"url": nasty}  # escaped, then parsed back intact
-    assert "credential must be a non-empty object" in " ".join(wiring.check_connector({**conn, "credential": {}}, SERVE_URL))
+    assert connector_payload(conn, {"url": nasty}) == {"url": nasty}  # escaped, then parsed back intact
+    assert "credential must be a non-empty object" in " ".join(check_connector({**conn, "credential": {}}, SERVE_URL))
     broken = copy.deepcopy(conn)
     broken["actions"][0]["request_body"] = '{"url": ${parameters.url}}'
-    assert "not JSON once filled" in " ".join(wiring.check_connector(broken, SERVE_URL))
-    assert "must POST" in " ".join(wiring.check_connector(conn, "http://other:1"))
+    assert "not JSON once filled" in " ".join(check_connector(broken, SERVE_URL))
+    assert "must POST" in " ".join(check_connector(conn, "http://other:1"))
     for bad in ("ftp://x", "fgplugin-serve:8080", "http://u:p@h:1"):
-        with pytest.raises(wiring.WiringError):
-            wiring.WiringOptions(serve_url=bad)
+        with pytest.raises(WiringError):
+            WiringOptions(serve_url=bad)
 
-    body = wiring.cluster_settings_body(options)
+    body = cluster_settings_body(options)
     assert spec_errors(api_spec, ("cluster.yaml", "cluster.put_settings"), body) == []
     s = body["persistent"]
     (rx,) = s["plugins.ml_commons.trusted_connector_endpoints_regex"]
@@ -309,18 +318,18 @@ def test_connector_request_and_cluster_settings(api_spec):
         assert not re.fullmatch(rx, other), other
     assert s["plugins.ml_commons.only_run_on_ml_node"] is False
     assert s["plugins.ml_commons.connector.private_ip_enabled"] is True  # docker service name: private
-    assert wiring.is_private_host("127.0.0.1") and wiring.is_private_host("10.0.0.7") and not wiring.is_private_host("8.8.8.8")
-    no_private = wiring.cluster_settings_body(wiring.WiringOptions(serve_url="http://93.184.216.34:8080"))
+    assert is_private_host("127.0.0.1") and is_private_host("10.0.0.7") and not is_private_host("8.8.8.8")
+    no_private = cluster_settings_body(WiringOptions(serve_url="http://93.184.216.34:8080"))
     assert "plugins.ml_commons.connector.private_ip_enabled" not in no_private["persistent"]
-    assert any("REPLACES" in w for w in wiring.cluster_settings_warnings(options))
+    assert any("REPLACES" in w for w in cluster_settings_warnings(options))
     current = {"plugins.ml_commons.trusted_connector_endpoints_regex.0": "^https://api\\.openai\\.com/.*$",
                "plugins.ml_commons.only_run_on_ml_node": "true"}
-    assert wiring.missing_cluster_settings(current, options) == [
+    assert missing_cluster_settings(current, options) == [
         "plugins.ml_commons.trusted_connector_endpoints_regex", "plugins.ml_commons.only_run_on_ml_node",
         "plugins.ml_commons.connector.private_ip_enabled"]
     ok = {"plugins.ml_commons.trusted_connector_endpoints_regex": [rx], "plugins.ml_commons.only_run_on_ml_node": "false",
           "plugins.ml_commons.connector.private_ip_enabled": "true"}
-    assert wiring.missing_cluster_settings(ok, options) == []
+    assert missing_cluster_settings(ok, options) == []
 
 
 # -- the whole chain, offline --------------------------------------------------------------------
@@ -366,24 +375,24 @@ def test_pipelines_end_to_end_through_fgplugin_serve(api_spec, encoder, card, im
     app = create_app(encoder, ServeConfig(allow_hosts=("127.0.0.1",), token="s3cret"))
     exp = encoder.encode_images([Image.open(io.BytesIO(blobs[f"/img/{i}.png"])).convert("RGB") for i in range(6)])
     with BackgroundServer(app) as srv, FakeOpenSearch(api_spec.errors) as fake:
-        options = wiring.WiringOptions(serve_url=srv.url, token="s3cret", metadata_types={"brand": "keyword"})
-        steps = {s.key: s.body for s in wiring.plan(card, options, {"model": "m-1"}, redact=False)}
+        options = WiringOptions(serve_url=srv.url, token="s3cret", metadata_types={"brand": "keyword"})
+        steps = {s.key: s.body for s in plan(card, options, {"model": "m-1"}, redact=False)}
         connector = steps["connector"]
         # ingest: a document with only an image URL (and metadata) gets every vector field from the service
-        docs = [wiring.simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/{i}.png", "brand": f"b{i % 2}"},
+        docs = [simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/{i}.png", "brand": f"b{i % 2}"},
                                        connector, _post) for i in range(6)]
         for i, d in enumerate(docs):
             assert d["model_version"] == card["version"]
             for a in card["attributes"]:
                 np.testing.assert_allclose(d[f"emb_{a}"], exp[a][i], atol=ATOL)
             np.testing.assert_allclose(d["emb_all"], np.concatenate([exp[a][i] for a in card["attributes"]]), atol=ATOL)
-        with pytest.raises(wiring.WiringError, match="already has field"):
-            wiring.simulate_ingest(steps["ingest-pipeline"], docs[0], connector, _post)
+        with pytest.raises(WiringError, match="already has field"):
+            simulate_ingest(steps["ingest-pipeline"], docs[0], connector, _post)
         # the documents fit the index the store creates (strict mapping, vector sizes)
         from fgplugin.opensearch.store import OpenSearchStore
 
         store = OpenSearchStore.from_url(fake.url, index="fgplugin", env={})
-        layout = wiring.layout_for(card, {"brand": "keyword"})
+        layout = layout_for(card, {"brand": "keyword"})
         store.ensure_index(layout)
         index = versioned_index_name("fgplugin", card["version"])
         lines = []
@@ -392,9 +401,9 @@ def test_pipelines_end_to_end_through_fgplugin_serve(api_spec, encoder, card, im
         res = store.client.bulk(body=lines, refresh="true")
         assert not res["errors"], res
         # search: an image-URL query becomes the compiled weighted query, and finds the same image first
-        request = wiring.image_query(f"{host}/img/3.png")
-        body = wiring.simulate_search(steps["search-pipeline"], request, connector, _post)
-        spec = wiring.query_spec(card, options)
+        request = image_query(f"{host}/img/3.png")
+        body = simulate_search(steps["search-pipeline"], request, connector, _post)
+        spec = query_spec(card, options)
         assert_same_body(body, to_opensearch(spec, layout, query_vectors={a: exp[a][3] for a in card["attributes"]}))
         api_spec.validate("search", body)
         hits = store.client.search(index="fgplugin", body=body)["hits"]["hits"]
@@ -408,7 +417,7 @@ def test_pipelines_end_to_end_through_fgplugin_serve(api_spec, encoder, card, im
     with BackgroundServer(app) as srv2:
         bad["actions"] = [{**connector["actions"][0], "url": f"{srv2.url}/encode"}]
         with pytest.raises(AssertionError, match="401"):
-            wiring.simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/0.png"}, bad, _post)
+            simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/0.png"}, bad, _post)
 
 
 def test_posterior_prob_pipelines_end_to_end_through_fgplugin_serve(api_spec, prob_encoder, image_host):
@@ -424,28 +433,28 @@ def test_posterior_prob_pipelines_end_to_end_through_fgplugin_serve(api_spec, pr
     stored = prob_encoder.encode_images([Image.open(io.BytesIO(blobs[f"/img/{i}.png"])).convert("RGB") for i in range(6)])
     attrs = card["attributes"]
     with BackgroundServer(app) as srv, FakeOpenSearch(api_spec.errors) as fake:
-        options = wiring.WiringOptions(serve_url=srv.url)
-        steps = {s.key: s.body for s in wiring.plan(card, options, {"model": "m-1", "query_model": "m-2"}, redact=False)}
-        docs = [wiring.simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/{i}.png"}, steps["connector"],
+        options = WiringOptions(serve_url=srv.url)
+        steps = {s.key: s.body for s in plan(card, options, {"model": "m-1", "query_model": "m-2"}, redact=False)}
+        docs = [simulate_ingest(steps["ingest-pipeline"], {"image": f"{host}/img/{i}.png"}, steps["connector"],
                                        _post) for i in range(6)]
         for i, d in enumerate(docs):
             for a in attrs:
                 np.testing.assert_allclose(d[f"emb_{a}"], stored[a][i], atol=ATOL)
                 assert d[f"emb_{a}"][-1] > 1e-3  # the slack value is stored
         store = OpenSearchStore.from_url(fake.url, index="fgplugin", env={})
-        layout = wiring.layout_for(card)
+        layout = layout_for(card)
         assert layout.query_slack
         store.ensure_index(layout)
         lines = []
         for i, d in enumerate(docs):
             lines += [{"index": {"_index": versioned_index_name("fgplugin", card["version"]), "_id": f"d{i}"}}, d]
         assert not store.client.bulk(body=lines, refresh="true")["errors"]
-        request = wiring.image_query(f"{host}/img/3.png")
-        body = wiring.simulate_search(steps["search-pipeline"], request, steps["query-connector"], _post)
-        spec = wiring.query_spec(card, options)
+        request = image_query(f"{host}/img/3.png")
+        body = simulate_search(steps["search-pipeline"], request, steps["query-connector"], _post)
+        spec = query_spec(card, options)
         assert_same_body(body, to_opensearch(spec, layout, query_vectors={a: stored[a][3] for a in attrs}))
         with pytest.raises(AssertionError):  # through the stored-form connector the query keeps the slack
-            assert_same_body(wiring.simulate_search(steps["search-pipeline"], request, steps["connector"], _post), body)
+            assert_same_body(simulate_search(steps["search-pipeline"], request, steps["connector"], _post), body)
         hits = store.client.search(index="fgplugin", body=body)["hits"]["hits"]
         assert len(hits) == 6 and fake.spec_errors == []
         for h in hits:  # the script's 1 + cos per attribute, the query in its query form
@@ -457,7 +466,7 @@ def test_posterior_prob_pipelines_end_to_end_through_fgplugin_serve(api_spec, pr
 
 # -- applying, against a stateful fake of the cluster's ML Commons side --------------------------
 class FakeCluster:
-    """Just the cluster calls ``wiring.apply`` makes, with ML Commons' answers; bodies spec-checked."""
+    """Just the cluster calls ``apply`` makes, with ML Commons' answers; bodies spec-checked."""
 
     alias = "fgplugin"
 
@@ -478,9 +487,6 @@ class FakeCluster:
 
     def ensure_index(self, layout):
         self.layout = layout
-
-    def get_layout(self):
-        return self.layout
 
     def get_settings(self, include_defaults, flat_settings):
         return {"defaults": {"plugins.ml_commons.only_run_on_ml_node": "true"}, "persistent": dict(self.settings)}
@@ -534,12 +540,12 @@ class FakeCluster:
 
 
 def test_apply_registers_everything_once(api_spec, card):
-    options = wiring.WiringOptions(serve_url=SERVE_URL, token="tok")
+    options = WiringOptions(serve_url=SERVE_URL, token="tok")
     cluster = FakeCluster(api_spec)
-    with pytest.raises(wiring.WiringError, match="trusted_connector_endpoints_regex") as e:
-        wiring.apply(card, options, cluster)
+    with pytest.raises(WiringError, match="trusted_connector_endpoints_regex") as e:
+        apply(card, options, cluster)
     assert "PUT _cluster/settings" in str(e.value) and cluster.writes == []  # nothing half-done
-    first = wiring.apply(card, options, cluster, cluster_settings=True)
+    first = apply(card, options, cluster, cluster_settings=True)
     actions = {r.key: r.action for r in first.rows}
     assert actions == {"cluster-settings": "updated", "index": "ready", "stored-script": "stored",
                        "search-template": "created", "connector": "created", "model-group": "created",
@@ -559,7 +565,7 @@ def test_apply_registers_everything_once(api_spec, card):
     assert cluster.spec_problems == []
     writes = len(cluster.writes)
 
-    again = wiring.apply(card, options, cluster)  # settings now present: no --cluster-settings needed
+    again = apply(card, options, cluster)  # settings now present: no --cluster-settings needed
     assert {r.key: r.action for r in again.rows} == {
         "cluster-settings": "unchanged", "index": "ready", "stored-script": "stored", "search-template": "unchanged",
         "connector": "reused", "model-group": "reused", "model": "reused", "model-deploy": "unchanged",
@@ -569,16 +575,16 @@ def test_apply_registers_everything_once(api_spec, card):
 
     # a new export version gets its own connector, model and pipelines beside the old ones
     other = {**card, "version": "f" * 64}
-    third = wiring.apply(other, options, cluster)
+    third = apply(other, options, cluster)
     assert third.ids["connector"] != first.ids["connector"] and third.ids["model_group"] == first.ids["model_group"]
     assert len(cluster.objects["models"]) == 2
 
 
 def test_apply_registers_the_query_model_for_posterior_prob(api_spec, prob_encoder):
     card = prob_encoder.card
-    options = wiring.WiringOptions(serve_url=SERVE_URL, token="tok")
+    options = WiringOptions(serve_url=SERVE_URL, token="tok")
     cluster = FakeCluster(api_spec)
-    first = wiring.apply(card, options, cluster, cluster_settings=True)
+    first = apply(card, options, cluster, cluster_settings=True)
     actions = {r.key: r.action for r in first.rows}
     assert {k: actions[k] for k in ("connector", "model", "model-deploy", "query-connector", "query-model",
                                     "query-model-deploy")} == {
@@ -589,14 +595,14 @@ def test_apply_registers_the_query_model_for_posterior_prob(api_spec, prob_encod
     qmodel = cluster.objects["models"][ids["query_model"]]
     assert qmodel["connector_id"] == ids["query_connector"] and qmodel["model_state"] == "DEPLOYED"
     qconn = cluster.objects["connectors"][ids["query_connector"]]
-    assert wiring.connector_payload(qconn, {"url": "u"}) == {"url": "u", "form": "query"}
+    assert connector_payload(qconn, {"url": "u"}) == {"url": "u", "form": "query"}
     assert qconn["credential"] == {"token": "tok"}
     ingest = cluster.docs[f"/_ingest/pipeline/{names.ingest_pipeline}"]["processors"][0]["ml_inference"]
     search = cluster.docs[f"/_search/pipeline/{names.search_pipeline}"]["request_processors"][0]["ml_inference"]
     assert ingest["model_id"] == ids["model"] and search["model_id"] == ids["query_model"]
     assert cluster.spec_problems == []
     writes = len(cluster.writes)
-    again = wiring.apply(card, options, cluster)
+    again = apply(card, options, cluster)
     assert again.ids == ids and len(cluster.writes) == writes
     assert {r.action for r in again.rows} <= {"unchanged", "reused", "ready", "stored"}
 
@@ -654,7 +660,7 @@ def test_compose_serve_and_ml_commons_match_cli_defaults():
     assert 'envvar="FGPLUGIN_ALLOW_HOSTS"' in cli and 'envvar="FGPLUGIN_SERVE_TOKEN"' in cli
     readme = (REPO / "docker" / "README.md").read_text()
     for words in ("fgplugin opensearch setup", "--serve-url http://fgplugin-serve:8080", "?pipeline=fgplugin-encode-",
-                  "search_pipeline=fgplugin-image-query-", wiring.TEMPLATE_ID, "--profile dashboards"):
+                  "search_pipeline=fgplugin-image-query-", TEMPLATE_ID, "--profile dashboards"):
         assert words in readme, words
 
 
@@ -676,12 +682,12 @@ def test_live_register_index_and_query_through_the_pipelines(encoder, card, imag
     app = create_app(encoder, ServeConfig(allow_hosts=(advertise, "127.0.0.1")))
     alias = f"fgplugin-wiring-live-{card['version'][:6]}"
     with BackgroundServer(app, host=bind) as srv:
-        options = wiring.WiringOptions(serve_url=f"http://{advertise}:{srv.port}", index=alias,
+        options = WiringOptions(serve_url=f"http://{advertise}:{srv.port}", index=alias,
                                        metadata_types={"brand": "keyword"})
         store = OpenSearchStore.from_url(LIVE_URL, index=alias)
         result = None
         try:
-            result = wiring.apply(card, options, store, cluster_settings=True)
+            result = apply(card, options, store, cluster_settings=True)
             names = result.names
             t = store.client.transport
             for i in range(4):
@@ -691,32 +697,32 @@ def test_live_register_index_and_query_through_the_pipelines(encoder, card, imag
             got = t.perform_request("GET", f"/{result.index}/_doc/d2")["_source"]
             assert got["model_version"] == card["version"] and len(got["emb_all"]) == sum(card["dims"].values())
             res = t.perform_request("POST", f"/{result.index}/_search", params={"search_pipeline": names.search_pipeline},
-                                    body=wiring.image_query(f"http://{advertise}:{img_srv.server_port}/img/2.png"))
+                                    body=image_query(f"http://{advertise}:{img_srv.server_port}/img/2.png"))
             assert res["hits"]["hits"][0]["_id"] == "d2"
             # The same images indexed and queried by fgplugin itself (embedded store, the same encoder)
             # rank the same ids with the same weighted cosine sums (the pipeline's scores are Σw(1+cos)).
-            from fgplugin.stores.base import Document
-            from fgplugin.stores.duckdb_store import DuckDBStore
+            from fgplugin.search.store import Document
+            from fgplugin.search.embedded import DuckDBStore
 
-            layout = wiring.layout_for(card, {"brand": "keyword"})
+            layout = layout_for(card, {"brand": "keyword"})
             blobs = [_Images.blobs[f"/img/{i}.png"] for i in range(4)]
             vecs = encoder.encode_images([Image.open(io.BytesIO(b)) for b in blobs])
             with DuckDBStore(tmp_path_factory.mktemp("wiring-embedded")) as emb:
                 emb.ensure_index(layout)
                 emb.upsert([Document(f"d{i}", {a: vecs[a][i] for a in card["attributes"]}, {"brand": "b"},
                                      card["version"]) for i in range(4)])
-                spec = wiring.query_spec(card, options)
+                spec = query_spec(card, options)
                 spec.vectors = {a: vecs[a][2] for a in card["attributes"]}
                 want = emb.search(spec).hits
             total_w = sum(spec.attributes.values())
             got = [(h["_id"], h["_score"] - total_w) for h in res["hits"]["hits"]]
             assert [i for i, _ in got] == [h.id for h in want]
             assert [sc for _, sc in got] == pytest.approx([h.score for h in want], abs=1e-4)
-            again = wiring.apply(card, options, store)
+            again = apply(card, options, store)
             assert again.ids == result.ids
         finally:
             if result is not None:
-                wiring.teardown(card, store, result.ids)
+                teardown(card, store, result.ids)
                 # Nothing of this model version is left: pipelines, models, connectors.
                 gone = [f"/_search/pipeline/{result.names.search_pipeline}",
                         f"/_ingest/pipeline/{result.names.ingest_pipeline}",

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .. import __version__
+from ..card import read_format_file
 from ..errors import FgpluginError, ModelCardError
 from ..schema import AttributeSchema, require_same_schema
 from .base import AttributeModel
@@ -90,23 +91,8 @@ def _json_default(x: Any) -> Any:
 
 def read_checkpoint_meta(dir: str | Path) -> dict[str, Any]:
     """config.json of a checkpoint, format-checked."""
-    d = Path(dir)
-    f = d / CONFIG_FILE
-    if not f.is_file():
-        raise ModelCardError(f"{d}: no {CONFIG_FILE}; not an fgplugin checkpoint")
-    try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelCardError(f"{f}: not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelCardError(f"{f}: not an fgplugin checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelCardError(f"{f}: checkpoint format_version {meta.get('format_version')!r} is not supported "
-                             f"(this fgplugin reads {FORMAT_VERSION})")
-    for key in ("config", "schema"):
-        if key not in meta:
-            raise ModelCardError(f"{f}: checkpoint lacks {key!r}")
-    return meta
+    return read_format_file(dir, CONFIG_FILE, what="checkpoint", fmt=FORMAT, versions=(FORMAT_VERSION,),
+                            required=("config", "schema"))
 
 
 def load_checkpoint(
