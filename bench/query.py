@@ -4,9 +4,8 @@ For each size: generate clustered unit vectors (A attributes x d), write them in
 store (write throughput), then time k=20 queries over 1, 2 and 4 attributes, with and without a
 filter that passes 20 % of the items, on DuckDB and on an in-RAM NumPy scan (both must return the
 same ids), next to the memory-bandwidth floor of the scan (bytes the query must read / measured
-memcpy bandwidth) and the store's bytes per item. With ``--ann`` and faiss-cpu installed, an
-in-process HNSW over the concatenated vector is measured too (latency and recall@20 vs exact); the
-embedded store itself has no ANN (DuckDB's vss extension cannot be installed offline).
+memcpy bandwidth) and the store's bytes per item; then the store's ``ann`` and ``ann+rescore`` modes:
+latency, recall@k against its exact ranking, the speed-up over exact and the plan each query chose.
 
     .venv/bin/python bench/query.py --sizes 100000,1000000
 """
@@ -15,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +27,7 @@ from rich.table import Table
 from fgplugin.search.spec import QuerySpec, Term
 from fgplugin.schema import Attribute, AttributeSchema
 from fgplugin.search.store import Document, IndexLayout
-from fgplugin.search.embedded import DB_FILE, DuckDBStore
+from fgplugin.search.embedded import DuckDBStore
 
 console = Console()
 CATEGORIES = tuple(f"c{i}" for i in range(5))  # category=c0 passes 20 %
@@ -111,12 +111,32 @@ def build_store(path: Path, vecs, attrs, d, category, price, ids, batch: int) ->
     return n / dt
 
 
-def try_faiss():
-    try:
-        import faiss  # optional: pip install faiss-cpu
-    except ImportError:
-        return None
-    return faiss
+def timed_specs(store, specs: list[QuerySpec]) -> tuple[float, float, list]:
+    """p50 / p95 ms of store.search over specs (one warm-up first) and the results."""
+    store.search(specs[0])
+    times, out = [], []
+    for spec in specs:
+        t = time.perf_counter()
+        out.append(store.search(spec))
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95)), out
+
+
+def recall_at_k(got: list, ref: list, k: int) -> float:
+    return float(np.mean([len({h.id for h in g.hits} & {h.id for h in r.hits}) / k for g, r in zip(got, ref)]))
+
+
+def query_specs(vecs, attrs, d, n, na: int, cat: str | None, k: int, reps: int, mode: str) -> list[QuerySpec]:
+    """``reps`` queries near random items (the same ones for every mode: seeded by the configuration)."""
+    rng = np.random.default_rng(1000 * na + (cat is not None))
+    weights = {a: float(w) for a, w in zip(attrs[:na], (1.0, 0.5, 0.25, 0.125))}
+    filters = [Term("category", cat)] if cat else []
+    out = []
+    for _ in range(reps):
+        ref = int(rng.integers(0, n))
+        q = {a: vecs[a][ref] + 0.1 * rng.normal(size=d).astype(np.float32) for a in weights}
+        out.append(QuerySpec(dict(weights), vectors=q, filters=filters, k=k, mode=mode))
+    return out
 
 
 def main() -> None:
@@ -129,106 +149,82 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=20000, help="upsert batch size")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit while querying")
-    ap.add_argument("--ann", action="store_true", help="also measure faiss HNSW over the concatenated vector")
-    ap.add_argument("--ann-max", type=int, default=200_000, help="skip the HNSW build above this many items (slow)")
     args = ap.parse_args()
+    console.width = max(console.width, 160)  # wide tables stay readable when piped to a file
 
     attrs = [f"attr{i}" for i in range(args.attributes)]
     d, k = args.dim, args.k
     bw = memcpy_bandwidth()
-    console.print(f"memcpy bandwidth (read side): {bw / 1e9:.1f} GB/s; {args.attributes} attributes x {d}-d, k={k}")
+    console.print(f"memcpy bandwidth (read side): {bw / 1e9:.1f} GB/s; {args.attributes} attributes x {d}-d, k={k}; "
+                  f"command: {' '.join(sys.argv)}")
     root = Path(tempfile.mkdtemp(prefix="fg-bench-", dir=args.dir))
-    table = Table(title="Exact weighted query latency, ms (p50 / p95)", title_justify="left")
-    for col in ("items", "attrs", "filter", "DuckDB", "NumPy", "scan floor", "same ids"):
-        table.add_column(col, justify="right")
+    exact_t = Table(title="Exact weighted query latency, ms (p50 / p95); goal: 1.5 x floor + 5 ms unfiltered, "
+                          "2 x floor + 5 ms filtered", title_justify="left")
+    for col in ("items", "attrs", "filter", "embedded store", "NumPy scan", "scan floor", "goal", "met", "same ids"):
+        exact_t.add_column(col, justify="right")
+    ann_t = Table(title=f"ANN, embedded store: p50 ms and recall@{k} vs its exact ranking; goal: recall >= 0.95 at "
+                        ">= 10 x the exact query's speed", title_justify="left")
+    for col in ("items", "attrs", "filter", "exact", "ann", "ann+rescore", "recall ann", "recall ann+rescore",
+                "speed-up", "met", "plan"):
+        ann_t.add_column(col, justify="right")
     summary = Table(title="Stores", title_justify="left")
-    for col in ("items", "DuckDB write items/s", "DuckDB bytes/item", "raw vector bytes/item", "ANN"):
+    for col in ("items", "write items/s", "bytes/item (all files)", "raw vector bytes/item"):
         summary.add_column(col, justify="right")
-    ann_table = None
-    faiss = try_faiss() if args.ann else None
     try:
         for n in [int(s) for s in args.sizes.split(",")]:
-            rng = np.random.default_rng(n)
-            vecs = generate(n, attrs, d, seed=n)
-            ids = np.array([f"item{i:08d}" for i in range(n)])
-            category = np.array(CATEGORIES)[rng.integers(0, len(CATEGORIES), size=n)]
-            price = rng.uniform(1, 500, size=n).round(2)
-            path = root / f"store-{n}"
-            rate = build_store(path, vecs, attrs, d, category, price, ids, args.batch)
-            file_bytes = (path / DB_FILE).stat().st_size
-            summary.add_row(f"{n:,}", f"{rate:,.0f}", f"{file_bytes / n:,.0f}", f"{args.attributes * d * 4:,}",
-                            "faiss HNSW (below)" if faiss and n <= args.ann_max else "none (no vss offline)")
-            store = DuckDBStore(path, read_only=True)
-            store.con.execute(f"SET memory_limit = '{args.memory_limit}'").fetchall()
-            scan = NumpyScan(vecs, category, ids)
-            qrng = np.random.default_rng(7)
-            for na in (1, 2, 4):
-                chosen = attrs[:na]
-                weights = {a: float(w) for a, w in zip(chosen, (1.0, 0.5, 0.25, 0.125))}
-                for cat in (None, "c0"):
-                    ref = int(qrng.integers(0, n))
-                    q = {a: vecs[a][ref] + 0.1 * qrng.normal(size=d).astype(np.float32) for a in chosen}
-                    filters = [Term("category", cat)] if cat else []
-                    spec = QuerySpec(weights, vectors=q, filters=filters, k=k)
-                    p50, p95, res = timed(lambda: store.search(spec), args.queries)
-                    n50, n95, np_ids = timed(lambda: scan.search(weights, q, cat, k), args.queries)
-                    frac = 1.0 if cat is None else float(np.mean(category == cat))
-                    # the scan must read every chosen attribute's vectors of the rows that pass the filter
-                    floor = n * frac * na * d * 4 / bw * 1000
-                    same = [h.id for h in res.hits] == np_ids
-                    table.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{p50:.1f} / {p95:.1f}",
-                                  f"{n50:.1f} / {n95:.1f}", f"{floor:.2f}", "yes" if same else "NO")
-            store.close()
-            if faiss is not None and n <= args.ann_max:
-                ann_table = ann_table or _ann_table()
-                _bench_faiss(faiss, ann_table, vecs, attrs, d, k, n, args.queries)
-            shutil.rmtree(path, ignore_errors=True)
-            del vecs, scan
+            _bench_size(n, args, attrs, bw, root, exact_t, ann_t, summary)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    console.print(table)
     console.print(summary)
-    if ann_table is not None:
-        console.print(ann_table)
+    console.print(exact_t)
+    console.print(ann_t)
     console.print(
         "scan floor = bytes of the chosen attributes' vectors over the rows that pass the filter / memcpy "
-        "bandwidth. DuckDB reads one FLOAT\\[d] column per chosen attribute; both engines use the machine's cores."
-    )
+        "bandwidth; speed-up = exact p50 / the faster ANN mode's p50 among those with recall >= 0.95.")
 
 
-def _ann_table() -> Table:
-    t = Table(title="faiss HNSW over the concatenated vector (M=32, efConstruction=200), exact rescoring off",
-              title_justify="left")
-    for col in ("items", "attrs", "efSearch", "p50 ms", "recall@20 vs exact", "build s"):
-        t.add_column(col, justify="right")
-    return t
+def _bench_size(n: int, args, attrs, bw: float, root: Path, exact_t: Table, ann_t: Table, summary: Table) -> None:
+    d, k = args.dim, args.k
+    rng = np.random.default_rng(n)
+    vecs = generate(n, attrs, d, seed=n)
+    ids = np.array([f"item{i:08d}" for i in range(n)])
+    category = np.array(CATEGORIES)[rng.integers(0, len(CATEGORIES), size=n)]
+    price = rng.uniform(1, 500, size=n).round(2)
+    path = root / f"store-{n}"
+    rate = build_store(path, vecs, attrs, d, category, price, ids, args.batch)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    summary.add_row(f"{n:,}", f"{rate:,.0f}", f"{size / n:,.0f}", f"{args.attributes * d * 4:,}")
+    scan = NumpyScan(vecs, category, ids)
+    with DuckDBStore(path, read_only=True) as store:
+        store.con.execute(f"SET memory_limit = '{args.memory_limit}'").fetchall()
+        for na in (1, 2, 4):
+            for cat in (None, "c0"):
+                specs = {m: query_specs(vecs, attrs, d, n, na, cat, k, args.queries, m)
+                         for m in ("exact", "ann", "ann+rescore")}
+                e50, e95, exact = timed_specs(store, specs["exact"])
+                spec0 = specs["exact"][0]
+                n50, n95, np_ids = timed(lambda: scan.search(spec0.attributes, spec0.vectors, cat, k), args.queries)
+                frac = 1.0 if cat is None else float(np.mean(category == cat))
+                floor = n * frac * na * d * 4 / bw * 1000  # the chosen attributes' vectors of the passing rows
+                goal = (1.5 if cat is None else 2.0) * floor + 5
+                same = [h.id for h in exact[0].hits] == np_ids
+                exact_t.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{e50:.1f} / {e95:.1f}",
+                                f"{n50:.1f} / {n95:.1f}", f"{floor:.1f}", f"{goal:.1f}", "yes" if e50 <= goal else "no",
+                                "yes" if same else "NO")
+                _ann_row(store, specs, exact, e50, n, na, cat, k, ann_t)
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def _bench_faiss(faiss, table: Table, vecs, attrs, d, k, n, reps) -> None:
-    """HNSW on concat(x_a) with inner product; query = concat(w_a q_a), zeros for unused attributes."""
-    allv = np.ascontiguousarray(np.concatenate([vecs[a] for a in attrs], axis=1))
-    t = time.perf_counter()
-    index = faiss.IndexHNSWFlat(allv.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 200
-    index.add(allv)
-    build = time.perf_counter() - t
-    rng = np.random.default_rng(11)
-    for na in (1, 2, 4, len(attrs)):
-        for ef in (64, 256):
-            index.hnsw.efSearch = ef
-            recalls, times = [], []
-            for _ in range(reps):
-                ref = int(rng.integers(0, n))
-                q = np.zeros(allv.shape[1], np.float32)
-                for j, a in enumerate(attrs[:na]):
-                    qa = vecs[a][ref] + 0.1 * rng.normal(size=d).astype(np.float32)
-                    q[j * d:(j + 1) * d] = qa / np.linalg.norm(qa) / (j + 1)
-                exact = set(np.argpartition(-(allv @ q), k)[:k].tolist())
-                t0 = time.perf_counter()
-                _, got = index.search(q[None, :], k)
-                times.append((time.perf_counter() - t0) * 1000)
-                recalls.append(len(exact & set(got[0].tolist())) / k)
-            table.add_row(f"{n:,}", str(na), str(ef), f"{np.median(times):.2f}", f"{np.mean(recalls):.2f}", f"{build:.0f}")
+def _ann_row(store, specs, exact, e50: float, n: int, na: int, cat, k: int, ann_t: Table) -> None:
+    a50, _, ann = timed_specs(store, specs["ann"])
+    r50, _, rescored = timed_specs(store, specs["ann+rescore"])
+    rec_a, rec_r = recall_at_k(ann, exact, k), recall_at_k(rescored, exact, k)
+    good = [p for p, r in ((a50, rec_a), (r50, rec_r)) if r >= 0.95]
+    speedup = e50 / min(good) if good else 0.0
+    plan = (rescored[0].note or ann[0].note or "").split(";")[0][:40]
+    ann_t.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{e50:.1f}", f"{a50:.1f}", f"{r50:.1f}",
+                  f"{rec_a:.3f}", f"{rec_r:.3f}", f"{speedup:.1f}x" if good else "-",
+                  "yes" if speedup >= 10 else "no", plan)
 
 
 if __name__ == "__main__":
