@@ -35,7 +35,8 @@ def index(
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1, ..."),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per image download attempt."),
     errors: Optional[Path] = typer.Option(
-        None, "--errors", help="Errors file (default: DIR/errors.jsonl for embedded stores, INDEX.errors.jsonl here otherwise)."
+        None, "--errors", help="Errors file (default: DIR/errors.jsonl for embedded stores, INDEX.errors.jsonl here "
+                               "otherwise; with --shard I/N, errors.shard-I-of-N.jsonl and INDEX.errors.shard-I-of-N.jsonl)."
     ),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Reprocess only the items in the errors file."),
     prune: bool = typer.Option(
@@ -49,7 +50,16 @@ def index(
     ),
     promote: Optional[bool] = typer.Option(
         None, "--promote/--no-promote",
-        help="OpenSearch, new model version: switch the alias to the new index (default: once it holds every item).",
+        help="OpenSearch, new model version: switch the alias to the new index (default: once it holds every item; "
+             "never in a --shard run, since other shards may not be done).",
+    ),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", metavar="I/N", show_default=False,
+        help="Handle only the items whose id hashes into shard I of N (0 <= I < N, e.g. 0/4 .. 3/4): N workers "
+             "(machines or GPUs) index disjoint parts of one catalog into one store (OpenSearch: at the same time; "
+             "embedded: one after another). Each resumes, reports and removes only its own items, with its own "
+             "errors file. Refused with --prune (run an unsharded --prune once all are done); does not switch an "
+             "OpenSearch alias to a new model's index unless --promote is given.",
     ),
     engine: Optional[str] = typer.Option(
         None, "--engine", envvar="FGPLUGIN_OPENSEARCH_ENGINE", show_default=False,
@@ -59,17 +69,22 @@ def index(
 ) -> None:
     """Index a catalog: skips items already current, re-encodes changed images, rewrites changed metadata,
     reports every failure; exit 1 if anything is not indexed."""
-    from fgplugin.indexer import index_catalog  # torch: imported when the command runs
+    from fgplugin.indexer import Shard, index_catalog, refuse_prune_in_shard  # torch: imported when the command runs
 
+    part = Shard.parse(shard) if shard is not None else None  # bad --shard or --prune with it: exit 2 before any work
+    refuse_prune_in_shard(part, prune)
     check_store_url(store)  # a typo in --store is reported before the model is loaded
     encoder = _load_encoder(model, catalog, schema, device)
     cat = load_catalog(catalog, encoder.schema, strict=False)
     st = open_store(store, index=index_name, engine=engine)
     try:
         errors_path = errors if errors is not None else st.default_errors_path()
+        if part is not None and errors is None:
+            errors_path = part.errors_path(errors_path)
         if not as_json:
+            what = f"shard {part} of the {len(cat)} items" if part is not None else f"{len(cat)} items"
             console.print(
-                f"indexing {len(cat)} items of {catalog} with {encoder.card.get('variant')} "
+                f"indexing {what} of {catalog} with {encoder.card.get('variant')} "
                 f"{encoder.version[:12]} on {encoder.device} into {st.url}",
                 highlight=False,
             )
@@ -77,20 +92,24 @@ def index(
             report = index_catalog(
                 cat, encoder, st, batch_size=batch_size, workers=workers, errors_path=errors_path,
                 retry_errors=retry_errors, prune=prune, max_removal=max_removal / 100, on_progress=show,
-                limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote,
+                limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote, shard=part,
             )
     finally:
         st.close()
+    _print_report(report, as_json)
+    if report.aborted and report.aborted.startswith("interrupted"):
+        raise typer.Exit(130)  # the shell's code for a run ended by Ctrl-C
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_report(report: IndexReport, as_json: bool) -> None:
     if as_json:
         print_json(report.to_dict())
     else:
         console.print(report_table(report))
         if report.errors_in_file:
             err_console.print(f"failures are listed in {report.errors_path}", highlight=False)
-    if report.aborted and report.aborted.startswith("interrupted"):
-        raise typer.Exit(130)  # the shell's code for a run ended by Ctrl-C
-    if not report.ok:
-        raise typer.Exit(1)
 
 
 def _load_encoder(model: Path, catalog: Path, schema: Optional[Path], device: str) -> "ExportedEncoder":
@@ -112,7 +131,7 @@ def report_table(report: IndexReport) -> Table:
     t = Table(title="fgplugin index", title_justify="left", show_header=False)
     t.add_column("", style="bold")
     t.add_column("", justify="right")
-    t.add_row("catalog items", str(report.catalog_items))
+    t.add_row(f"catalog items (shard {report.shard})" if report.shard else "catalog items", str(report.catalog_items))
     t.add_row("[green]indexed", str(report.indexed))
     t.add_row("[green]metadata updated", str(report.metadata_updated))
     t.add_row("skipped: already current", str(report.skipped_current))

@@ -102,6 +102,8 @@ def query(
 def _print_explain(run, as_json: bool) -> None:
     """The OpenSearch request this query compiles to (printed to stderr with --json, so stdout stays JSON)."""
     out = err_console if as_json else console
+    if run.result.plan:
+        out.print(f"[bold]plan:[/] {run.result.plan}", highlight=False)
     body = opensearch_body(run)
     out.print(f"[bold]OpenSearch request body[/] ({run.spec.mode} mode; long vectors shortened):", highlight=False)
     out.print_json(json.dumps(_shorten_vectors(body)))

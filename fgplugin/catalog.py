@@ -229,7 +229,11 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | Problem]]:
             if dup:
                 raise CatalogError([Problem(None, None, f"{path}: duplicate header column(s) {', '.join(map(repr, dup))}",
                                             kind=UNREADABLE)])
-            id_at = header.index("id") if "id" in header else None
+            missing = [c for c in ("id", "image") if c not in header]
+            if missing:  # e.g. a damaged header that swallowed the first row: every row would look gone
+                raise CatalogError([Problem(None, None, f"{path}: the header has no {' or '.join(map(repr, missing))} "
+                                            f"column (it reads {', '.join(map(repr, header[:8]))})", kind=UNREADABLE)])
+            id_at = header.index("id")
             continue
         if not cells:  # a blank line
             continue

@@ -28,6 +28,18 @@ One run:
    over versioned indices), switches the alias to the new index once every catalog item is in it
    (``promote=None``), always (``True``) or never (``False``).
 
+Shards. ``shard=Shard(i, n)`` (``--shard i/n``) makes the run handle only the catalog items whose id
+hashes into shard ``i`` of ``n`` (blake2b of the id: stable across processes and machines, every id in
+exactly one shard), so ``n`` workers encode disjoint parts of one catalog into one store. Each shard
+keeps the guarantees above for its own ids: it compares, skips, resumes and removes (stale documents,
+invalid rows) only among documents whose ids hash into it, ``max_removal`` counts against its own stored
+documents, its ``orphans`` are the documents of its ids that no row names (never another shard's),
+and it has its own errors file (:meth:`Shard.errors_path`). Catalog problems go to the
+shard of their row's id (rows without any id to shard 0), so each is reported once. Two things need
+the whole catalog and are not done by a shard: ``prune`` is refused (an unsharded ``prune`` run
+afterwards removes what no row names), and the alias is not switched to a new model's index unless
+``promote=True`` (other shards may not be done).
+
 The errors file (JSONL, one object per line) always describes what is currently not indexed: lines
 are appended as failures happen (so a killed run loses none), and the file is rewritten compactly at
 the end without the items that have since succeeded or left the catalog.
@@ -50,10 +62,13 @@ was aborted or interrupted removes nothing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +78,7 @@ from typing import Any, Callable, Iterable
 from .catalog import UNREADABLE, Catalog, Problem, load_catalog
 from .encoder import BatchTimings, EncodedBatch, iter_encoded
 from .encoding import DeployedEncoder
-from .errors import ImageError, ModelCardError, StoreError
+from .errors import ImageError, ModelCardError, SettingError, StoreError
 from .images import DEFAULT_LIMITS, ImageLimits
 from .progress import OnProgress, report as report_step
 from .schema import require_same_schema
@@ -72,6 +87,67 @@ from .search.store import (Document, Failure, Fingerprint, IndexLayout, Store, U
 
 METADATA_CHUNK = 500  # documents per get_vectors + upsert round of metadata-only updates
 MAX_REMOVAL = 0.10  # default share of the stored documents one run may remove (see "Removals")
+
+
+# -- shards ----------------------------------------------------------------------------------------
+def shard_of(id_: str, count: int) -> int:
+    """The shard (0..count-1) an id belongs to. blake2b, not hash(): Python salts str hashes per process,
+    and every worker on every machine must put an id in the same shard."""
+    digest = hashlib.blake2b(id_.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (``--shard index/count``): the catalog items whose id hashes to it."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise SettingError(f"--shard {self}: the number of shards N must be at least 1")
+        if not 0 <= self.index < self.count:
+            raise SettingError(f"--shard {self}: the shard number I must be in 0..{self.count - 1} "
+                               f"(shards are numbered from 0, so {self.count} shards are 0/{self.count} .. "
+                               f"{self.count - 1}/{self.count})")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if m is None:
+            raise SettingError(f"--shard {text!r}: expected I/N, worker I of N counted from 0 (e.g. 0/4 .. 3/4)")
+        return cls(int(m[1]), int(m[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, id_: str) -> bool:
+        return shard_of(id_, self.count) == self.index
+
+    def errors_path(self, default: str | Path) -> Path:
+        """The shard's own errors file beside ``default`` (errors.jsonl -> errors.shard-0-of-4.jsonl), so
+        workers sharing a folder do not overwrite each other's."""
+        p = Path(default)
+        return p.with_name(f"{p.stem}.shard-{self.index}-of-{self.count}{p.suffix}")
+
+
+def refuse_prune_in_shard(shard: Shard | None, prune: bool) -> None:
+    """A shard sees part of the catalog: every other shard's item would look gone to it."""
+    if shard is not None and prune:
+        raise SettingError(
+            f"--prune is refused with --shard {shard}: prune removes documents no catalog row names, which only a "
+            "run that saw the whole catalog can tell; run the shards without --prune, then one unsharded "
+            "`fgplugin index --prune` afterwards")
+
+
+def shard_catalog(catalog: Catalog, shard: Shard) -> Catalog:
+    """The part of ``catalog`` a shard handles: its items, and the problems of rows with its ids (rows
+    without an id go to shard 0, so the shards together report each problem once)."""
+    items = [it for it in catalog if shard.owns(it.id)]
+    problems = [p for p in catalog.problems
+                if (shard.owns(p.item_id) if p.item_id is not None else shard.index == 0)]
+    return dataclasses.replace(catalog, items=items, problems=problems)
 
 
 # -- the errors file -------------------------------------------------------------------------------
@@ -138,7 +214,8 @@ class IndexReport:
     catalog: str
     store: str
     model_version: str
-    catalog_items: int = 0  # valid catalog rows
+    shard: str | None = None  # "i/n" for a shard run: the counts below are that shard's
+    catalog_items: int = 0  # valid catalog rows (of the shard)
     to_index: int = 0  # items this run tried
     indexed: int = 0
     skipped_current: int = 0  # already indexed with this model version, image and metadata
@@ -180,6 +257,7 @@ class IndexReport:
             "catalog": self.catalog,
             "store": self.store,
             "model_version": self.model_version,
+            "shard": self.shard,
             "catalog_items": self.catalog_items,
             "to_index": self.to_index,
             "indexed": self.indexed,
@@ -276,6 +354,7 @@ class _Run:
     work: _Work
     stored: dict[str, Fingerprint]  # updated as documents are written: the run's view of the store
     errors_file: Any = None  # open errors file (append), or None
+    shard: Shard | None = None
     items: dict[str, Any] = field(default_factory=dict)  # catalog id -> item
 
     def __post_init__(self) -> None:
@@ -380,14 +459,42 @@ def _remove_and_promote(run: _Run, *, prune: bool, max_removal: float, promote: 
         return
     if rep.aborted:
         rep.not_promoted = "the run did not finish; queries still use the previous index"
-    elif promote or (promote is None and rep.ok):
+    elif promote or (promote is None and rep.ok and run.shard is None):
         rep.promoted = str(store.promote()["index"])
-    else:
+    elif promote is False:
+        rep.not_promoted = "promotion was turned off"
+    elif run.shard is not None:
         rep.not_promoted = (
-            f"the new model's index {store.write_target} is not complete; queries still use the "
-            "previous one (fix the failures and rerun, or pass --promote)"
-            if promote is None else "promotion was turned off"
-        )
+            f"a shard run ({run.shard}) does not switch the alias to the new model's index {store.write_target}: "
+            "other shards may not be done; queries still use the previous index (once every shard is done, "
+            "rerun one with --promote)")
+    else:
+        rep.not_promoted = (f"the new model's index {store.write_target} is not complete; queries still use the "
+                            "previous one (fix the failures and rerun, or pass --promote)")
+
+
+def _start_run(catalog: Catalog | str | Path, encoder: DeployedEncoder, store: Store, *, shard: Shard | None,
+               errors_path: str | Path | None, retry_errors: bool, model_path: str | Path | None) -> _Run:
+    """Steps 1-3: the catalog (a shard's part of it), the index, and the work from the store's fingerprints."""
+    if not isinstance(catalog, Catalog):
+        catalog = load_catalog(catalog, encoder.schema, strict=False)
+    check_schema(catalog, encoder)
+    if shard is not None:
+        catalog = shard_catalog(catalog, shard)
+    rep = IndexReport(str(catalog.path), store.url, encoder.version, shard=None if shard is None else str(shard),
+                      catalog_items=len(catalog), catalog_problems=list(catalog.problems), notes=list(catalog.notes))
+    layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), encoder.version,
+                         query_slack=encoder.query_slack)
+    store.verify()  # a damaged store must not pass for "already current": read it whole first
+    store.ensure_index(layout)  # workers that start together: the store takes a concurrent create
+    store.set_meta("model_path", str(Path(model_path if model_path is not None else encoder.path).resolve()))
+
+    # A shard's view of the store is the documents of its ids: other shards' are neither current nor orphans.
+    stored = {i: fp for i, fp in store.fingerprints().items() if shard is None or shard.owns(i)}
+    catalog_ids = set(catalog.ids)
+    prior = {i: e for i, e in read_errors(errors_path).items() if i in catalog_ids}
+    return _Run(catalog, store, rep, _plan_work(catalog, layout, stored, prior, retry_errors, rep), stored,
+                shard=shard)
 
 
 def index_catalog(
@@ -406,6 +513,7 @@ def index_catalog(
     model_path: str | Path | None = None,
     promote: bool | None = None,
     on_batch: Callable[[EncodedBatch], None] | None = None,
+    shard: Shard | None = None,
 ) -> IndexReport:
     """Bring ``store`` up to date with ``catalog`` encoded by ``encoder`` (the steps of the module docstring).
 
@@ -414,27 +522,17 @@ def index_catalog(
     in the report). ``model_path``: recorded in the store's meta (``model_path``), so image queries find
     the encoder; defaults to ``encoder.path``. ``on_progress``: called with ``Step("indexing", done,
     total, info)`` as batches are written. ``promote``: step 7. ``on_batch``: called after each batch is
-    written. ``max_removal``: see "Removals".
+    written. ``max_removal``: see "Removals". ``shard``: handle only that shard's items (see "Shards";
+    ``prune`` with a shard raises SettingError before anything is read).
 
     Ctrl-C (KeyboardInterrupt) ends the run early with a report (``aborted``) of what was done; what
     was written stays, and a rerun continues from there.
     """
     t_start = time.perf_counter()
-    if not isinstance(catalog, Catalog):
-        catalog = load_catalog(catalog, encoder.schema, strict=False)
-    check_schema(catalog, encoder)
-    rep = IndexReport(str(catalog.path), store.url, encoder.version, catalog_items=len(catalog),
-                      catalog_problems=list(catalog.problems), notes=list(catalog.notes))
-    layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), encoder.version,
-                         query_slack=encoder.query_slack)
-    store.verify()  # a damaged store must not pass for "already current": read it whole first
-    store.ensure_index(layout)
-    store.set_meta("model_path", str(Path(model_path if model_path is not None else encoder.path).resolve()))
-
-    stored = dict(store.fingerprints())
-    catalog_ids = set(catalog.ids)
-    prior = {i: e for i, e in read_errors(errors_path).items() if i in catalog_ids}
-    run = _Run(catalog, store, rep, _plan_work(catalog, layout, stored, prior, retry_errors, rep), stored)
+    refuse_prune_in_shard(shard, prune)
+    run = _start_run(catalog, encoder, store, shard=shard, errors_path=errors_path, retry_errors=retry_errors,
+                     model_path=model_path)
+    rep = run.report
 
     err_file = Path(errors_path) if errors_path is not None else None
     if err_file is not None:
@@ -515,4 +613,4 @@ def plan_removals(catalog: Catalog, stored_ids: Iterable[str], failed_ids: Itera
 
 
 __all__ = ["index_catalog", "IndexReport", "Removals", "plan_removals", "MAX_REMOVAL", "read_errors", "write_errors",
-           "check_schema"]
+           "check_schema", "Shard", "shard_of", "shard_catalog", "refuse_prune_in_shard"]

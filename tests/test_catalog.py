@@ -138,6 +138,18 @@ def test_labels_that_are_not_an_object_are_that_rows_problem_not_a_crash(folder)
     ]
 
 
+def test_a_csv_header_without_id_or_image_is_refused_whole(tmp_path):
+    # Found by tests/test_catalog_fuzz.py: a cut line break merged the header with the first row, which left
+    # a "catalog" of zero rows that --prune would have read as "every item is gone".
+    path = tmp_path / "cat.csv"
+    path.write_bytes(b"id,imag<sku0000>,img/0.jpg,red,n/a,\r\n")
+    with pytest.raises(CatalogError, match="the header has no 'image' column"):
+        load_catalog(path, _schema(), strict=False)
+    path.write_text("sku,image\na,img/0.jpg\n")
+    with pytest.raises(CatalogError, match="the header has no 'id' column"):
+        load_catalog(path, _schema(), strict=False)
+
+
 def test_catalog_checks_image_files_when_asked(folder):
     rows = [
         {"id": "ok", "image": "img/0.jpg", "sleeve": "long"},

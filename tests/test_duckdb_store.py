@@ -12,7 +12,8 @@ from fgplugin.errors import QueryError, StoreError, UnknownAttributeError
 from fgplugin.search.spec import Bool, Exists, QuerySpec, Range, Term, Terms, coerce_filters, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
 from fgplugin.search.store import Document, Fingerprint, IndexLayout, Store
-from fgplugin.search.embedded import DB_FILE, DuckDBStore
+import fgplugin.search.embedded as embedded
+from fgplugin.search.embedded import DB_FILE, DuckDBStore, best_rows
 from fgplugin.stores import open_store, parse_store_url
 
 ATTRS = ("sleeve", "neckline", "colour", "length")
@@ -252,12 +253,12 @@ def test_result_carries_cosines_metadata_and_image(store, docs):
             assert h.metadata["added"].startswith(doc.metadata["added"][:10])
 
 
-def test_ann_modes_run_exact_and_say_so(store, docs):
+def test_ann_modes_on_a_small_store_run_exact_and_say_why(store, docs):
     q = {"sleeve": docs[3].vectors["sleeve"]}
     exact = store.search(QuerySpec({"sleeve": 1.0}, vectors=q, k=10))
     for mode in ("ann", "ann+rescore"):
         res = store.search(QuerySpec({"sleeve": 1.0}, vectors=q, k=10, mode=mode))
-        assert res.mode == "exact" and "no ANN index" in res.note
+        assert res.mode == "exact" and "fewer than the ANN index pays off" in res.plan
         assert [h.id for h in res.hits] == [h.id for h in exact.hits]
 
 
@@ -507,3 +508,22 @@ def test_posterior_prob_index_queries_drop_the_slack_value(tmp_path):
     with pytest.raises(StoreError, match="slack value"):
         s.ensure_index(IndexLayout(schema, layout.dims, {"price": "float"}, "v2"))
     s.close()
+
+
+@pytest.mark.parametrize("n, k", [(10, 3), (5000, 20), (200_000, 20), (200_000, 1000)])
+def test_best_rows_keeps_the_top_k_and_every_near_tie(n, k):
+    rng = np.random.default_rng(n + k)
+    score = np.round(rng.normal(size=n), 3).astype(np.float32)  # many exact ties
+    score[rng.integers(0, n, size=n // 10)] = -np.inf  # dead rows
+    got = set(best_rows(score, k, 1e-4).tolist())
+    kth = np.sort(score)[::-1][min(k, n) - 1]
+    assert got == set(np.flatnonzero(score >= kth - 1e-4).tolist())
+
+
+@pytest.mark.parametrize("gather_below", [0.0, 1.1])
+def test_filtered_exact_search_is_the_same_gathered_or_scanned(store, docs, monkeypatch, gather_below):
+    monkeypatch.setattr(embedded, "GATHER_BELOW", gather_below)
+    q = {"sleeve": docs[5].vectors["sleeve"], "neckline": docs[6].vectors["neckline"]}
+    for f in ("category=dress", "price<40", "in_stock=true"):
+        spec = QuerySpec({"sleeve": 1.0, "neckline": 0.5}, vectors=q, k=25, filters=[parse_filter(f)])
+        assert_same_ranking(store.search(spec), reference(docs, spec.attributes, q, spec.filters, k=25), None)

@@ -12,7 +12,8 @@ import pytest
 from opensearch_spec import api_spec  # noqa: F401 (session fixture)
 from fgplugin.errors import QueryError
 from fgplugin.opensearch.checks import check_request
-from fgplugin.opensearch.compile import (compile_filter, innerproduct_dot, innerproduct_score, iso_utc, parse_hits,
+from fgplugin.opensearch.compile import (DEFAULT_EF_SEARCH, compile_filter, effective_attributes, hit_score,
+                                         innerproduct_dot, innerproduct_score, iso_utc, parse_hits, plan_query,
                                          to_opensearch, total_candidates)
 from fgplugin.opensearch.scripts import (MISSING_COSINE, SCRIPT_ID, SCRIPT_SOURCE, script_score,
                                          script_to_weighted_cosine, stored_script_body)
@@ -93,33 +94,120 @@ def test_exact_body_is_a_filtered_script_score(api_spec):
     assert nofilter["query"]["script_score"]["query"] == {"match_all": {}}
 
 
-def test_ann_body_is_one_knn_clause_on_the_concatenated_field(api_spec):
-    s = spec("ann", ef_search=256)
-    body = to_opensearch(s, LAYOUT)
+def knn_clauses(body):
+    """{field: knn clause} of a body: one knn query, or a bool.should of them."""
+    q = body["query"]
+    clauses = q["bool"]["should"] if "bool" in q else [q]
+    return {f: c for cl in clauses for f, c in cl["knn"].items()}
+
+
+WIDE_DIMS = {**DIMS, "collar": 5}
+WIDE = IndexLayout(AttributeSchema(tuple(Attribute(n, ("a", "b", "c")) for n in WIDE_DIMS), name="w"), WIDE_DIMS, TYPES, "v1")
+EIGHT_DIMS = {**WIDE_DIMS, "hem": 3, "fit": 3, "fabric": 3, "pattern": 3}
+EIGHT = IndexLayout(AttributeSchema(tuple(Attribute(n, ("a", "b")) for n in EIGHT_DIMS), name="e"), EIGHT_DIMS, TYPES, "v1")
+FILTERED = {"bool": {"filter": [{"range": {"price": {"lt": 100.0}}}, {"terms": {"cat": ["dress", "skirt"]}}]}}
+
+
+def test_plan_follows_the_effective_number_of_attributes():
+    assert effective_attributes({"a": 1.0}) == 1.0
+    assert effective_attributes({"a": 1.0, "b": 1.0, "c": 0.0}) == pytest.approx(2.0)
+    assert effective_attributes({"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125}) == pytest.approx(1.875 ** 2 / 1.328125)
+
+    def route(weights, layout=EIGHT, mode="ann"):
+        vec = {a: np.ones(d) for a, d in layout.dims.items()}
+        return plan_query(QuerySpec(weights, vectors=vec, k=20, mode=mode), layout).route
+
+    assert route({"sleeve": 1.0}, mode="exact") == "exact"
+    assert route({"sleeve": 1.0}) == route({"sleeve": 3.0, "colour": 0.0}) == "attribute"  # weight 0: not searched
+    assert route({"sleeve": 1.0}, LAYOUT) == "attribute"
+    # one weight dominating, or two attributes, among eight: 1.2 and 1.8 effective attributes of 8
+    assert route({"sleeve": 1.0, "colour": 0.1}) == route({"sleeve": 1.0, "colour": 0.2}, mode="ann+rescore") == "attributes+all"
+    assert route({"sleeve": 1.0, "colour": 0.5}) == "attributes+all"
+    # bench/query.py's four-attribute mix: 2.65 effective attributes of 8
+    assert route(dict(zip(EIGHT_DIMS, (1.0, 0.5, 0.25, 0.125)))) == route(dict.fromkeys(EIGHT_DIMS, 1.0)) == "all"
+    assert route({"sleeve": 1.0, "colour": 0.1}, LAYOUT) == "all"  # few attributes in all: emb_all is close
+
+
+def test_spread_weights_search_the_concatenated_field(api_spec):
+    s = QuerySpec({"sleeve": 1.0, "neckline": 1.0, "colour": 0.5}, vectors={a: np.ones(d) for a, d in WIDE_DIMS.items()},
+                  k=7, mode="ann", ef_search=256, filters=spec().filters)
+    body = to_opensearch(s, WIDE)
     api_spec.validate("search", body)
     (field, clause), = body["query"]["knn"].items()
     assert field == "emb_all" and body["size"] == clause["k"] == 7
     assert clause["method_parameters"] == {"ef_search": 256}
-    assert clause["filter"] == {"bool": {"filter": [{"range": {"price": {"lt": 100.0}}}, {"terms": {"cat": ["dress", "skirt"]}}]}}
+    assert clause["filter"] == FILTERED
     v = np.asarray(clause["vector"])
-    assert v.shape == (LAYOUT.total_dim,)
-    blocks = np.split(v, np.cumsum([DIMS[a] for a in LAYOUT.attributes])[:-1])
-    assert np.allclose(blocks[1], 0)  # neckline not asked for
-    assert np.isclose(np.linalg.norm(blocks[0]), 1.0) and np.isclose(np.linalg.norm(blocks[2]), 0.5)
-    assert "rescore" not in body and "method_parameters" not in to_opensearch(spec("ann"), LAYOUT)["query"]["knn"]["emb_all"]
+    assert v.shape == (WIDE.total_dim,)
+    blocks = np.split(v, np.cumsum([WIDE_DIMS[a] for a in WIDE.attributes])[:-1])
+    assert np.allclose(blocks[3], 0)  # collar not asked for
+    assert [np.linalg.norm(b) for b in blocks[:3]] == pytest.approx([1.0, 1.0, 0.5])
+    assert "rescore" not in body
+    default = knn_clauses(to_opensearch(dataclasses.replace(s, ef_search=None), WIDE))["emb_all"]
+    assert default["method_parameters"] == {"ef_search": DEFAULT_EF_SEARCH}  # lucene would search with k alone
+    assert "spread" not in plan_query(s, WIDE).describe() and "emb_all" in plan_query(s, WIDE).describe()
+
+
+def test_one_attribute_searches_its_own_field(api_spec):
+    s = spec("ann", attributes={"sleeve": 2.0})
+    body = to_opensearch(s, LAYOUT)
+    api_spec.validate("search", body)
+    (field, clause), = body["query"]["knn"].items()
+    assert field == "emb_sleeve" and body["size"] == clause["k"] == 7 and "rescore" not in body
+    assert clause["filter"] == FILTERED and clause["method_parameters"] == {"ef_search": DEFAULT_EF_SEARCH}
+    q = s.vectors["sleeve"] / np.linalg.norm(s.vectors["sleeve"])
+    assert np.allclose(clause["vector"], 2.0 * q, atol=1e-6)  # inner product = w cos
+    x = unit(np.random.default_rng(1), DIMS["sleeve"])
+    raw = float(np.float32(innerproduct_score(float(np.asarray(clause["vector"]) @ x))))
+    assert hit_score(raw, s, plan_query(s, LAYOUT)) == pytest.approx(2.0 * float(q @ x), abs=1e-5)
+    assert plan_query(s, LAYOUT).describe().startswith("plan: attribute: knn on emb_sleeve ")
+    rescored = to_opensearch(dataclasses.replace(s, mode="ann+rescore"), LAYOUT)
+    api_spec.validate("search", rescored)
+    assert rescored["query"]["knn"]["emb_sleeve"]["k"] == 35 == rescored["rescore"]["window_size"]
+
+
+def test_a_dominant_attribute_unions_its_own_field_with_emb_all_rescored(api_spec):
+    vec = {a: np.random.default_rng(len(a)).normal(size=d) for a, d in EIGHT_DIMS.items()}
+    s = QuerySpec({"sleeve": 1.0, "colour": 0.2}, vectors=vec, k=7, mode="ann", filters=spec().filters)
+    body = to_opensearch(s, EIGHT)
+    api_spec.validate("search", body)
+    clauses = knn_clauses(body)
+    assert list(clauses) == ["emb_sleeve", "emb_colour", "emb_all"] and body["size"] == 7
+    assert set(body["query"]["bool"]) == {"should"}  # a union: any clause's candidates
+    for c in clauses.values():
+        assert c["filter"] == FILTERED  # efficient filtering in every clause
+        assert c["k"] == c["method_parameters"]["ef_search"] == DEFAULT_EF_SEARCH  # max(5 k, ef_search)
+    q = {a: vec[a] / np.linalg.norm(vec[a]) for a in EIGHT_DIMS}
+    assert np.allclose(clauses["emb_sleeve"]["vector"], q["sleeve"], atol=1e-6)
+    assert np.allclose(clauses["emb_colour"]["vector"], 0.2 * q["colour"], atol=1e-6)
+    assert body["rescore"]["window_size"] == 3 * DEFAULT_EF_SEARCH  # every clause's candidates
+    rq = body["rescore"]["query"]
+    assert rq["query_weight"] == 0.0 and rq["rescore_query_weight"] == 1.0
+    assert rq["rescore_query"]["script_score"]["script"]["params"]["fields"] == ["emb_sleeve", "emb_colour"]
+    assert "re-scored exactly" in plan_query(s, EIGHT).describe()
+    big = to_opensearch(dataclasses.replace(s, mode="ann+rescore", rescore_window=400), EIGHT)
+    assert {c["k"] for c in knn_clauses(big).values()} == {400} and big["rescore"]["window_size"] == 1200
+    capped = to_opensearch(dataclasses.replace(s, mode="ann+rescore", k=5000), EIGHT)
+    api_spec.validate("search", capped)
+    assert {c["k"] for c in knn_clauses(capped).values()} == {3333} and capped["rescore"]["window_size"] == 9999
+    # hits: the re-scored script value, like exact
+    x = {a: np.ones(d) / np.sqrt(d) for a, d in EIGHT_DIMS.items()}
+    raw = script_score({a: float(q[a] @ x[a]) for a in s.attributes}, s.attributes)
+    assert hit_score(raw, s, plan_query(s, EIGHT)) == pytest.approx(float(q["sleeve"] @ x["sleeve"] + 0.2 * q["colour"] @ x["colour"]))
 
 
 def test_ann_rescore_body_rescores_the_window_exactly(api_spec):
-    body = to_opensearch(spec("ann+rescore"), LAYOUT)
+    s = QuerySpec({"sleeve": 1.0, "neckline": 1.0, "colour": 0.5}, vectors=qvecs(), k=7, mode="ann+rescore")
+    body = to_opensearch(s, LAYOUT)
     api_spec.validate("search", body)
     assert body["query"]["knn"]["emb_all"]["k"] == 35 == body["rescore"]["window_size"]  # default 5 * k
     rq = body["rescore"]["query"]
     assert rq["query_weight"] == 0.0 and rq["rescore_query_weight"] == 1.0
     ss = rq["rescore_query"]["script_score"]
     assert ss["query"] == {"match_all": {}} and ss["script"]["id"] == SCRIPT_ID
-    assert ss["script"]["params"]["fields"] == ["emb_sleeve", "emb_colour"]
-    assert to_opensearch(spec("ann+rescore", rescore_window=3), LAYOUT)["rescore"]["window_size"] == 7  # never below k
-    assert to_opensearch(spec("ann+rescore", k=5000), LAYOUT)["rescore"]["window_size"] == 10_000  # capped
+    assert ss["script"]["params"]["fields"] == ["emb_sleeve", "emb_neckline", "emb_colour"]
+    assert to_opensearch(dataclasses.replace(s, rescore_window=3), LAYOUT)["rescore"]["window_size"] == 7  # never below k
+    assert to_opensearch(dataclasses.replace(s, k=5000), LAYOUT)["rescore"]["window_size"] == 10_000  # capped
 
 
 def test_like_id_is_excluded_from_its_own_results(api_spec):
@@ -128,7 +216,8 @@ def test_like_id_is_excluded_from_its_own_results(api_spec):
     api_spec.validate("search", body)
     assert body["query"]["script_score"]["query"]["bool"]["must_not"] == [{"ids": {"values": ["sku-1"]}}]
     ann = to_opensearch(dataclasses.replace(s, mode="ann"), LAYOUT, query_vectors=qvecs())
-    assert ann["query"]["knn"]["emb_all"]["filter"]["bool"]["must_not"] == [{"ids": {"values": ["sku-1"]}}]
+    for clause in knn_clauses(ann).values():
+        assert clause["filter"]["bool"]["must_not"] == [{"ids": {"values": ["sku-1"]}}]
     keep = to_opensearch(dataclasses.replace(s, exclude_self=False), LAYOUT, query_vectors=qvecs())
     assert "must_not" not in keep["query"]["script_score"]["query"]["bool"]
 
@@ -150,7 +239,7 @@ def test_posterior_prob_index_gets_query_vectors_without_the_slack_value(api_spe
         assert v[-1] == 0.0 and np.allclose(v, want[a], atol=1e-7)
     ann = to_opensearch(spec("ann", attributes={"sleeve": 1.0, "colour": 1.0}), slack)
     api_spec.validate("search", ann)
-    vec = np.asarray(ann["query"]["knn"]["emb_all"]["vector"])
+    vec = np.asarray(knn_clauses(ann)["emb_all"]["vector"])
     blocks = np.split(vec, np.cumsum([DIMS[a] for a in DIMS])[:-1])
     assert np.allclose(blocks[0], want["sleeve"], atol=1e-6) and np.allclose(blocks[2], want["colour"], atol=1e-6)
     plain = to_opensearch(s, LAYOUT)["query"]["script_score"]["script"]["params"]["vectors"]
@@ -181,7 +270,7 @@ def test_ann_query_vector_scores_exactly_the_weighted_cosine_sum():
     docs = {a: np.stack([unit(rng, d) for _ in range(n)]) for a, d in DIMS.items()}
     docs["neckline"][::7] = 0  # some documents lack a vector: a zero block in emb_all
     s = spec("ann", attributes={"sleeve": 0.7, "neckline": 0.2, "colour": 1.3})
-    clause = to_opensearch(s, LAYOUT)["query"]["knn"]["emb_all"]
+    clause = knn_clauses(to_opensearch(s, LAYOUT))["emb_all"]
     concat = np.concatenate([docs[a] for a in LAYOUT.attributes], axis=1)
     ip = concat @ np.asarray(clause["vector"], dtype=np.float64)
     want = sum(w * docs[a] @ (s.vectors[a] / np.linalg.norm(s.vectors[a])) for a, w in s.attributes.items())
@@ -230,7 +319,7 @@ def _response(rows, mode, s):
     """A server response for (id, cosines, metadata) rows, scored as OpenSearch would for ``mode``."""
     hits = []
     for id_, cos, meta, vecs in rows:
-        if mode == "ann":
+        if knn_scored(mode, s):
             dot = sum(w * (cos.get(a) or 0.0) for a, w in s.attributes.items())
             raw = innerproduct_score(dot)
         else:
@@ -241,26 +330,33 @@ def _response(rows, mode, s):
     return {"took": 3, "hits": {"total": {"value": 42, "relation": "eq"}, "hits": hits}}
 
 
-@pytest.mark.parametrize("mode", ["exact", "ann", "ann+rescore"])
-def test_parse_hits_recovers_scores_cosines_and_metadata(mode, api_spec):
+def knn_scored(mode, s):
+    return mode != "exact" and not plan_query(s, LAYOUT).rescore
+
+
+@pytest.mark.parametrize("mode, weights", [("exact", None), ("ann", None), ("ann+rescore", None),
+                                           ("ann", {"sleeve": 1.0, "colour": 1.0, "neckline": 1.0}),
+                                           ("ann", {"colour": 1.5})])
+def test_parse_hits_recovers_scores_cosines_and_metadata(mode, weights, api_spec):
     rng = np.random.default_rng(5)
-    s = spec(mode)
+    s = spec(mode, attributes=weights or {"sleeve": 1.0, "colour": 0.5})
     q = {a: s.vectors[a] / np.linalg.norm(s.vectors[a]) for a in DIMS}
     rows = []
+    names = list(dict.fromkeys(["sleeve", "colour", *s.attributes]))
     for i in range(6):
-        vecs = {f"emb_{a}": unit(rng, DIMS[a]).tolist() for a in ("sleeve", "colour")}
+        vecs = {f"emb_{a}": unit(rng, DIMS[a]).tolist() for a in names}
         if i == 4:
             del vecs["emb_colour"]  # this document has no colour vector
-        cos = {a: float(q[a] @ np.asarray(vecs[f"emb_{a}"])) if f"emb_{a}" in vecs else None for a in ("sleeve", "colour")}
+        cos = {a: float(q[a] @ np.asarray(vecs[f"emb_{a}"])) if f"emb_{a}" in vecs else None for a in names}
         rows.append((f"id-{i}", cos, {"price": 10.0 * i, "cat": "dress"}, vecs))
     rows.append(("id-0b", rows[0][1], rows[0][2], rows[0][3]))  # a tie with id-0
     hits = parse_hits(_response(rows, mode, s), s, LAYOUT)
     assert len(hits) == 7
     for h in hits:
         _, cos, meta, _ = next(r for r in rows if r[0] == h.id)
-        present = {a: c for a, c in cos.items() if c is not None}
+        present = {a: cos[a] for a in s.attributes if cos[a] is not None}
         assert h.cosines == pytest.approx(present, abs=1e-6)
-        missing = MISSING_COSINE if mode != "ann" else 0.0  # the ann zero block counts 0
+        missing = 0.0 if knn_scored(mode, s) else MISSING_COSINE  # an emb_all zero block counts 0
         want = sum(w * (cos[a] if cos[a] is not None else missing) for a, w in s.attributes.items())
         assert h.score == pytest.approx(want, abs=1e-5)
         assert h.metadata == meta and h.image == f"img/{h.id}.jpg"

@@ -103,7 +103,9 @@ def test_json_output_ranks_like_the_store(runner, store_dir):
 
 def test_ann_mode_notes_exact(runner, store_dir):
     r = invoke(runner, store_dir, "--like", "sku001", "--attr", "colour", "--mode", "ann", "--json")
-    assert r.exit_code == 0 and any("no ANN index" in n for n in json.loads(r.stdout)["notes"])
+    out = json.loads(r.stdout)
+    # 24 documents: the store's rule runs exactly (below its exact_below) and says why, in the notes and the plan
+    assert r.exit_code == 0 and any("ran an exact search" in n for n in out["notes"]) and out["plan"].startswith("exact")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -41,7 +41,7 @@ from ..search.store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLa
                            reference_vectors, typed_metadata, unit_rows)
 from .checks import ENGINES, RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, is_timeout, load_config, make_client, redact_url
-from .compile import iso_utc, parse_hits, to_opensearch, total_candidates
+from .compile import iso_utc, parse_hits, plan_query, to_opensearch, total_candidates
 from .mapping import (ALL_FIELD, FINGERPRINT_FIELDS, alias_swap_body, build_index_body, build_properties,
                       check_index_name, emb_field, fingerprint_properties, layout_from_meta, layout_meta,
                       versioned_index_name)
@@ -164,6 +164,10 @@ class OpenSearchStore(Store):
             return self.client.indices.get_alias(name=self.alias, request_timeout=request_timeout)
         except NotFoundError:
             if self.client.indices.exists(index=self.alias, request_timeout=request_timeout):
+                try:  # another writer may have created the index and its alias between the two requests
+                    return self.client.indices.get_alias(name=self.alias, request_timeout=request_timeout)
+                except NotFoundError:
+                    pass
                 raise StoreError(
                     f"OpenSearch at {self.config.url}: {self.alias!r} is a plain index, not an fgplugin alias; "
                     "pick another --index name (fgplugin creates <name>-<model version> behind the alias <name>)"
@@ -238,13 +242,8 @@ class OpenSearchStore(Store):
                                 hint="index into another --index name")
         exists = self.call(f"checking index {target!r}", self.client.indices.exists, index=target)
         if not exists:
-            body = build_index_body(layout, engine=self.engine, **self.index_options)
-            if self._read_index is None:
-                body["aliases"] = {self.alias: {}}
-            self.call(f"creating index {target!r}", self.client.indices.create, index=target,
-                      body=self._checked("indices.create", body))
-            log.info("created OpenSearch index %s on %s", target, self.config.url)
-        else:
+            exists = not self._create_index(target, layout)
+        if exists:
             old = layout_from_meta(self._index_meta(target), f"OpenSearch index {target!r}")
             self._check_compatible(target, old, layout)
             new_fields = {f: t for f, t in layout.metadata_types.items() if f not in old.metadata_types}
@@ -268,6 +267,27 @@ class OpenSearchStore(Store):
         self.write_index = target
         self.write_layout = layout_from_meta(self._index_meta(target), f"OpenSearch index {target!r}")
         self._load(force=True)
+
+    def _create_index(self, target: str, layout: IndexLayout) -> bool:
+        """Create ``target``; False when another writer created it first (index workers of one catalog,
+        e.g. `fgplugin index --shard`, start together): the caller then checks it like any existing index."""
+        body = build_index_body(layout, engine=self.engine, **self.index_options)
+        if self._read_index is None:
+            body["aliases"] = {self.alias: {}}
+
+        def create() -> bool:
+            try:
+                self.client.indices.create(index=target, body=self._checked("indices.create", body))
+            except ex.RequestError as e:
+                if e.error == "resource_already_exists_exception":
+                    return False
+                raise
+            return True
+
+        created = self.call(f"creating index {target!r}", create)
+        if created:
+            log.info("created OpenSearch index %s on %s", target, redact_url(self.config.url))
+        return created
 
     def _check_compatible(self, index: str, old: IndexLayout, new: IndexLayout) -> None:
         where = f"OpenSearch index {index!r} at {redact_url(self.config.url)}"
@@ -508,7 +528,8 @@ class OpenSearchStore(Store):
             raise StoreError(f"OpenSearch at {self.config.url}: search failed on {shards['failed']} shard(s): "
                              f"{self.config.scrub('; '.join(map(str, reasons)))}")
         hits = parse_hits(resp, spec, layout, query_vectors=qv)
-        return SearchResult(hits=hits, mode=spec.mode, total_candidates=total_candidates(resp, spec))
+        return SearchResult(hits=hits, mode=spec.mode, total_candidates=total_candidates(resp, spec),
+                            plan=plan_query(spec, layout).describe())
 
     def stats(self) -> dict[str, Any]:
         index, layout = self._need_read()

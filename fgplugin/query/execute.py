@@ -126,6 +126,7 @@ def result_to_dict(run: QueryRun) -> dict[str, Any]:
     return {
         "query": spec_to_dict(run.spec),
         "mode": r.mode,
+        "plan": r.plan,
         "total_candidates": r.total_candidates,
         "notes": list(run.notes),
         "hits": [

@@ -136,6 +136,7 @@ class SearchResult:
     mode: str  # the mode actually executed (a store without ANN says "exact")
     total_candidates: int | None = None  # documents that passed the filters, where known
     note: str = ""
+    plan: str = ""  # how the store ran the query (candidate generation, re-scoring), for --explain
 
 
 # -- CLI syntax ---------------------------------------------------------------------------------
