@@ -234,7 +234,7 @@ def _ann_row(store, specs, exact, e50: float, n: int, na: int, cat, k: int, ann_
     rec_a, rec_r = recall_at_k(ann, exact, k), recall_at_k(rescored, exact, k)
     good = [p for p, r in ((a50, rec_a), (r50, rec_r)) if r >= 0.95]
     speedup = e50 / min(good) if good else 0.0
-    plan = (rescored[0].note or ann[0].note or "").split(";")[0][:40]
+    plan = (rescored[0].plan or ann[0].plan or rescored[0].note)[:40]
     ann_t.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{e50:.1f}", f"{a50:.1f}", f"{r50:.1f}",
                   f"{rec_a:.3f}", f"{rec_r:.3f}", f"{speedup:.1f}x" if good else "-",
                   "yes" if speedup >= 10 else "no", plan)
