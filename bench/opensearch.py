@@ -27,7 +27,7 @@ import numpy as np
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from query import CATEGORIES, bench_docs, build_store, console, generate  # noqa: E402  (bench/ is not a package)
+from query import CATEGORIES, bench_docs, build_store, console, generate, timed_specs  # noqa: E402  (bench/ is not a package)
 
 from fgplugin.opensearch.client import OpenSearchConfig  # noqa: E402
 from fgplugin.opensearch.store import OpenSearchStore  # noqa: E402
@@ -92,12 +92,7 @@ def run(store, specs: list[QuerySpec]) -> tuple[float, float, list]:
     """p50 / p95 ms over specs[WARMUP:] (the first WARMUP are warm-ups) and the timed results."""
     for s in specs[:WARMUP]:
         store.search(s)
-    times, out = [], []
-    for s in specs[WARMUP:]:
-        t = time.perf_counter()
-        out.append(store.search(s))
-        times.append((time.perf_counter() - t) * 1000)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 95)), out
+    return timed_specs(store, specs[WARMUP:])
 
 
 def recall(got: list, ref: list, k: int) -> float:
