@@ -5,6 +5,7 @@ stated reason, no presentation in the library. Each failure names the file and l
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,19 @@ def _walk(tree: ast.AST):
             stack.append((child, in_fn or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))))
 
 
+@functools.cache
 def _parse(module: str) -> tuple[ast.AST, list[str]]:
     text = MODULES[module].read_text(encoding="utf-8")
     return ast.parse(text), text.splitlines()
+
+
+def _every_node(prefix: str = ""):
+    """(module, node, source lines) for every AST node of the modules whose name starts with ``prefix``."""
+    for module in MODULES:
+        if module.startswith(prefix):
+            tree, lines = _parse(module)
+            for node in ast.walk(tree):
+                yield module, node, lines
 
 
 def _imports() -> list[Import]:
@@ -196,29 +207,25 @@ def test_function_local_imports_in_the_library_say_why():
 
 def test_no_function_over_80_lines_without_a_stated_reason():
     long = []
-    for module in MODULES:
-        tree, lines = _parse(module)
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                n = node.end_lineno - first + 1
-                marked = any(LONG_MARK in lines[k - 1] for k in (first - 1, node.lineno) if k >= 1)
-                if n > MAX_FUNCTION_LINES and not marked:
-                    long.append(f"{_where(module, node.lineno)}: {node.name} is {n} lines")
+    for module, node, lines in _every_node():
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            n = node.end_lineno - first + 1
+            marked = any(LONG_MARK in lines[k - 1] for k in (first - 1, node.lineno) if k >= 1)
+            if n > MAX_FUNCTION_LINES and not marked:
+                long.append(f"{_where(module, node.lineno)}: {node.name} is {n} lines")
     assert not long, "\n" + "\n".join(long)
 
 
 def test_stores_encoders_and_models_are_used_through_their_contracts_not_probed():
     probes = []
-    for module in MODULES:
-        tree, _ = _parse(module)
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-                    and node.args):
-                subject = node.args[0]
-                name = subject.attr if isinstance(subject, ast.Attribute) else getattr(subject, "id", "")
-                if name in CONTRACT_NAMES:
-                    probes.append(f"{_where(module, node.lineno)}: {ast.unparse(node)}")
+    for module, node, _ in _every_node():
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                and node.args):
+            subject = node.args[0]
+            name = subject.attr if isinstance(subject, ast.Attribute) else getattr(subject, "id", "")
+            if name in CONTRACT_NAMES:
+                probes.append(f"{_where(module, node.lineno)}: {ast.unparse(node)}")
     assert not probes, "\n" + "\n".join(probes)
 
 
@@ -226,26 +233,21 @@ def test_stores_encoders_and_models_are_used_through_their_contracts_not_probed(
 def test_the_library_does_not_present(library):
     """Tables, progress bars and console output belong to cli/; the library returns data."""
     users = []
-    for module in MODULES:
-        if module.startswith("fgplugin."):
-            tree, _ = _parse(module)
-            for node in ast.walk(tree):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-                if any(n == library or n.startswith(library + ".") for n in names):
-                    users.append(f"{_where(module, node.lineno)}")
+    for module, node, _ in _every_node("fgplugin."):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(n == library or n.startswith(library + ".") for n in names):
+            users.append(f"{_where(module, node.lineno)}")
     assert not users, "\n" + "\n".join(users)
 
 
 def test_private_names_stay_in_their_module():
     """A helper another module needs is public in its home (one rule, one home)."""
     borrowed = []
-    for module in MODULES:
-        tree, _ = _parse(module)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fgplugin")):
-                borrowed += [f"{_where(module, node.lineno)}: {a.name} from {_resolve(module, node)}"
-                             for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    for module, node, _ in _every_node():
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fgplugin")):
+            borrowed += [f"{_where(module, node.lineno)}: {a.name} from {_resolve(module, node)}"
+                         for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not borrowed, "\n" + "\n".join(borrowed)
 
 
