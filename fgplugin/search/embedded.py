@@ -48,6 +48,7 @@ from .spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, SearchResult, Te
                           coerce_filters)
 from ..schema import METADATA_TYPES, AttributeSchema
 from .ann import AnnIndexes, load_faiss, target_of
+from .columns import DocColumns
 from .vectors import CACHE_DIR, VectorArrays, new_epoch
 from .store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, document_vectors,
                     reference_vectors, to_utc, typed_metadata, unit_rows)
@@ -63,7 +64,7 @@ NO_ANN_NOTE = (
     "vector arrays and is open read-only); ran an exact search"
 )
 ROW_COLUMN = "fg_row"  # the document's row in the vector arrays (fgplugin.search.vectors)
-# Looking up the few best rows' ids and metadata: 3 ms with this index at 1M documents, 6 ms without.
+# Reading rows back by row number (rebuilding the arrays, chunk by chunk) without a full scan per chunk.
 ROW_INDEX_SQL = f"CREATE INDEX IF NOT EXISTS docs_{ROW_COLUMN} ON docs ({ROW_COLUMN})"
 EXACT_BELOW = 50_000  # ann modes: a filter leaving at most this many (rows x attributes) runs exactly
 TIE_MARGIN = 1e-5  # float32 scores this close to the k-th are rescored in float64 before ordering
@@ -179,6 +180,9 @@ class DuckDBStore(Store):
         self._seen_generation: Any = None
         self._generation_key = str(self.path.resolve())
         self._ann: AnnIndexes | None = None
+        # ids, images and metadata by row, for filters and hits without asking DuckDB (built on first use)
+        self._columns: DocColumns | None = None
+        self._columns_for: tuple[int, Any] | None = None  # the arrays object and generation they match
         if not read_only and self._has_table("docs") and not self._has_row_column():
             with self._lock:  # a store written before the vector arrays existed: number its rows
                 self._sql(f"ALTER TABLE docs ADD COLUMN {ROW_COLUMN} BIGINT")
@@ -347,6 +351,26 @@ class DuckDBStore(Store):
         key = self._generation_key
         _GENERATIONS[key] = self._seen_generation = _GENERATIONS.get(key, 0) + 1
 
+    def _doc_columns(self, arrays: VectorArrays) -> DocColumns:
+        """The row-aligned ids, images and metadata for ``arrays`` (loaded from DuckDB when stale)."""
+        columns = self._current_columns()
+        if columns is None or self._columns_for != (id(arrays), self._seen_generation):
+            layout = self._need_layout()
+            columns = DocColumns.load(self._cursor, layout.metadata_types, arrays.state.capacity, ROW_COLUMN, meta_col)
+            self._columns, self._columns_for = columns, (id(arrays), self._seen_generation)
+        return columns
+
+    def _current_columns(self) -> DocColumns | None:
+        """The columns if they match the rows as this object last saw them (a writer then updates them)."""
+        if self._columns is None or self._cache is None or self._columns_for != (id(self._cache), self._seen_generation):
+            return None
+        return self._columns
+
+    def _keep_columns(self, columns: DocColumns | None) -> None:
+        """After this object's own write (and its generation bump): the columns it updated stay valid."""
+        if columns is not None and self._cache is not None:
+            self._columns_for = (id(self._cache), self._seen_generation)
+
     def prepare_ann(self, attributes: Sequence[str] | None = None, *, mixes: bool = True) -> dict[str, Any]:
         """Bring the ANN indexes up to date now (the index of each attribute in ``attributes``, default all,
         and with ``mixes`` the one over all attributes) and save them; a query would do it on first use."""
@@ -407,6 +431,7 @@ class DuckDBStore(Store):
                 self._write_meta(layout, types)
                 self._sql("COMMIT")
         self._layout = self._read_layout()
+        self._columns = None  # metadata fields may have been added
 
     def _write_meta(self, layout: IndexLayout, types: Mapping[str, str]) -> None:
         for k, v in {
@@ -472,8 +497,13 @@ class DuckDBStore(Store):
             new_rows = self._allocate(len(rows))
             self._write_arrays(new_rows, [v for _, v, _ in rows], layout)
             stage, select, cols = self._stage(rows, new_rows, layout)
-            self._insert(stage, select, cols, new_rows)
+            final = self._insert(stage, select, cols, new_rows)
+            columns = self._current_columns()
+            if columns is not None:
+                columns.set_rows(np.array([final[str(d.id)] for d, _, _ in rows], dtype=np.int64),
+                                 [d.id for d, _, _ in rows], [d.image for d, _, _ in rows], [m for _, _, m in rows])
             self._bump_generation()
+            self._keep_columns(columns)
         result.ok.extend(good)
         return result
 
@@ -522,8 +552,10 @@ class DuckDBStore(Store):
             cols.append(meta_col(f))
         return stage, select, cols
 
-    def _insert(self, stage: dict[str, np.ndarray], select: list[str], cols: list[str], new_rows: np.ndarray) -> None:
-        """Write the staged documents in one statement (all or nothing) and mark their rows live."""
+    def _insert(self, stage: dict[str, np.ndarray], select: list[str], cols: list[str],
+                new_rows: np.ndarray) -> dict[str, int]:
+        """Write the staged documents in one statement (all or nothing) and mark their rows live; returns
+        each staged id's row (a fresh one, or its old one where its vectors did not change)."""
         n = len(new_rows)
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
         self.con.register("fg_stage_in", stage)
@@ -539,7 +571,8 @@ class DuckDBStore(Store):
                 # and finding the existing ids first scans the whole id column per batch.
                 dead = self._keep_unchanged_rows()
                 self._sql(f"{insert} ON CONFLICT (id) DO UPDATE SET {updates}")
-            live = np.asarray(self._sql("SELECT fg_row FROM fg_stage"), dtype=np.int64).reshape(-1)
+            final = self._sql("SELECT id, fg_row FROM fg_stage")
+            live = np.asarray([r for _, r in final], dtype=np.int64)
         except duckdb.Error as e:
             raise _store_error(self.path, e, f"writing {n} documents to {self.path} failed") from None
         finally:
@@ -547,6 +580,7 @@ class DuckDBStore(Store):
             self._sql("DROP TABLE IF EXISTS fg_stage")
         self._alive[dead] = False
         self._alive[live] = True
+        return dict(final)
 
     def _keep_unchanged_rows(self) -> np.ndarray:
         """For staged documents that exist already: those whose vectors are unchanged keep their old row
@@ -586,7 +620,9 @@ class DuckDBStore(Store):
             rows = np.asarray([r[0] for r in gone], dtype=np.int64)
             self._alive[rows] = False
             if len(rows):
+                columns = self._current_columns()
                 self._bump_generation()
+                self._keep_columns(columns)  # a deleted row is dead; the columns need no change
         return len(rows)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -710,35 +746,56 @@ class DuckDBStore(Store):
             raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
         filters = coerce_filters(spec.filters, layout.metadata_types)
         qv = reference_vectors(spec, self.get_vectors, self.url)
-        where, params = compile_where(filters, layout.metadata_types)
-        if spec.like_id is not None and spec.exclude_self:
-            where = f"({where}) AND id <> ?"
-            params = params + [spec.like_id]
         queries = {a: layout.query_vector(a, qv[a]).astype(np.float32) for a in spec.attributes}
         with self._lock:
             arrays = self._vectors()
-        if arrays is None:
+            columns = self._doc_columns(arrays) if arrays is not None else None
+        if arrays is None or columns is None:
+            where, params = compile_where(filters, layout.metadata_types)
+            if spec.like_id is not None and spec.exclude_self:
+                where, params = f"({where}) AND id <> ?", params + [spec.like_id]
             return self._search_sql(spec, layout, queries, where, params)
-        return self._search_arrays(spec, arrays, queries, where, params)
+        return self._search_arrays(spec, arrays, columns, queries, filters)
 
-    def _search_arrays(self, spec: QuerySpec, arrays: VectorArrays, queries: dict[str, np.ndarray], where: str,
-                       params: list[Any]) -> SearchResult:
+    def _filter_rows(self, columns: DocColumns, filters: list[Filter], alive: np.ndarray) -> np.ndarray:
+        """The live rows passing ``filters``: a NumPy mask over the columns, or DuckDB for what needs SQL."""
+        mask = columns.mask(filters)
+        if mask is not None:
+            n = min(len(mask), len(alive))  # rows past the columns' end were never written by this process
+            return np.flatnonzero(mask[:n] & alive[:n])
+        where, params = compile_where(filters, self._need_layout().metadata_types)
+        res = self._cursor().execute(f"SELECT {ROW_COLUMN} FROM docs WHERE {where}", params).fetchnumpy()
+        return np.sort(np.asarray(res[ROW_COLUMN], dtype=np.int64))
+
+    def _counted(self, id_: str, rows: np.ndarray | None) -> int:
+        """1 if document ``id_`` is among ``rows`` (sorted; None: every live row), else 0."""
+        got = self._cursor().execute(f"SELECT {ROW_COLUMN} FROM docs WHERE id = ?", [id_]).fetchall()
+        if not got:
+            return 0
+        r = int(got[0][0])
+        if rows is None:
+            return 1
+        i = int(np.searchsorted(rows, r))
+        return int(i < len(rows) and rows[i] == r)
+
+    def _search_arrays(self, spec: QuerySpec, arrays: VectorArrays, columns: DocColumns,
+                       queries: dict[str, np.ndarray], filters: list[Filter]) -> SearchResult:
         attrs = list(spec.attributes)
         weights = [float(spec.attributes[a]) for a in attrs]
         alive = self._alive[: arrays.state.reserved]
-        rows: np.ndarray | None = None
-        if where == "TRUE":
-            total = int(np.count_nonzero(alive))
-        else:
-            res = self._cursor().execute(f"SELECT {ROW_COLUMN} FROM docs WHERE {where}", params).fetchnumpy()
-            rows = np.asarray(res[ROW_COLUMN], dtype=np.int64)
-            total = len(rows)
+        rows = self._filter_rows(columns, filters, alive) if filters else None
+        total = int(np.count_nonzero(alive)) if rows is None else len(rows)
+        # The reference document never answers its own query: ask for one more and drop it by id.
+        skip = spec.like_id if spec.like_id is not None and spec.exclude_self else None
+        k = spec.k + (skip is not None)
+        if skip is not None:
+            total -= self._counted(skip, rows)
         target, plan = self._plan(spec, arrays, attrs, total)
         if target is None:
-            cand = exact_candidates(arrays, attrs, weights, queries, rows, alive, spec.k)
+            cand = exact_candidates(arrays, attrs, weights, queries, rows, alive, k)
         else:
             cand, plan = self._ann_candidates(spec, arrays, target, attrs, weights, queries, rows, alive, total)
-        hits = self._rescore(arrays, attrs, weights, queries, cand, spec.k)
+        hits = [h for h in self._rescore(arrays, columns, attrs, weights, queries, cand, k) if h.id != skip][: spec.k]
         note = ""
         if spec.mode != "exact" and target is None:  # asked for ANN, ran exactly: say why
             note = NO_ANN_NOTE if self._ann is None else f"ran an exact search ({plan})"
@@ -783,10 +840,11 @@ class DuckDBStore(Store):
         note = (f"{spec.mode}: {got.how}{on}; {len(got.rows)} candidates among {total:,} documents rescored exactly")
         return got.rows, note
 
-    def _rescore(self, arrays: VectorArrays, attrs: list[str], weights: list[float], queries: dict[str, np.ndarray],
-                 cand: np.ndarray, k: int) -> list[Hit]:
-        """Exact scores (float64) of the candidate rows, ordered by score descending then id; the top ``k``."""
+    def _rescore(self, arrays: VectorArrays, columns: DocColumns, attrs: list[str], weights: list[float],
+                 queries: dict[str, np.ndarray], cand: np.ndarray, k: int) -> list[Hit]:
+        """Exact scores (float64) of the live candidate rows, ordered by score descending then id; the top ``k``."""
         cand = np.unique(cand)
+        cand = cand[self._alive[cand]]
         score = np.zeros(len(cand))
         cos: dict[str, np.ndarray] = {}
         for a, w in zip(attrs, weights):
@@ -794,23 +852,13 @@ class DuckDBStore(Store):
             c[arrays.missing(a, cand)] = np.nan
             cos[a] = c
             score += w * np.where(np.isnan(c), MISSING_COSINE, c)
-        info = self._row_info(cand)
-        order = sorted((j for j in range(len(cand)) if int(cand[j]) in info),
-                       key=lambda j: (-score[j], info[int(cand[j])][0]))[:k]
-        fields = list(self._need_layout().metadata_types)
-        return [Hit(id=info[int(cand[j])][0], score=float(score[j]),
+        ids = columns.ids[cand]
+        order = sorted(range(len(cand)), key=lambda j: (-score[j], ids[j]))[:k]
+        fields = list(columns.columns)
+        return [Hit(id=ids[j], score=float(score[j]),
                     cosines={a: float(cos[a][j]) for a in attrs if not np.isnan(cos[a][j])},
-                    metadata=self._meta_dict(fields, info[int(cand[j])][2:]), image=info[int(cand[j])][1])
+                    metadata=self._meta_dict(fields, columns.values(int(cand[j]))), image=columns.images[int(cand[j])])
                 for j in order]
-
-    def _row_info(self, rows: np.ndarray) -> dict[int, tuple]:
-        """fg_row -> (id, image, metadata values...) of the live documents at ``rows``."""
-        if not len(rows):
-            return {}
-        mcols = "".join(f", {meta_col(f)}" for f in self._need_layout().metadata_types)
-        got = self._cursor().execute(f"SELECT {ROW_COLUMN}, id, image{mcols} FROM docs WHERE {ROW_COLUMN} = ANY(?)",
-                                     [[int(r) for r in rows]])
-        return {int(r[0]): tuple(r[1:]) for r in got.fetchall()}
 
     def _search_sql(self, spec: QuerySpec, layout: IndexLayout, queries: dict[str, np.ndarray], where: str,
                     params: list[Any]) -> SearchResult:
