@@ -12,7 +12,7 @@ import typer
 
 from fgplugin import __version__
 
-from . import data, demo, evaluate, export, index, opensearch, query, serve, store, train
+from . import data, demo, evaluate, explore, export, index, opensearch, query, serve, store, train
 
 app = typer.Typer(
     name="fgplugin",
@@ -28,6 +28,7 @@ app.command("export")(export.export)
 app.command("index")(index.index)
 app.command("query")(query.query)
 app.command("serve")(serve.serve)
+app.command("explore")(explore.explore)
 app.add_typer(opensearch.app, name="opensearch", help="Generate and register the OpenSearch wiring.")
 app.add_typer(store.app, name="store", help="Check a store (every value readable).")
 app.command("demo")(demo.demo)

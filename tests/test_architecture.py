@@ -31,7 +31,7 @@ LAYERS: list[list[str]] = [
     ["fgplugin.encoder"],
     ["fgplugin.opensearch"],
     ["fgplugin.stores", "fgplugin.indexer", "fgplugin.query"],
-    ["fgplugin.serve"],
+    ["fgplugin.serve", "fgplugin.web"],
     ["fgplugin"],  # the package itself (version, a few names): matched exactly, not as a prefix
     ["fgplugin_cli"],
 ]

@@ -93,6 +93,7 @@ def test_store_verify_and_help_run_without_torch(store_dir):
 @pytest.mark.parametrize("args, extra", [
     (["index", "--catalog", "c.jsonl", "--model", "m"], "train"),
     (["serve", "--model", "m"], "serve"),
+    (["explore", "--store", "embedded:{store}"], "serve"),
     (["query", "--store", "embedded:{store}", "--image", "x.jpg", "--model", "m", "--attr", "sleeve"], "train"),
 ])
 def test_commands_that_need_an_extra_name_it(store_dir, args, extra):

@@ -43,7 +43,7 @@ def test_cli_folder_installs_under_a_distinct_name(tmp_path):
 def test_help_lists_the_command_groups():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("data", "train", "eval", "export", "index", "query", "serve", "demo", "opensearch"):
+    for cmd in ("data", "train", "eval", "export", "index", "query", "serve", "explore", "demo", "opensearch"):
         assert cmd in result.output
     data_help = CliRunner().invoke(app, ["data", "--help"])
     for cmd in ("synth", "check", "import", "split"):

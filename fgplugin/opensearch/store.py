@@ -26,6 +26,7 @@ import datetime as dt
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -535,6 +536,39 @@ class OpenSearchStore(Store):
         index, layout = self._need_read()
         return {"store": self.url, "index": index, "documents": self.count(), "attributes": layout.attributes,
                 "dims": layout.dims, "metadata_types": layout.metadata_types, "model_version": layout.model_version}
+
+    def browse(self, prefix: str | None = None, offset: int = 0, limit: int = 50) -> list[Document]:
+        """Documents by id ascending (ids starting with ``prefix``), without vectors (``Store.browse``).
+
+        ``_id`` takes no prefix query, but sorts: the ids starting with ``prefix`` are ``prefix`` itself and the
+        run of ids right after it (``search_after``). Sorting on ``_id`` is deprecated in OpenSearch 2 (it
+        loads the ids as fielddata); the mapping has no other id field."""
+        layout = self.check_listing(offset, limit)
+        fields = ["image", *layout.metadata_types]
+        body: dict[str, Any] = {"query": {"match_all": {}}, "sort": [{"_id": "asc"}], "_source": fields}
+        body.update({"search_after": [prefix], "size": offset + limit} if prefix else {"from": offset, "size": limit})
+        with warnings.catch_warnings():  # the deprecation above, once per call: known, and noise to a reader
+            warnings.filterwarnings("ignore", message=".*fielddata on the _id field.*")
+            resp = self.call(f"listing documents of {self.alias!r}", self.client.search, index=self.alias,
+                             body=self._checked("search", body))
+        found = [(str(h["_id"]), h.get("_source") or {}) for h in resp.get("hits", {}).get("hits", [])]
+        if prefix:
+            found = [(i, s) for i, s in found if i.startswith(prefix)]  # the run ends where the prefix does
+            own = self._mget(self._need_read()[0], [prefix], fields)
+            found = ([(prefix, own[prefix])] if prefix in own else []) + found
+            found = found[offset:offset + limit]
+        return [Document(i, {}, {f: s[f] for f in layout.metadata_types if s.get(f) is not None}, image=s.get("image"))
+                for i, s in found]
+
+    def keyword_values(self, field_: str, limit: int = 100) -> list[tuple[str, int]]:
+        """Values of a keyword field by document count, most frequent first (``Store.keyword_values``)."""
+        self.check_listing(0, limit, field_)
+        body = self._checked("search", {"size": 0, "aggs": {"values": {"terms": {
+            "field": field_, "size": limit, "order": [{"_count": "desc"}, {"_key": "asc"}]}}}})
+        resp = self.call(f"listing the values of {field_!r} in {self.alias!r}", self.client.search,
+                         index=self.alias, body=body)
+        buckets = ((resp.get("aggregations") or {}).get("values") or {}).get("buckets", [])
+        return [(str(b["key"]), int(b["doc_count"])) for b in buckets]
 
     def close(self) -> None:
         try:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from ..encoding import AttentionModel
 from ..errors import FgpluginError
 from ..images import ImageLimits, load_image
 from .execute import QueryRun, filter_to_dict, key_fields, reference_label
@@ -72,6 +73,13 @@ def explain_attention(run: QueryRun) -> tuple[dict[str, Image.Image], str]:
             f"the model at {run.encoder.path} is an export, which keeps only the encoder; "
             "attention maps need a training checkpoint (see `fgplugin eval --save-attention`)"
         )
+    out = attention_overlays(model, image, attributes)
+    return out, "" if out else "this model variant has no attention maps or ROI boxes"
+
+
+def attention_overlays(model: AttentionModel, image: Image.Image, attributes: Sequence[str]) -> dict[str, Image.Image]:
+    """Each attribute's attention heat map and ROI box drawn over ``image`` as the model sees it (its input
+    size); attributes the model draws nothing for are left out. Shared by this report and ``fgplugin explore``."""
     # Only here is torch needed: a page without attention maps renders on a client without the [train] extra.
     import torch
 
@@ -92,7 +100,7 @@ def explain_attention(run: QueryRun) -> tuple[dict[str, Image.Image], str]:
                 None if maps is None else maps[0].float().numpy(),
                 pred_box=None if box is None else box[0].float().tolist(),
             )
-    return out, "" if out else "this model variant has no attention maps or ROI boxes"
+    return out
 
 
 def render_report(run: QueryRun, *, explain: bool = False, title: str = "fgplugin query") -> str:

@@ -894,6 +894,26 @@ class DuckDBStore(Store):
         return SearchResult(hits=hits, mode="exact", total_candidates=total, note=note)
 
     @_store_errors
+    def browse(self, prefix: str | None = None, offset: int = 0, limit: int = 50) -> list[Document]:
+        """Documents by id ascending (ids starting with ``prefix``), without vectors (``Store.browse``)."""
+        layout = self.check_listing(offset, limit)
+        fields = list(layout.metadata_types)
+        mcols = "".join(f", {meta_col(f)}" for f in fields)
+        where, params = ("WHERE starts_with(id, ?)", [prefix]) if prefix else ("", [])
+        rows = self._cursor().execute(f"SELECT id, image{mcols} FROM docs {where} ORDER BY id LIMIT ? OFFSET ?",
+                                      params + [int(limit), int(offset)]).fetchall()
+        return [Document(r[0], {}, self._meta_dict(fields, r[2:]), image=r[1]) for r in rows]
+
+    @_store_errors
+    def keyword_values(self, field_: str, limit: int = 100) -> list[tuple[str, int]]:
+        """Values of a keyword field by document count, most frequent first (``Store.keyword_values``)."""
+        self.check_listing(0, limit, field_)
+        col = meta_col(field_)
+        rows = self._cursor().execute(f"SELECT {col}, count(*) AS n FROM docs WHERE {col} IS NOT NULL "
+                                      f"GROUP BY {col} ORDER BY n DESC, {col} LIMIT ?", [int(limit)]).fetchall()
+        return [(str(v), int(n)) for v, n in rows]
+
+    @_store_errors
     def verify(self) -> dict[str, Any]:
         """Read every value of every column (DuckDB checks each block's checksum as it reads it): a damaged
         file raises StoreError naming it; a sound one answers {"documents": n, "ok": True}. A full scan:

@@ -238,6 +238,38 @@ class Store(abc.ABC):
         """Where the index worker keeps this store's failed items unless told otherwise."""
         return Path.cwd() / f"fgplugin.{ERRORS_FILE}"
 
+    def browse(self, prefix: str | None = None, offset: int = 0, limit: int = 50) -> list[Document]:
+        """Stored documents by id ascending (those whose id starts with ``prefix``), ``limit`` of them from
+        ``offset``, with their metadata and image but no vectors (``vectors`` empty): what a person picks
+        a query item from (``fgplugin explore``). A store checks its arguments with ``check_listing``."""
+        raise StoreError(f"{self.url} cannot list its documents")
+
+    def keyword_values(self, field_: str, limit: int = 100) -> list[tuple[str, int]]:
+        """The most frequent values of the keyword metadata field ``field_`` with their document counts,
+        most frequent first, ties by value: the choices of a filter picker."""
+        raise StoreError(f"{self.url} cannot list the values of {field_!r}")
+
+    def check_listing(self, offset: int, limit: int, field_: str | None = None) -> IndexLayout:
+        """The arguments of ``browse`` and ``keyword_values`` (both stores: one rule, one message): QueryError
+        for a window past ``LISTING_WINDOW`` or a field that is not a keyword field; returns the layout."""
+        layout = self.require_layout()
+        if not isinstance(offset, int) or not isinstance(limit, int) or offset < 0 or not 1 <= limit <= 1000:
+            raise QueryError(f"listing offset={offset!r}, limit={limit!r}: offset must be >= 0 and limit 1..1000")
+        if offset + limit > LISTING_WINDOW:
+            raise QueryError(f"listing window ends at {offset + limit}, past the {LISTING_WINDOW} a listing pages "
+                             "through; narrow it with an id prefix")
+        if field_ is not None:
+            t = layout.metadata_types.get(field_)
+            if t is None:
+                known = ", ".join(sorted(layout.metadata_types)) or "(none)"
+                raise QueryError(f"no metadata field {field_!r} in {self.url} (known: {known})")
+            if t != "keyword":
+                raise QueryError(f"metadata field {field_!r} is {t}, not keyword: only keyword fields list their values")
+        return layout
+
+
+LISTING_WINDOW = 10_000  # how far browse pages (OpenSearch's default max_result_window)
+
 
 # -- document checks (both stores: one rule, one message) ---------------------------------------------
 UNIT_TOLERANCE = 1e-3  # vectors whose norm is further than this from 1 are normalised on upsert
