@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,65 +24,14 @@ import numpy as np
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from node import drop_index, load_node, machine, node_header, open_node_store, start_node, stop_node  # noqa: E402
 from query import CATEGORIES, bench_docs, build_store, console, generate, timed_specs  # noqa: E402  (bench/ is not a package)
 
-from fgplugin.opensearch.client import OpenSearchConfig  # noqa: E402
-from fgplugin.opensearch.store import OpenSearchStore  # noqa: E402
 from fgplugin.search.spec import QuerySpec, Term  # noqa: E402
 from fgplugin.search.embedded import DB_FILE, DuckDBStore  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-NODE = [str(ROOT / "docker" / "opensearch-node.sh"), "--instance", "bench"]
 WEIGHTS = (1.0, 0.5, 0.25, 0.125)
 WARMUP = 3
-
-
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")))
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**20:.0f} GiB RAM"
-
-
-def disk_parts(index_uuid: str) -> dict[str, int]:
-    """Bytes per Lucene file kind of a local node's index (the _stats file_sizes keep one file per
-    extension, so they undercount per-field files such as .vec/.vex)."""
-    base = Path(os.environ.get("OPENSEARCH_NODE_HOME", ROOT / ".opensearch")) / "nodes-bench"
-    sizes: dict[str, int] = {}
-    for f in base.glob(f"node-*/data/nodes/*/indices/{index_uuid}/*/index/*"):
-        sizes[f.suffix] = sizes.get(f.suffix, 0) + f.stat().st_size
-    return sizes
-
-
-def index_opensearch(store: OpenSearchStore, layout, vecs, attrs, category, price, ids, batch: int) -> dict:
-    """Bulk through store.upsert (refresh off while loading), then refresh and force-merge to 1 segment."""
-    store.ensure_index(layout)
-    index = store.write_index
-    store.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
-    n, t, cpu = len(ids), time.perf_counter(), time.process_time()
-    for s in range(0, n, batch):
-        docs = bench_docs(ids, vecs, attrs, category, price, s, min(n, s + batch))
-        res = store.upsert(docs)
-        assert not res.failed, res.failed[:3]
-        if (s // batch + 1) % max(1, n // batch // 10) == 0:
-            console.print(f"  opensearch: {s + len(docs):,}/{n:,} items, {time.perf_counter() - t:.0f} s")
-    store.client.indices.put_settings(index=index, body={"index": {"refresh_interval": None}})
-    store.refresh()
-    write_s, client_cpu_s = time.perf_counter() - t, time.process_time() - cpu
-    t = time.perf_counter()
-    store.client.indices.forcemerge(index=index, max_num_segments=1, request_timeout=7200)
-    store.refresh()
-    merge_s = time.perf_counter() - t
-    assert store.count() == n, (store.count(), n)
-    stats = store.client.indices.stats(index=index, metric="store,segments", include_segment_file_sizes=True)
-    prim = stats["indices"][index]["primaries"]
-    files = {k: v["size_in_bytes"] for k, v in prim["segments"].get("file_sizes", {}).items()}
-    knn = store.client.transport.perform_request("GET", "/_plugins/_knn/stats")
-    graph_kb = sum(int(nd.get("graph_memory_usage", 0)) for nd in knn.get("nodes", {}).values())
-    uuid = store.client.indices.get_settings(index=index)[index]["settings"]["index"]["uuid"]
-    return {"write_s": write_s, "client_cpu_s": client_cpu_s, "merge_s": merge_s, "rate": n / write_s,
-            "store_bytes": prim["store"]["size_in_bytes"], "segments": prim["segments"]["count"], "file_sizes": files,
-            "disk_parts": disk_parts(uuid), "knn_graph_memory_kb": graph_kb}
 
 
 def run(store, specs: list[QuerySpec]) -> tuple[float, float, list]:
@@ -133,15 +79,9 @@ def main() -> None:
     store = duck = None
     try:
         if started:
-            out = subprocess.run(NODE + ["start", "--port", str(args.port), "--clean"], check=True,
-                                 stdout=subprocess.PIPE, text=True)
-            url = out.stdout.strip().splitlines()[-1]
-        store = OpenSearchStore(OpenSearchConfig(url=url, index=args.index, timeout=120), engine="lucene", refresh=False)
-        info = store.client.info()
-        jvm = store.client.nodes.stats(metric="jvm")["nodes"]
-        heap = max(nd["jvm"]["mem"]["heap_max_in_bytes"] for nd in jvm.values())
-        header = (f"{machine()}; OpenSearch {info['version']['number']} at {url} ({len(jvm)} node(s), heap "
-                  f"{heap / 2**30:.1f} GiB, k-NN engine lucene); {n:,} items x {args.attributes} x {d}-d, k={k}\n"
+            url = start_node(args.port)
+        store = open_node_store(url, args.index)
+        header = (f"{machine()}; {node_header(store)} at {url}; {n:,} items x {args.attributes} x {d}-d, k={k}\n"
                   f"command: {' '.join(sys.argv)}")
         console.print(header)
         raw["header"] = header
@@ -159,7 +99,8 @@ def main() -> None:
                          "file_bytes": (path / DB_FILE).stat().st_size}
         duck = DuckDBStore(path, read_only=True)
         console.print(f"duckdb: {duck_rate:,.0f} items/s; indexing into OpenSearch ...")
-        raw["opensearch"] = osr = index_opensearch(store, duck.layout, vecs, attrs, category, price, ids, args.batch)
+        raw["opensearch"] = osr = load_node(store, duck.layout, n, lambda a, b: bench_docs(ids, vecs, attrs, category, price,
+                                                                                   a, b), args.batch, console.print)
         console.print(f"opensearch: {osr['rate']:,.0f} items/s, force-merge {osr['merge_s']:.0f} s" + " " * 20)
 
         refs = [str(ids[i]) for i in np.random.default_rng(7).choice(n, WARMUP + args.queries, replace=False)]
@@ -228,15 +169,10 @@ def main() -> None:
         if duck is not None:
             duck.close()
         if store is not None:
-            try:
-                if store.write_index:
-                    store.client.indices.delete(index=store.write_index, ignore_unavailable=True)
-            except Exception as e:  # noqa: BLE001 - a dead node must not hide the real error
-                console.print(f"[yellow]could not delete the benchmark index: {e}")
-            store.close()
+            drop_index(store, console.print)
         tmp.cleanup()
         if started and not args.keep:
-            subprocess.run(NODE + ["stop"], check=False)
+            stop_node()
 
 
 if __name__ == "__main__":

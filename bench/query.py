@@ -6,8 +6,12 @@ filter that passes 20 % of the items, on DuckDB and on an in-RAM NumPy scan (bot
 same ids), next to the memory-bandwidth floor of the scan (bytes the query must read / measured
 memcpy bandwidth) and the store's bytes per item; then the store's ``ann`` and ``ann+rescore`` modes:
 latency, recall@k against its exact ranking, the speed-up over exact and the plan each query chose.
+With ``--node-size N`` (one of the sizes), the same N vectors also go into a real OpenSearch node
+(bench/node.py starts one) and the same queries run there: exact, ann, ann+rescore, recall@k against
+the node's exact ranking, and whether the node's exact ids equal the embedded store's.
 
     .venv/bin/python bench/query.py --sizes 100000,1000000
+    .venv/bin/python bench/query.py --sizes 100000 --node-size 100000
 """
 
 from __future__ import annotations
@@ -149,6 +153,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=20000, help="upsert batch size")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit while querying")
+    ap.add_argument("--node-size", type=int, default=0,
+                    help="also load this many items (one of --sizes) into a real OpenSearch node and query it")
+    ap.add_argument("--node-port", type=int, default=9270, help="HTTP port of the node bench/node.py starts")
+    ap.add_argument("--node-batch", type=int, default=2000, help="documents per upsert into the node")
     ap.add_argument("--mixes-max", type=int, default=200_000,
                     help="build the all-attribute ANN index (2 and 4 attribute rows) only up to this many items "
                          "(its HNSW build takes ~200 s at 100k on 2 cores)")
@@ -171,22 +179,30 @@ def main() -> None:
                 "speed-up", "met", "plan"):
         ann_t.add_column(col, justify="right")
     summary = Table(title="Stores", title_justify="left")
-    for col in ("items", "write items/s", "ANN build s", "bytes/item (all files)", "raw vector bytes/item"):
+    for col in ("store", "items", "write items/s", "ANN build s", "bytes/item (all files)", "raw vector bytes/item"):
         summary.add_column(col, justify="right")
+    node_t = Table(title=f"ANN, real OpenSearch node: p50 ms and recall@{k} vs the node's exact ranking; goal: recall "
+                         ">= 0.95 at >= 10 x the exact query's speed", title_justify="left")
+    for col in ("items", "attrs", "filter", "exact", "ann", "ann+rescore", "recall ann", "recall ann+rescore",
+                "speed-up", "met", "exact ids = embedded", "plan"):
+        node_t.add_column(col, justify="right")
     try:
         for n in [int(s) for s in args.sizes.split(",")]:
-            _bench_size(n, args, attrs, bw, root, exact_t, ann_t, summary)
+            _bench_size(n, args, attrs, bw, root, exact_t, ann_t, summary, node_t)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     console.print(summary)
     console.print(exact_t)
     console.print(ann_t)
+    if args.node_size:
+        console.print(node_t)
     console.print(
         "scan floor = bytes of the chosen attributes' vectors over the rows that pass the filter / memcpy "
         "bandwidth; speed-up = exact p50 / the faster ANN mode's p50 among those with recall >= 0.95.")
 
 
-def _bench_size(n: int, args, attrs, bw: float, root: Path, exact_t: Table, ann_t: Table, summary: Table) -> None:
+def _bench_size(n: int, args, attrs, bw: float, root: Path, exact_t: Table, ann_t: Table, summary: Table,
+                node_t: Table) -> None:  # long: one size's whole measurement, row by row
     d, k = args.dim, args.k
     rng = np.random.default_rng(n)
     vecs = generate(n, attrs, d, seed=n)
@@ -201,9 +217,10 @@ def _bench_size(n: int, args, attrs, bw: float, root: Path, exact_t: Table, ann_
         store.prepare_ann(attrs[:1], mixes=mixes)
         build_s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    summary.add_row(f"{n:,}", f"{rate:,.0f}", f"{build_s:.0f}" + ("" if mixes else " (1 attr only)"),
+    summary.add_row("embedded", f"{n:,}", f"{rate:,.0f}", f"{build_s:.0f}" + ("" if mixes else " (1 attr only)"),
                     f"{size / n:,.0f}", f"{args.attributes * d * 4:,}")
     scan = NumpyScan(vecs, category, ids)
+    runs: dict = {}  # (attrs, filter) -> (specs per mode, embedded exact results), for the node
     with DuckDBStore(path, read_only=True) as store:
         store.con.execute(f"SET memory_limit = '{args.memory_limit}'").fetchall()
         for na in (1, 2, 4):
@@ -211,6 +228,7 @@ def _bench_size(n: int, args, attrs, bw: float, root: Path, exact_t: Table, ann_
                 specs = {m: query_specs(vecs, attrs, d, n, na, cat, k, args.queries, m)
                          for m in ("exact", "ann", "ann+rescore")}
                 e50, e95, exact = timed_specs(store, specs["exact"])
+                runs[(na, cat)] = (specs, exact)
                 spec0 = specs["exact"][0]
                 n50, n95, np_ids = timed(lambda: scan.search(spec0.attributes, spec0.vectors, cat, k), args.queries)
                 frac = 1.0 if cat is None else float(np.mean(category == cat))
@@ -225,7 +243,43 @@ def _bench_size(n: int, args, attrs, bw: float, root: Path, exact_t: Table, ann_
                 else:
                     ann_t.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{e50:.1f}", *["-"] * 6,
                                   f"not measured: no mix index above --mixes-max {args.mixes_max:,}")
+        layout = store.layout
     shutil.rmtree(path, ignore_errors=True)
+    if n == args.node_size:
+        _bench_node(n, args, attrs, layout, lambda a, b: bench_docs(ids, vecs, attrs, category, price, a, b), runs,
+                    summary, node_t)
+
+
+def _bench_node(n: int, args, attrs, layout, docs, runs: dict, summary: Table, node_t: Table) -> None:
+    """The same documents and queries on a real OpenSearch node (started here, stopped at the end)."""
+    from node import drop_index, load_node, node_header, open_node_store, start_node, stop_node  # bench/ helper
+
+    k = args.k
+    url = start_node(args.node_port)
+    store = open_node_store(url, "fgbench")
+    try:
+        console.print(f"node: {node_header(store)}; loading {n:,} items ...")
+        osr = load_node(store, layout, n, docs, args.node_batch, console.print)
+        summary.add_row("OpenSearch node", f"{n:,}", f"{osr['rate']:,.0f}", f"{osr['merge_s']:.0f} (force-merge)",
+                        f"{osr['store_bytes'] / n:,.0f}", f"{args.attributes * args.dim * 4:,}")
+        for (na, cat), (specs, embedded_exact) in runs.items():
+            for s in specs["exact"][:3]:  # warm the node's caches and scripts
+                store.search(s)
+            e50, _, exact = timed_specs(store, specs["exact"])
+            a50, _, ann = timed_specs(store, specs["ann"])
+            r50, _, rescored = timed_specs(store, specs["ann+rescore"])
+            rec_a, rec_r = recall_at_k(ann, exact, k), recall_at_k(rescored, exact, k)
+            good = [p for p, r in ((a50, rec_a), (r50, rec_r)) if r >= 0.95]
+            speedup = e50 / min(good) if good else 0.0
+            same = np.mean([[h.id for h in x.hits] == [h.id for h in y.hits] for x, y in zip(exact, embedded_exact)])
+            plan = (rescored[0].plan or ann[0].plan).removeprefix("plan: ")[:40]
+            node_t.add_row(f"{n:,}", str(na), "20 %" if cat else "none", f"{e50:.1f}", f"{a50:.1f}", f"{r50:.1f}",
+                           f"{rec_a:.3f}", f"{rec_r:.3f}", f"{speedup:.1f}x" if good else "-",
+                           "yes" if speedup >= 10 else "no", f"{same:.2f}", plan)
+            console.print(f"  node: {na} attr(s), filter {cat or 'none'}: done")
+    finally:
+        drop_index(store, console.print)
+        stop_node()
 
 
 def _ann_row(store, specs, exact, e50: float, n: int, na: int, cat, k: int, ann_t: Table) -> None:
