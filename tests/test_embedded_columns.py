@@ -142,3 +142,23 @@ def test_like_id_excludes_itself_and_counts_the_rest(store):
     res = store.search(QuerySpec({"sleeve": 1.0}, like_id=ref.id, filters=f, k=10))
     assert res.total_candidates == len(sql_rows(store, f)) - 1
     assert all(h.metadata["category"] == ref.metadata["category"] for h in res.hits)
+
+
+def test_like_id_reads_the_live_vectors_of_the_reference(tmp_path):
+    from fgplugin.errors import QueryError
+
+    docs = make_docs()
+    s = DuckDBStore(tmp_path)
+    s.ensure_index(LAYOUT)
+    s.upsert(docs[:50] + [docs[-1]])  # the last one has no neckline vector
+    like = QuerySpec({"sleeve": 1.0}, like_id=docs[3].id, k=3)
+    first = s.search(like).hits
+    # new vectors for the reference: the query follows them (its row changed)
+    s.upsert([Document(docs[3].id, docs[20].vectors, docs[3].metadata, "v1")])
+    assert s.search(like).hits[0].id == docs[20].id and s.search(like).hits != first
+    s.delete([docs[3].id])
+    with pytest.raises(QueryError, match="no document with id"):
+        s.search(like)
+    with pytest.raises(QueryError, match="has no vector for neckline"):
+        s.search(QuerySpec({"neckline": 1.0}, like_id=docs[-1].id, k=3))
+    s.close()

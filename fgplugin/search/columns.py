@@ -83,6 +83,7 @@ class DocColumns:
         self.images = np.empty(capacity, dtype=object)
         self.columns = {f: Column(t, np.zeros(capacity, _DTYPES[t]), np.ones(capacity, bool))
                         for f, t in self.types.items()}
+        self._row_of_id: dict[str, int] | None = None  # built on the first like-id query
 
     @property
     def capacity(self) -> int:
@@ -141,6 +142,8 @@ class DocColumns:
         """The writer's new values of ``rows`` (typed metadata, as ``typed_metadata`` makes them)."""
         self.grow(int(rows.max()) + 1 if len(rows) else 0)
         self.ids[rows] = np.asarray(list(ids), dtype=object)
+        if self._row_of_id is not None:
+            self._row_of_id.update(zip(ids, rows.tolist()))
         for r, image in zip(rows, images):
             self.images[r] = image
         for f, column in self.columns.items():
@@ -152,6 +155,14 @@ class DocColumns:
                 t = column.kind
                 column.data[r] = (column.code(v) if t == "keyword" else _micros(v) if t == "date"
                                   else int(bool(v)) if t == "boolean" else v)
+
+    def row_of(self, id_: str, alive: np.ndarray) -> int | None:
+        """The live row of document ``id_`` (None if there is none); ``alive`` marks the live rows."""
+        if self._row_of_id is None:
+            live = np.flatnonzero(alive[: self.capacity])
+            self._row_of_id = dict(zip(self.ids[live].tolist(), live.tolist()))
+        r = self._row_of_id.get(id_)
+        return r if r is not None and r < len(alive) and alive[r] else None
 
     def values(self, row: int) -> list[Any]:
         """The row's metadata values in field order, as DuckDB returns them."""

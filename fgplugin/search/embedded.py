@@ -50,8 +50,9 @@ from ..schema import METADATA_TYPES, AttributeSchema
 from .ann import AnnIndexes, load_faiss, target_of
 from .columns import DocColumns
 from .vectors import CACHE_DIR, VectorArrays, new_epoch
-from .store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, document_vectors,
-                    reference_vectors, to_utc, typed_metadata, unit_rows)
+from .store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, codec_from_meta,
+                    document_vectors, reference_vectors, to_utc, typed_metadata, unit_rows)
+from ..codecs import code_dtype, decode, encode, stored_codec
 
 DB_FILE = "fgplugin.duckdb"
 FORMAT_VERSION = 1
@@ -70,6 +71,12 @@ EXACT_BELOW = 50_000  # ann modes: a filter leaving at most this many (rows x at
 TIE_MARGIN = 1e-5  # float32 scores this close to the k-th are rescored in float64 before ordering
 FINGERPRINT_COLUMNS = ("image_key", "meta_key")  # added after format 1 shipped: ALTERed into older stores
 MISSING_COSINE = -1.0  # what a missing attribute vector counts as (see the module docstring)
+# The DuckDB column of each codec's codes (the source of truth): float16 as its 16-bit patterns
+CODE_SQL = {"float32": "FLOAT", "float16": "SMALLINT", "int8": "TINYINT"}
+# binary: the bits' candidates rescored on the int8 codes: this many per hit asked for, at least BINARY_WINDOW
+# (measured in tests/test_codecs.py and bench/codecs.py: overlap@20 with float32 on the clustered set)
+BINARY_FACTOR = 10
+BINARY_WINDOW = 200
 # Writes per store file in this process: a store object re-reads its rows when another one wrote (another
 # process cannot write meanwhile: DuckDB's file lock admits one writer and no readers beside it).
 _GENERATIONS: dict[str, int] = {}
@@ -107,6 +114,24 @@ def _store_errors(fn: Any) -> Any:
 def _q(name: str) -> str:
     """Quote an SQL identifier (metadata field names come from catalogs)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def code_sql(codec: str, d: int) -> str:
+    """The DuckDB column type of one attribute's codes."""
+    return f"{CODE_SQL[stored_codec(codec)]}[{int(d)}]"
+
+
+def to_sql_codes(codes: np.ndarray) -> np.ndarray:
+    """Codes as DuckDB takes them (float16 as its bit patterns: DuckDB has no half type)."""
+    return codes.view(np.int16) if codes.dtype == np.float16 else codes
+
+
+def sql_codes(values: Any, codec: str) -> np.ndarray:
+    """Codes read back from DuckDB -> the codec's NumPy codes."""
+    x = np.asarray(values)
+    if stored_codec(codec) == "float16":
+        return x.astype(np.int16).view(np.float16)
+    return x.astype(code_dtype(codec))
 
 
 def emb_col(attribute: str) -> str:
@@ -256,6 +281,7 @@ class DuckDBStore(Store):
             metadata_types=dict(self.get_meta("metadata_types")),
             model_version=str(self.get_meta("model_version", "")),
             query_slack=bool(self.get_meta("query_slack", False)),  # stores written before it: never
+            **codec_from_meta(self.get_meta("codec")),  # stores written before codecs: float32
         )
 
     def _writable(self) -> None:
@@ -285,7 +311,8 @@ class DuckDBStore(Store):
         if self._cache is not None and self._cache.state.epoch == epoch and self._cache.reload():
             arrays = self._cache
         elif epoch is not None:
-            arrays = VectorArrays.open_valid(directory, epoch, layout.attributes, layout.dims, not self.read_only)
+            arrays = VectorArrays.open_valid(directory, epoch, layout.attributes, layout.dims, not self.read_only,
+                                             layout.codec)
         if arrays is None or not self._load_alive(arrays):
             arrays = self._rebuild_vectors(layout, epoch)
         if arrays is None:
@@ -314,7 +341,8 @@ class DuckDBStore(Store):
         epoch = new_epoch() if not self.read_only else epoch
         top = self._cursor().execute(f"SELECT coalesce(max({ROW_COLUMN}) + 1, 0) FROM docs").fetchall()[0][0]
         try:
-            arrays = VectorArrays.create(self.directory / CACHE_DIR, epoch, layout.attributes, layout.dims, int(top))
+            arrays = VectorArrays.create(self.directory / CACHE_DIR, epoch, layout.attributes, layout.dims, int(top),
+                                         layout.codec)
             arrays.reserve(int(top))
             for i, a in enumerate(layout.attributes):
                 self._fill_attribute(arrays, i, a, layout.dims[a], int(top))
@@ -333,7 +361,7 @@ class DuckDBStore(Store):
                 f"SELECT {ROW_COLUMN} AS r, unnest({col}) AS v FROM docs WHERE {ROW_COLUMN} >= ? AND {ROW_COLUMN} < ? "
                 f"AND {col} IS NOT NULL", [lo, lo + chunk]).fetchnumpy()
             rows = np.asarray(res["r"], dtype=np.int64)[::d]
-            arrays.write(rows, i, np.asarray(res["v"], dtype=np.float32).reshape(-1, d), np.ones(len(rows), bool))
+            arrays.write(rows, i, sql_codes(res["v"], arrays.state.codec).reshape(-1, d), np.ones(len(rows), bool))
 
     def _allocate(self, n: int) -> np.ndarray:
         """``n`` fresh rows, reserved in the arrays before anything is written to them."""
@@ -413,7 +441,7 @@ class DuckDBStore(Store):
             if old is None:
                 cols = ["id VARCHAR PRIMARY KEY", f"{ROW_COLUMN} BIGINT", "model_version VARCHAR", "image VARCHAR"]
                 cols += [f"{c} VARCHAR" for c in FINGERPRINT_COLUMNS]
-                cols += [f"{emb_col(a)} FLOAT[{int(layout.dims[a])}]" for a in layout.attributes]
+                cols += [f"{emb_col(a)} {code_sql(layout.codec, layout.dims[a])}" for a in layout.attributes]
                 cols += [f"{meta_col(f)} {SQL_TYPES[t]}" for f, t in layout.metadata_types.items()]
                 self._sql("BEGIN")
                 self._sql(f"CREATE TABLE docs ({', '.join(cols)})")
@@ -442,6 +470,7 @@ class DuckDBStore(Store):
             "metadata_types": dict(types),
             "model_version": layout.model_version,
             "query_slack": layout.query_slack,
+            "codec": layout.codec_meta(),
         }.items():
             self._sql(
                 "INSERT INTO fg_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -449,19 +478,24 @@ class DuckDBStore(Store):
             )
 
     def _check_compatible(self, old: IndexLayout, new: IndexLayout) -> None:
-        old.require_fits(new, where=f"the embedded store {self.directory}",
-                         hint=f"use another store directory, or delete {self.path} to rebuild it")
+        hint = f"use another store directory, or delete {self.path} to rebuild it"
+        if old.codec_mismatch(new):  # no versioned indexes here: a new codec is a new store
+            hint = (f"an embedded store keeps the codec it was created with: index into a new store directory "
+                    f"(fgplugin index --codec {new.codec} --store embedded:NEW_DIR), or keep --codec {old.codec} here")
+        old.require_fits(new, where=f"the embedded store {self.directory}", hint=hint)
 
     @staticmethod
     def _check_values(good: Mapping[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]],
-                      attributes: Sequence[str]) -> dict[str, str]:
-        """Reject non-finite and zero vectors, normalise the others in place; returns id -> reason."""
+                      layout: IndexLayout) -> dict[str, str]:
+        """Reject non-finite and zero vectors, normalise the others and replace them by their codes (in
+        place); returns id -> reason."""
         bad: dict[str, str] = {}
-        for a in attributes:
+        for a in layout.attributes:
             ids = [i for i, (_, v, _) in good.items() if a in v]
             if not ids:
                 continue
             rows, refused = unit_rows(a, np.stack([good[i][1][a] for i in ids]))
+            rows = encode(rows, layout.codec, layout.scale(a))
             for j, i in enumerate(ids):
                 if j in refused:
                     bad.setdefault(i, refused[j])
@@ -487,7 +521,7 @@ class DuckDBStore(Store):
                 continue
             good.pop(doc.id, None)  # the last copy of a repeated id wins
             good[doc.id] = (doc, vecs, meta)
-        for i, reason in self._check_values(good, layout.attributes).items():
+        for i, reason in self._check_values(good, layout).items():
             del good[i]
             result.failed.append(Failure(i, "store", reason, kind="rejected"))
         if not good:
@@ -512,7 +546,7 @@ class DuckDBStore(Store):
         assert arrays is not None
         for i, a in enumerate(layout.attributes):
             present = np.array([a in v for v in vectors], dtype=bool)
-            block = np.zeros((len(rows), layout.dims[a]), np.float32)
+            block = np.zeros((len(rows), layout.dims[a]), code_dtype(layout.codec))
             if present.any():
                 block[present] = np.stack([v[a] for v in vectors if a in v])
             arrays.write(rows, i, block, present)
@@ -543,8 +577,8 @@ class DuckDBStore(Store):
                   "image::VARCHAR AS image", "image_key::VARCHAR AS image_key", "meta_key::VARCHAR AS meta_key"]
         cols = ["id", ROW_COLUMN, "model_version", "image", "image_key", "meta_key"]
         for i, a in enumerate(layout.attributes):
-            stage[f"e{i}"] = objects(v.get(a) for _, v, _ in rows)
-            select.append(f"e{i}::FLOAT[{layout.dims[a]}] AS e{i}")
+            stage[f"e{i}"] = objects(None if v.get(a) is None else to_sql_codes(v[a]) for _, v, _ in rows)
+            select.append(f"e{i}::{code_sql(layout.codec, layout.dims[a])} AS e{i}")
             cols.append(emb_col(a))
         for i, (f, t) in enumerate(layout.metadata_types.items()):
             stage[f"m{i}"] = objects(m.get(f) for _, _, m in rows)
@@ -646,7 +680,7 @@ class DuckDBStore(Store):
         out: dict[str, dict[str, np.ndarray]] = {}
         for r, i in enumerate(res["id"]):
             out[str(i)] = {
-                a: np.asarray(res[f"e{j}"][r], dtype=np.float32)
+                a: decode(sql_codes(res[f"e{j}"][r], layout.codec), layout.codec, layout.scale(a))
                 for j, a in enumerate(attrs) if res[f"e{j}"][r] is not None and not np.ma.is_masked(res[f"e{j}"][r])
             }
         return out
@@ -730,6 +764,10 @@ class DuckDBStore(Store):
             "metadata_types": layout.metadata_types,
             "model_version": layout.model_version,
             "query_slack": layout.query_slack,
+            "codec": layout.codec,
+            "int8_scales": layout.codec_meta()["scales"],
+            # the derived arrays and ANN indexes, as allocated on disk (the array files are sparse past their rows)
+            "cache_bytes": sum(f.stat().st_blocks * 512 for f in (self.directory / CACHE_DIR).glob("*") if f.is_file()),
         }
 
     # -- search -----------------------------------------------------------------------------------
@@ -745,11 +783,13 @@ class DuckDBStore(Store):
         if spec.image is not None:
             raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
         filters = coerce_filters(spec.filters, layout.metadata_types)
-        qv = reference_vectors(spec, self.get_vectors, self.url)
-        queries = {a: layout.query_vector(a, qv[a]).astype(np.float32) for a in spec.attributes}
         with self._lock:
             arrays = self._vectors()
             columns = self._doc_columns(arrays) if arrays is not None else None
+        stored = self.get_vectors if arrays is None or columns is None else functools.partial(
+            self._stored_vectors, arrays, columns)
+        qv = reference_vectors(spec, stored, self.url)
+        queries = {a: layout.query_vector(a, qv[a]).astype(np.float32) for a in spec.attributes}
         if arrays is None or columns is None:
             where, params = compile_where(filters, layout.metadata_types)
             if spec.like_id is not None and spec.exclude_self:
@@ -767,12 +807,23 @@ class DuckDBStore(Store):
         res = self._cursor().execute(f"SELECT {ROW_COLUMN} FROM docs WHERE {where}", params).fetchnumpy()
         return np.sort(np.asarray(res[ROW_COLUMN], dtype=np.int64))
 
-    def _counted(self, id_: str, rows: np.ndarray | None) -> int:
+    def _stored_vectors(self, arrays: VectorArrays, columns: DocColumns, ids: Sequence[str],
+                        attributes: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        """``get_vectors`` answered from the arrays (no DuckDB round trip for a like-id query)."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for id_ in ids:
+            r = columns.row_of(id_, self._alive)
+            if r is not None:
+                row = np.array([r], dtype=np.int64)
+                out[id_] = {a: np.array(arrays.rows_of(a, row)[0], dtype=np.float32) for a in attributes
+                            if not arrays.missing(a, row)[0]}
+        return out
+
+    def _counted(self, columns: DocColumns, id_: str, rows: np.ndarray | None) -> int:
         """1 if document ``id_`` is among ``rows`` (sorted; None: every live row), else 0."""
-        got = self._cursor().execute(f"SELECT {ROW_COLUMN} FROM docs WHERE id = ?", [id_]).fetchall()
-        if not got:
+        r = columns.row_of(id_, self._alive)
+        if r is None:
             return 0
-        r = int(got[0][0])
         if rows is None:
             return 1
         i = int(np.searchsorted(rows, r))
@@ -789,9 +840,13 @@ class DuckDBStore(Store):
         skip = spec.like_id if spec.like_id is not None and spec.exclude_self else None
         k = spec.k + (skip is not None)
         if skip is not None:
-            total -= self._counted(skip, rows)
+            total -= self._counted(columns, skip, rows)
         target, plan = self._plan(spec, arrays, attrs, total)
-        if target is None:
+        if target is None and arrays.scans_bits:  # binary: the bits' best candidates, rescored on the int8 codes
+            window = max(BINARY_FACTOR * k, BINARY_WINDOW)
+            cand = exact_candidates(arrays, attrs, weights, queries, rows, alive, window)
+            plan = f"{plan}; scored on the sign bits, the best {window} rescored on the int8 codes"
+        elif target is None:
             cand = exact_candidates(arrays, attrs, weights, queries, rows, alive, k)
         else:
             cand, plan = self._ann_candidates(spec, arrays, target, attrs, weights, queries, rows, alive, total)
@@ -848,7 +903,7 @@ class DuckDBStore(Store):
         score = np.zeros(len(cand))
         cos: dict[str, np.ndarray] = {}
         for a, w in zip(attrs, weights):
-            c = arrays.rows_of(a, cand).astype(np.float64) @ queries[a].astype(np.float64)
+            c = arrays.values(a, cand).astype(np.float64) @ queries[a].astype(np.float64)
             c[arrays.missing(a, cand)] = np.nan
             cos[a] = c
             score += w * np.where(np.isnan(c), MISSING_COSINE, c)
@@ -956,9 +1011,8 @@ def exact_scores(arrays: VectorArrays, attrs: list[str], weights: list[float], q
         hi = min(n, lo + step)
         part = None if rows is None else rows[lo:hi]
         for a, w in zip(attrs, weights):
-            x = arrays.rows_of(a, part)
-            # einsum's own loop, not BLAS: OpenBLAS threads spin on a busy machine (a 20k-row product took 7 ms)
-            out[lo:hi] += np.float32(w) * np.einsum("ij,j->i", x[: hi - lo], queries[a])
+            # the codec's cosines (fgplugin.codecs; einsum's own loop for float codes, not BLAS)
+            out[lo:hi] += np.float32(w) * arrays.cosines(a, part, queries[a])[: hi - lo]
             missing = arrays.missing(a, part)
             if missing.any():  # a zero vector scored 0: count MISSING_COSINE instead
                 out[lo:hi][missing[: hi - lo]] += np.float32(w * MISSING_COSINE)
