@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from fgplugin.catalog import find_schema, load_catalog
+from fgplugin.codecs import CODECS
 from fgplugin.errors import FgpluginError
 from fgplugin.images import DEFAULT_LIMITS
 from fgplugin.schema import AttributeSchema
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # the indexer and the export (torch) load when the command ru
 
 
 @friendly_errors
-def index(
+def index(  # long: one Typer option per flag (the signature is the command's documentation)
     catalog: Path = typer.Option(..., "--catalog", help="Catalog manifest (.jsonl or .csv)."),
     model: Path = typer.Option(..., "--model", help="Export folder written by `fgplugin export`."),
     store: str = typer.Option("embedded:fgplugin-store", "--store", help="embedded:DIR or opensearch:URL."),
@@ -65,6 +66,11 @@ def index(
         None, "--engine", envvar="FGPLUGIN_OPENSEARCH_ENGINE", show_default=False,
         help="k-NN engine of a new OpenSearch index: faiss (default) or lucene (pure Java: clusters without the "
              "k-NN native libraries, such as docker/opensearch-node.sh's)."),
+    codec: Optional[str] = typer.Option(
+        None, "--codec", show_default=False,
+        help="How the store keeps the vectors: float32, float16, int8 or binary (sign bits rescored on int8 codes); "
+             "default: the model card's storage.codec, else float32. A store holds one codec: another is refused "
+             "(OpenSearch: a new codec builds a new index behind the alias). See README 'Compact vectors'."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (no progress bar)."),
 ) -> None:
     """Index a catalog: skips items already current, re-encodes changed images, rewrites changed metadata,
@@ -73,6 +79,8 @@ def index(
 
     part = Shard.parse(shard) if shard is not None else None  # bad --shard or --prune with it: exit 2 before any work
     refuse_prune_in_shard(part, prune)
+    if codec is not None and codec not in CODECS:  # exit 2 before the model is loaded
+        raise typer.BadParameter(f"{codec!r} is not a codec; use one of {', '.join(CODECS)}", param_hint="--codec")
     check_store_url(store)  # a typo in --store is reported before the model is loaded
     encoder = _load_encoder(model, catalog, schema, device)
     cat = load_catalog(catalog, encoder.schema, strict=False)
@@ -93,6 +101,7 @@ def index(
                 cat, encoder, st, batch_size=batch_size, workers=workers, errors_path=errors_path,
                 retry_errors=retry_errors, prune=prune, max_removal=max_removal / 100, on_progress=show,
                 limits=replace(DEFAULT_LIMITS, timeout_s=timeout), model_path=model, promote=promote, shard=part,
+                codec=codec,
             )
     finally:
         st.close()
@@ -130,7 +139,8 @@ def report_table(report: IndexReport) -> Table:
     """The index report as the CLI shows it."""
     t = Table(title="fgplugin index", title_justify="left", show_header=False)
     t.add_column("", style="bold")
-    t.add_column("", justify="right")
+    # Long values (the errors file's path, notes) fold onto more lines rather than being cut.
+    t.add_column("", justify="right", overflow="fold")
     t.add_row(f"catalog items (shard {report.shard})" if report.shard else "catalog items", str(report.catalog_items))
     t.add_row("[green]indexed", str(report.indexed))
     t.add_row("[green]metadata updated", str(report.metadata_updated))

@@ -27,4 +27,5 @@ def verify(
     if as_json:
         print_json(result)
     else:
-        console.print(f"{result['store']}: {result['documents']} documents, every value readable", highlight=False)
+        codec = f", codec {result['codec']}" if result.get("codec") else ""
+        console.print(f"{result['store']}: {result['documents']} documents{codec}, every value readable", highlight=False)

@@ -13,7 +13,7 @@ Vectors are float32 by default, each L2-normalised (the export does that). ``dty
 ``"int8"`` give compact copies: int8 uses the model card's symmetric per-attribute scheme
 (``card["storage"]["int8"]``): ``q = clip(round(v * scale_a), -127, 127)`` and ``v ~= q / scale_a``,
 where ``scale_a`` defaults to 127 because every component of a unit vector lies in [-1, 1]. Use
-:func:`dequantize` to get float32 back.
+:func:`dequantize` to get float32 back. The rules live in ``fgplugin.codecs`` (shared with the stores).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from . import images
 from .encoding import DeployedEncoder
 from .errors import ImageError
 from .images import ImageLimits
+from .codecs import dequantize, int8_scales, quantize  # quantize and dequantize re-exported (see __all__)
 from .search.store import Failure
 
 DTYPES = ("float32", "float16", "int8")
-INT8_DEFAULT_SCALE = 127.0  # |v_i| <= 1 for a unit vector, so v * 127 always fits in int8
 
 
 @dataclass
@@ -250,43 +250,6 @@ def iter_encoded(
             yield batch
     finally:
         loader.close()
-
-
-# -- compact storage ---------------------------------------------------------------------------------
-def int8_scales(card: Mapping[str, Any]) -> dict[str, float]:
-    """Per-attribute int8 scale from a model card (``storage.int8.scale``), else 127 for every attribute."""
-    names = list(card.get("attributes") or [])
-    storage = card.get("storage") if isinstance(card.get("storage"), Mapping) else {}
-    int8 = storage.get("int8") if isinstance(storage.get("int8"), Mapping) else {}
-    given = int8.get("scale") if isinstance(int8.get("scale"), Mapping) else {}
-    return {n: float(given.get(n, INT8_DEFAULT_SCALE)) for n in names}
-
-
-def quantize(vectors: Mapping[str, np.ndarray], dtype: str, *, scales: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
-    """float32 unit vectors -> float16, or int8 with ``q = clip(round(v * scale_a), -127, 127)``."""
-    if dtype == "float32":
-        return {a: np.asarray(v, np.float32) for a, v in vectors.items()}
-    if dtype == "float16":
-        return {a: np.asarray(v, np.float32).astype(np.float16) for a, v in vectors.items()}
-    if dtype == "int8":
-        scales = scales or {}
-        return {
-            a: np.clip(np.rint(np.asarray(v, np.float32) * scales.get(a, INT8_DEFAULT_SCALE)), -127, 127).astype(np.int8)
-            for a, v in vectors.items()
-        }
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-
-
-def dequantize(vectors: Mapping[str, np.ndarray], *, scales: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Back to float32 (int8: ``v = q / scale_a``); re-normalise before comparing with cosines."""
-    out = {}
-    for a, v in vectors.items():
-        v = np.asarray(v)
-        if v.dtype == np.int8:
-            out[a] = v.astype(np.float32) / float((scales or {}).get(a, INT8_DEFAULT_SCALE))
-        else:
-            out[a] = v.astype(np.float32)
-    return out
 
 
 __all__ = ["iter_encoded", "EncodedBatch", "BatchTimings", "quantize", "dequantize", "int8_scales", "DTYPES"]

@@ -76,6 +76,7 @@ from typing import Any, Callable, Iterable
 
 
 from .catalog import UNREADABLE, Catalog, Problem, load_catalog
+from .codecs import card_codec, check_codec, int8_scales, uses_scales
 from .encoder import BatchTimings, EncodedBatch, iter_encoded
 from .encoding import DeployedEncoder
 from .errors import ImageError, ModelCardError, SettingError, StoreError
@@ -474,7 +475,8 @@ def _remove_and_promote(run: _Run, *, prune: bool, max_removal: float, promote: 
 
 
 def _start_run(catalog: Catalog | str | Path, encoder: DeployedEncoder, store: Store, *, shard: Shard | None,
-               errors_path: str | Path | None, retry_errors: bool, model_path: str | Path | None) -> _Run:
+               errors_path: str | Path | None, retry_errors: bool, model_path: str | Path | None,
+               codec: str | None = None) -> _Run:
     """Steps 1-3: the catalog (a shard's part of it), the index, and the work from the store's fingerprints."""
     if not isinstance(catalog, Catalog):
         catalog = load_catalog(catalog, encoder.schema, strict=False)
@@ -483,8 +485,14 @@ def _start_run(catalog: Catalog | str | Path, encoder: DeployedEncoder, store: S
         catalog = shard_catalog(catalog, shard)
     rep = IndexReport(str(catalog.path), store.url, encoder.version, shard=None if shard is None else str(shard),
                       catalog_items=len(catalog), catalog_problems=list(catalog.problems), notes=list(catalog.notes))
+    codec = card_codec(encoder.card) if codec is None else codec
+    try:
+        check_codec(codec)
+    except ValueError as e:
+        raise SettingError(f"--codec: {e}") from None
     layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), encoder.version,
-                         query_slack=encoder.query_slack)
+                         query_slack=encoder.query_slack, codec=codec,
+                         scales=int8_scales(encoder.card) if uses_scales(codec) else {})
     store.verify()  # a damaged store must not pass for "already current": read it whole first
     store.ensure_index(layout)  # workers that start together: the store takes a concurrent create
     store.set_meta("model_path", str(Path(model_path if model_path is not None else encoder.path).resolve()))
@@ -514,6 +522,7 @@ def index_catalog(
     promote: bool | None = None,
     on_batch: Callable[[EncodedBatch], None] | None = None,
     shard: Shard | None = None,
+    codec: str | None = None,
 ) -> IndexReport:
     """Bring ``store`` up to date with ``catalog`` encoded by ``encoder`` (the steps of the module docstring).
 
@@ -523,7 +532,9 @@ def index_catalog(
     the encoder; defaults to ``encoder.path``. ``on_progress``: called with ``Step("indexing", done,
     total, info)`` as batches are written. ``promote``: step 7. ``on_batch``: called after each batch is
     written. ``max_removal``: see "Removals". ``shard``: handle only that shard's items (see "Shards";
-    ``prune`` with a shard raises SettingError before anything is read).
+    ``prune`` with a shard raises SettingError before anything is read). ``codec``: how the stores keep the
+    vectors (``fgplugin.codecs``: float32, float16, int8, binary; None: the card's ``storage.codec``, else
+    float32); a store holding another codec refuses the run (StoreError naming both).
 
     Ctrl-C (KeyboardInterrupt) ends the run early with a report (``aborted``) of what was done; what
     was written stays, and a rerun continues from there.
@@ -531,7 +542,7 @@ def index_catalog(
     t_start = time.perf_counter()
     refuse_prune_in_shard(shard, prune)
     run = _start_run(catalog, encoder, store, shard=shard, errors_path=errors_path, retry_errors=retry_errors,
-                     model_path=model_path)
+                     model_path=model_path, codec=codec)
     rep = run.report
 
     err_file = Path(errors_path) if errors_path is not None else None

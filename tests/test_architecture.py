@@ -18,7 +18,7 @@ LONG_MARK = "# long:"  # beside a def (same line or the line above): why this fu
 # Lower layers never import higher ones (catalog -> model -> export -> encoder -> store -> query).
 # A module's layer is that of the longest prefix listed.
 LAYERS: list[list[str]] = [
-    ["fgplugin.errors", "fgplugin.redact", "fgplugin.progress", "fgplugin.similarity"],
+    ["fgplugin.errors", "fgplugin.redact", "fgplugin.progress", "fgplugin.similarity", "fgplugin.codecs"],
     ["fgplugin.schema", "fgplugin.images", "fgplugin.preprocess", "fgplugin.devices", "fgplugin.encoding",
      "fgplugin.card"],
     ["fgplugin.catalog", "fgplugin.importers", "fgplugin.splits", "fgplugin.synth", "fgplugin.dataset",

@@ -135,3 +135,37 @@ def test_compose_runs_single_node_opensearch_3_with_knn_on_the_default_port():
     assert any(v.endswith(":/usr/share/opensearch/data") for v in svc["volumes"])
     readme = (REPO / "docker" / "README.md").read_text(encoding="utf-8")
     assert f"--store opensearch:{DEFAULT_URL}" in readme
+
+
+# -- codecs ----------------------------------------------------------------------------------------------
+def codec_layout(codec: str) -> IndexLayout:
+    lay = layout()
+    return dataclasses.replace(lay, codec=codec, scales={a: 120.0 for a in lay.attributes} if codec == "int8" else {})
+
+
+@pytest.mark.parametrize("engine", ["lucene", "faiss"])
+def test_int8_is_a_byte_vector_field_and_the_codec_rides_in_meta(api_spec, engine):
+    body = build_index_body(codec_layout("int8"), engine=engine)
+    api_spec.validate("indices.create", body)
+    props = body["mappings"]["properties"]
+    assert {props[f]["data_type"] for f in ("emb_sleeve", "emb_colour", "emb_all")} == {"byte"}
+    back = layout_from_meta(body["mappings"]["_meta"]["fgplugin"], "test")
+    assert back.codec == "int8" and back.scales == {"sleeve": 120.0, "neckline": 120.0, "colour": 120.0}
+    assert layout_from_meta({**body["mappings"]["_meta"]["fgplugin"], "codec": None}, "old").codec == "float32"
+
+
+def test_float16_is_faiss_fp16_and_refused_on_lucene_with_the_way_out(api_spec):
+    body = build_index_body(codec_layout("float16"), engine="faiss")
+    api_spec.validate("indices.create", body)
+    method = body["mappings"]["properties"]["emb_sleeve"]["method"]
+    assert method["parameters"]["encoder"] == {"name": "sq", "parameters": {"type": "fp16"}}
+    with pytest.raises(StoreError, match="codec float16 needs the faiss engine .* use --engine faiss, or --codec int8"):
+        build_index_body(codec_layout("float16"), engine="lucene")
+    with pytest.raises(StoreError, match="codec binary is not available on OpenSearch: .* use --codec int8"):
+        build_index_body(dataclasses.replace(layout(), codec="binary", scales={a: 127.0 for a in layout().attributes}),
+                         engine="lucene")
+
+
+def test_another_codec_gets_its_own_versioned_index():
+    assert versioned_index_name("fg", "v1") == "fg-v1"  # float32 names stay as they were
+    assert versioned_index_name("fg", "v1", "int8") == "fg-v1-int8"

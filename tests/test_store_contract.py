@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 
-from fgplugin.errors import QueryError
+from fgplugin.errors import QueryError, StoreError
 from fgplugin.opensearch.store import OpenSearchStore
 from fgplugin.search.spec import QuerySpec, parse_filter
 from fgplugin.schema import Attribute, AttributeSchema
@@ -249,3 +249,59 @@ def test_a_two_node_cluster_with_replicas_answers_as_the_embedded_store(opensear
     finally:
         drop(st)
         st.close()
+
+
+# -- codecs (fgplugin.codecs): the same codes and the same answers in both stores ---------------------
+def codec_layout(codec: str, version: str = V1) -> IndexLayout:
+    scales = {a: 127.0 for a in DIMS} if codec in ("int8", "binary") else {}
+    return dataclasses.replace(layout(version), codec=codec, scales=scales)
+
+
+@pytest.fixture(scope="module")
+def both_int8(opensearch_url, tmp_path_factory, docs):
+    emb = DuckDBStore(tmp_path_factory.mktemp("contract-int8"))
+    osr = opensearch_store(opensearch_url, f"fgcontract-{uuid.uuid4().hex[:8]}")
+    for st in (emb, osr):
+        st.ensure_index(codec_layout("int8"))  # Lucene byte vectors on the node
+        res = st.upsert(docs)
+        assert not res.failed and len(res.ok) == N
+    yield {"embedded": emb, "opensearch": osr}
+    drop(osr)
+    osr.close()
+    emb.close()
+
+
+@pytest.mark.parametrize("name", ["one", "two-unequal", "four", "terms-range", "missing-field"])
+def test_int8_codes_give_the_same_hits_and_scores_in_both_stores(both_int8, name):
+    for ref in ("sku-00010", "sku-00411"):
+        e, o = (both_int8[kind].search(spec_for(name, ref, k=25)) for kind in ("embedded", "opensearch"))
+        assert len(e.hits) == len(o.hits) > 0
+        assert [h.id for h in o.hits] == [h.id for h in e.hits]
+        assert [h.score for h in o.hits] == pytest.approx([h.score for h in e.hits], abs=1e-4)
+        assert o.hits[0].cosines == pytest.approx(e.hits[0].cosines, abs=1e-4)
+    # ann on byte vectors: the knn candidates always come back rescored by the exact script
+    got = both_int8["opensearch"].search(spec_for("four", "sku-00010", k=20, mode="ann", ef_search=200))
+    exact = both_int8["opensearch"].search(spec_for("four", "sku-00010", k=20))
+    assert "re-scored exactly" in got.plan and recall([h.id for h in got.hits], [h.id for h in exact.hits]) >= 0.9
+
+
+def test_a_new_codec_is_a_new_index_on_opensearch_and_refused_in_place_embedded(one_store, docs):
+    st = one_store
+    st.ensure_index(layout())
+    assert not st.upsert(docs[:40]).failed
+    codes = Document("codes", {"sleeve": np.arange(16, dtype=np.int8)}, {}, V1)
+    res = st.upsert([codes])
+    assert "holds int8 codes; the index stores codec float32, which takes float vectors" in res.failed[0].reason
+    if isinstance(st, DuckDBStore):
+        with pytest.raises(StoreError, match=r"holds codec float32 vectors; this run writes codec int8.*"
+                                             r"index into a new store directory \(fgplugin index --codec int8"):
+            st.ensure_index(codec_layout("int8"))
+        return
+    st.ensure_index(codec_layout("int8"))  # the same model, another codec: a new index behind the alias
+    assert st.pending_promotion and st.write_target.endswith("-int8")
+    assert st.search(QuerySpec({"sleeve": 1.0}, like_id=docs[1].id, k=3)).hits  # the float32 index serves meanwhile
+    assert not st.upsert(docs[:40]).failed and not st.upsert([codes]).failed  # int8 codes are taken here
+    st.promote(delete_old=True)
+    assert st.layout.codec == "int8" and st.count() == 41 and st.verify()["codec"] == "int8"
+    hits = st.search(QuerySpec({"sleeve": 1.0}, like_id=docs[1].id, k=5)).hits
+    assert len(hits) == 5 and all(-1.0 <= h.cosines["sleeve"] <= 1.0 for h in hits)

@@ -24,7 +24,7 @@ MAX_K = 10_000
 ENGINES = ("faiss", "lucene")
 # Spaces per engine for float HNSW fields (facts §1); hamming needs binary vectors, which we never send.
 SPACES = {"faiss": ("innerproduct", "cosinesimil", "l2"), "lucene": ("innerproduct", "cosinesimil", "l2")}
-DATA_TYPES = ("float",)
+DATA_TYPES = ("float", "byte")  # byte: the int8 codec (Lucene byte vectors)
 METHODS = ("hnsw",)  # ivf needs a trained model; we never use one
 HNSW_PARAMS = {"faiss": {"m", "ef_construction", "ef_search", "encoder"}, "lucene": {"m", "ef_construction", "encoder"}}
 KNN_KEYS = {"vector", "k", "min_score", "max_distance", "filter", "method_parameters", "rescore",

@@ -24,6 +24,11 @@ Three modes (all filtered by the same compiled filters):
   ``rescore_query_weight`` 1), so each returned score is exactly the script's value and converts
   like ``exact``.
 
+Codecs (``fgplugin.codecs``): on an ``int8`` index (Lucene byte vectors) the script and every knn clause
+get the query as int8 codes (``query_codes``; the server takes nothing else for a byte field), so the
+script's score is ``cos(q8, c)``, the same as the embedded store's; a knn score on bytes is no weighted
+cosine, so ``ann`` on such an index always rescores its candidates with the script.
+
 Per-attribute cosines: ``docvalue_fields`` does not return knn vectors, so the body asks for the chosen
 ``emb_<a>`` fields in ``_source`` (with derived source, the 3.x default, the server rebuilds them from
 the vector data) and ``parse_hits`` computes ``cos = q.x / |x|`` client side. Hits come back ordered by
@@ -37,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..codecs import query_codes, scoring_query, stored_codec
 from ..errors import QueryError
 from ..search.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, Term, Terms, coerce_filters,
                           combined_query_vector)
@@ -173,7 +179,8 @@ def plan_query(spec: QuerySpec, layout: IndexLayout) -> Plan:
     window = min(MAX_K, max(k, int(spec.rescore_window or DEFAULT_RESCORE_FACTOR * k)))
     ef = int(spec.ef_search) if spec.ef_search is not None else max(DEFAULT_EF_SEARCH, k)
     weighted = [a for a in layout.attributes if spec.attributes.get(a, 0) > 0]
-    rescored = spec.mode == "ann+rescore"
+    # byte vectors' knn scores are not weighted cosines: their candidates are always rescored
+    rescored = spec.mode == "ann+rescore" or stored_codec(layout.codec) == "int8"
     if len(weighted) == 1:
         cand = window if rescored else k
         return Plan("attribute", (emb_field(weighted[0]),), cand, max(ef, cand), window if rescored else 0)
@@ -191,7 +198,8 @@ def plan_query(spec: QuerySpec, layout: IndexLayout) -> Plan:
 def query_unit_vectors(spec: QuerySpec, layout: IndexLayout,
                        query_vectors: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Unit query vectors (float64) for the chosen attributes, from ``query_vectors`` or ``spec.vectors``
-    (``IndexLayout.query_vector``: the slack value dropped where the index has one)."""
+    (``IndexLayout.query_vector``: the slack value dropped where the index has one; on an int8 index the
+    direction of its int8 codes, ``fgplugin.codecs.scoring_query``)."""
     vectors = query_vectors if query_vectors is not None else spec.vectors
     if vectors is None:
         raise QueryError("no query vectors: resolve the like-id or image reference first (pass query_vectors)")
@@ -204,8 +212,13 @@ def query_unit_vectors(spec: QuerySpec, layout: IndexLayout,
         x = np.asarray(vectors[a], dtype=np.float64).reshape(-1)
         if x.shape[0] != layout.dims[a]:
             raise QueryError(f"query vector for {a!r} has {x.shape[0]} numbers; the index holds {layout.dims[a]}")
-        out[a] = layout.query_vector(a, x)
+        out[a] = scoring_query(layout.query_vector(a, x), layout.codec)
     return out
+
+
+def script_vector(q: np.ndarray, layout: IndexLayout) -> list[float]:
+    """A unit query vector as the script takes it for the index's fields (int8: its codes)."""
+    return _floats(query_codes(q) if stored_codec(layout.codec) == "int8" else q)
 
 
 def _floats(v: np.ndarray) -> list[float]:
@@ -238,7 +251,8 @@ def to_opensearch(
     filt = compile_filters(filters, layout.metadata_types, exclude)
     attrs = list(spec.attributes)
     script = weighted_cosine_script(
-        script_params([emb_field(a) for a in attrs], [spec.attributes[a] for a in attrs], [_floats(q[a]) for a in attrs]),
+        script_params([emb_field(a) for a in attrs], [spec.attributes[a] for a in attrs],
+                      [script_vector(q[a], layout) for a in attrs]),
         stored_script_id,
     )
     plan = plan_query(spec, layout)
@@ -280,12 +294,19 @@ def check_spec(spec: QuerySpec) -> None:
 
 def knn_vector(field: str, spec: QuerySpec, layout: IndexLayout, q: Mapping[str, np.ndarray]) -> np.ndarray:
     """The query vector of one knn clause: concat(w_a q_a) on emb_all; w_a q_a on emb_<a>, so that the
-    inner product is the attribute's weighted cosine either way."""
-    if field == ALL_FIELD:
+    inner product is the attribute's weighted cosine either way. On an int8 index: int8 codes of that
+    vector, each attribute's part divided by its scale first (the stored codes are ``scale_a * x_a``)."""
+    int8 = stored_codec(layout.codec) == "int8"
+    if field == ALL_FIELD and int8:
+        v = np.concatenate([spec.attributes[a] * q[a] / layout.scale(a) if a in q else np.zeros(layout.dims[a])
+                            for a in layout.attributes])
+    elif field == ALL_FIELD:
         full = {a: (q[a] if a in q else np.zeros(layout.dims[a])) for a in layout.attributes}
-        return combined_query_vector(spec, layout.attributes, full)
-    a = next(a for a in spec.attributes if emb_field(a) == field)
-    return spec.attributes[a] * q[a]
+        v = combined_query_vector(spec, layout.attributes, full)
+    else:
+        a = next(a for a in spec.attributes if emb_field(a) == field)
+        v = spec.attributes[a] * q[a]
+    return query_codes(v).astype(np.float64) if int8 else v
 
 
 def knn_clause(plan: Plan, vector: np.ndarray, filt: dict[str, Any] | None) -> dict[str, Any]:

@@ -15,8 +15,15 @@ One document per catalog item:
   to its mapping by ``OpenSearchStore.ensure_index``.
 
 ``dynamic: strict`` makes the server refuse any field not in the mapping instead of guessing a type.
-The layout (schema, dims, metadata types, model version) rides in the mapping's ``_meta.fgplugin``, so a
-store can be reopened from the cluster alone.
+The layout (schema, dims, metadata types, model version, codec and int8 scales) rides in the mapping's
+``_meta.fgplugin``, so a store can be reopened from the cluster alone.
+
+Codecs (``fgplugin.codecs``; ``vector_property``): ``float32`` float fields; ``int8`` Lucene byte vectors
+(``data_type: byte``, the same int8 codes as the embedded store, scored by the script's cosine on them;
+lucene and faiss); ``float16`` float fields whose graph is faiss's fp16 scalar quantiser (``encoder: sq``,
+``type: fp16``; the documents carry the fp16-rounded values, so the script scores the decoded values) -
+faiss only: the lucene engine of k-NN 2.19 has no 16-bit storage (its ``sq`` encoder is 7-bit, its
+``on_disk`` mode 4x only). ``binary`` is refused here (see ``BINARY_REFUSAL``).
 
 Index names carry the model version: ``<alias>-<version[:12]>``. Queries read the alias; re-encoding
 with a new model writes a new index and then swaps the alias atomically (one ``_aliases`` request:
@@ -36,7 +43,7 @@ from typing import Any, Iterable
 
 from ..errors import StoreError
 from ..schema import AttributeSchema
-from ..search.store import IndexLayout
+from ..search.store import IndexLayout, codec_from_meta
 from ..synth import synth_schema
 from .checks import ENGINES, RequestCheckError, check_request
 
@@ -74,11 +81,12 @@ def check_index_name(name: str) -> str:
     return name
 
 
-def versioned_index_name(alias: str, model_version: str) -> str:
-    """``<alias>-<version[:12]>``: the concrete index for one model version (behind ``alias``)."""
+def versioned_index_name(alias: str, model_version: str, codec: str = "float32") -> str:
+    """``<alias>-<version[:12]>``: the concrete index for one model version (behind ``alias``); another codec
+    than float32 adds ``-<codec>``, so changing the codec builds a new index behind the alias too."""
     check_index_name(alias)
     v = re.sub(r"[^a-z0-9]", "", (model_version or "").lower())[:12] or "unversioned"
-    return check_index_name(f"{alias}-{v}")
+    return check_index_name(f"{alias}-{v}" + (f"-{codec}" if codec != "float32" else ""))
 
 
 def alias_swap_body(alias: str, new_index: str, old_indices: Iterable[str] = ()) -> dict[str, Any]:
@@ -98,6 +106,7 @@ def layout_meta(layout: IndexLayout) -> dict[str, Any]:
         "metadata_types": dict(layout.metadata_types),
         "model_version": layout.model_version,
         "query_slack": layout.query_slack,
+        "codec": layout.codec_meta(),
     }
 
 
@@ -112,6 +121,7 @@ def layout_from_meta(meta: Any, where: str) -> IndexLayout:
         metadata_types=dict(meta["metadata_types"]),
         model_version=str(meta.get("model_version", "")),
         query_slack=bool(meta.get("query_slack", False)),  # indexes created before it: never
+        **codec_from_meta(meta.get("codec")),  # indexes created before codecs: float32
     )
 
 
@@ -122,13 +132,33 @@ def metadata_property(type_: str) -> dict[str, Any]:
         raise StoreError(f"metadata type {type_!r} has no OpenSearch mapping; use one of {', '.join(FIELD_TYPES)}") from None
 
 
-def vector_property(dim: int, engine: str, m: int, ef_construction: int) -> dict[str, Any]:
+BINARY_REFUSAL = (
+    "codec binary is not available on OpenSearch: k-NN 2.19's binary fields (data_type binary, hamming space) rank "
+    "by the Hamming distance of sign bits and hold nothing to rescore from, and its 32x on_disk mode is faiss "
+    "only; use --codec int8 (Lucene byte vectors: the same codes a binary embedded store rescores with)")
+FP16_LUCENE_REFUSAL = (
+    "codec float16 needs the faiss engine on OpenSearch (HNSW with the sq fp16 encoder): the lucene engine of "
+    "k-NN 2.19 has no 16-bit vectors (its sq encoder is 7-bit, its on_disk mode 4x); use --engine faiss, or "
+    "--codec int8 (Lucene byte vectors, both engines)")
+
+
+def vector_property(dim: int, engine: str, m: int, ef_construction: int, codec: str = "float32") -> dict[str, Any]:
+    """One ``knn_vector`` field of ``codec`` (see the module docstring); StoreError where the engine cannot hold it."""
+    params: dict[str, Any] = {"m": int(m), "ef_construction": int(ef_construction)}
+    data_type = "float"
+    if codec == "binary":
+        raise StoreError(BINARY_REFUSAL)
+    if codec == "int8":
+        data_type = "byte"
+    elif codec == "float16":
+        if engine != "faiss":
+            raise StoreError(FP16_LUCENE_REFUSAL)
+        params["encoder"] = {"name": "sq", "parameters": {"type": "fp16"}}
     return {
         "type": "knn_vector",
         "dimension": int(dim),
-        "data_type": "float",
-        "method": {"name": "hnsw", "engine": engine, "space_type": SPACE_TYPE,
-                   "parameters": {"m": int(m), "ef_construction": int(ef_construction)}},
+        "data_type": data_type,
+        "method": {"name": "hnsw", "engine": engine, "space_type": SPACE_TYPE, "parameters": params},
     }
 
 
@@ -144,8 +174,8 @@ def build_properties(layout: IndexLayout, *, engine: str = "faiss", m: int = 16,
         **fingerprint_properties(),
     }
     for a in layout.attributes:
-        props[emb_field(a)] = vector_property(layout.dims[a], engine, m, ef_construction)
-    props[ALL_FIELD] = vector_property(layout.total_dim, engine, m, ef_construction)
+        props[emb_field(a)] = vector_property(layout.dims[a], engine, m, ef_construction, layout.codec)
+    props[ALL_FIELD] = vector_property(layout.total_dim, engine, m, ef_construction, layout.codec)
     for f, t in layout.metadata_types.items():
         if f in RESERVED_FIELDS or f.startswith("emb_"):
             raise StoreError(f"metadata field {f!r} clashes with an fgplugin index field; rename it in the catalog")

@@ -2,7 +2,9 @@
 
     score = sum_i  w_i * max(0, 1 + cosineSimilarity(q_i, doc[f_i]))     over fields f_i the doc has
 
-- ``cosineSimilarity`` (k-NN painless extension) is the raw cosine in [-1, 1]; 1 + cos keeps every
+- ``cosineSimilarity`` (k-NN painless extension) is the raw cosine in [-1, 1]; on a byte-vector field
+  (``--codec int8``) the plugin takes the query as bytes, so ``compile`` sends the query's int8 codes
+  (``fgplugin.codecs.query_codes``) and the script computes ``cos(q8, c)``, as the embedded store does; 1 + cos keeps every
   term >= 0, because script_score fails the shard on a negative score ("Must be a non-negative
   score!"); the ``max(0, ...)`` only absorbs float rounding just below -1.
 - A document without the field (``doc[f].size() == 0``) adds 0 for it: ``doc[f].getValue()`` would

@@ -6,7 +6,8 @@ versioned index ``<alias>-<model_version[:12]>`` (``mapping.py``). ``ensure_inde
 - the alias points at this model version's index: checks the layout fits (schema, vector sizes,
   metadata types; new metadata fields are added to the mapping, and so are the fingerprint fields
   ``image_key``/``meta_key`` in an index created before they existed);
-- the alias points at an older model's index: creates the new index beside it; writes go there, reads
+- the alias points at an older model's index (or this model's in another codec: ``<alias>-<version>-<codec>``,
+  ``fgplugin.codecs``): creates the new index beside it; writes go there, reads
   still hit the old one until ``promote()`` swaps the alias atomically (``pending_promotion`` tells).
 
 Writes use ``helpers.streaming_bulk(raise_on_error=False, max_retries=N)``: per-document 429s are
@@ -35,6 +36,7 @@ import numpy as np
 from opensearchpy import NotFoundError, helpers
 from opensearchpy import exceptions as ex
 
+from ..codecs import code_dtype, decode, encode
 from ..errors import QueryError, StoreError
 from ..schema import require_same_schema
 from ..search.spec import QuerySpec, SearchResult
@@ -236,7 +238,7 @@ class OpenSearchStore(Store):
         if sorted(layout.dims) != sorted(layout.attributes):
             raise StoreError(f"layout dims cover {sorted(layout.dims)} but the schema's attributes are {layout.attributes}")
         self._load(force=True)
-        target = versioned_index_name(self.alias, layout.model_version)
+        target = versioned_index_name(self.alias, layout.model_version, layout.codec)
         read = self._read_layout
         if read is not None:
             require_same_schema(read.schema, layout.schema, have_is=self.url, want_is="the model", error=StoreError,
@@ -250,7 +252,7 @@ class OpenSearchStore(Store):
             new_fields = {f: t for f, t in layout.metadata_types.items() if f not in old.metadata_types}
             if new_fields:
                 merged = IndexLayout(old.schema, old.dims, {**old.metadata_types, **new_fields}, old.model_version,
-                                     old.query_slack)
+                                     old.query_slack, old.codec, dict(old.scales))
                 props = build_properties(merged, engine=self.engine)
                 body = {"_meta": {"fgplugin": {**self._index_meta(target), **layout_meta(merged)}},
                         "properties": {f: props[f] for f in new_fields}}
@@ -345,11 +347,12 @@ class OpenSearchStore(Store):
         blocks, present = [], False
         for a in layout.attributes:
             if a not in vectors:
-                blocks.append(np.zeros(layout.dims[a], dtype=np.float32))  # missing: a zero block in emb_all
+                blocks.append(np.zeros(layout.dims[a], dtype=code_dtype(layout.codec)))  # missing: a zero block in emb_all
                 continue
             rows, refused = unit_rows(a, vectors[a][None, :])
             if refused:
                 raise ValueError(refused[0])
+            rows = encode(rows, layout.codec, layout.scale(a))  # int8 codes, or fp16-rounded values
             src[emb_field(a)] = rows[0].tolist()
             blocks.append(rows[0])
             present = True
@@ -452,7 +455,8 @@ class OpenSearchStore(Store):
             return {}
         docs = self._mget(idx, idl, [emb_field(a) for a in attrs])
         return {
-            i: {a: np.asarray(src[emb_field(a)], dtype=np.float32) for a in attrs if src.get(emb_field(a)) is not None}
+            i: {a: decode(np.asarray(src[emb_field(a)], dtype=code_dtype(layout.codec)), layout.codec, layout.scale(a))
+                for a in attrs if src.get(emb_field(a)) is not None}
             for i, src in docs.items()
         }
 
@@ -512,7 +516,9 @@ class OpenSearchStore(Store):
             raise StoreError(f"the OpenSearch index {index!r} at {redact_url(self.config.url)} is red: "
                              f"{health.get('unassigned_shards', '?')} shard(s) unassigned, so some documents "
                              "cannot be read; see GET _cluster/allocation/explain")
-        return {"store": self.url, "documents": self.count(), "ok": True, "health": health.get("status")}
+        layout = self._read_layout or self.write_layout
+        return {"store": self.url, "documents": self.count(), "ok": True, "health": health.get("status"),
+                "codec": layout.codec if layout is not None else None}
 
     def search(self, spec: QuerySpec) -> SearchResult:
         """Top-k by the weighted cosine sum in ``spec.mode`` (exact, ann or ann+rescore), via the alias."""
@@ -535,7 +541,8 @@ class OpenSearchStore(Store):
     def stats(self) -> dict[str, Any]:
         index, layout = self._need_read()
         return {"store": self.url, "index": index, "documents": self.count(), "attributes": layout.attributes,
-                "dims": layout.dims, "metadata_types": layout.metadata_types, "model_version": layout.model_version}
+                "dims": layout.dims, "metadata_types": layout.metadata_types, "model_version": layout.model_version,
+                "codec": layout.codec, "int8_scales": layout.codec_meta()["scales"]}
 
     def browse(self, prefix: str | None = None, offset: int = 0, limit: int = 50) -> list[Document]:
         """Documents by id ascending (ids starting with ``prefix``), without vectors (``Store.browse``).

@@ -1,11 +1,15 @@
-"""Approximate nearest-neighbour indexes of the embedded store (faiss HNSW, inner product), derived
+"""Approximate nearest-neighbour indexes of the embedded store (faiss IVF, inner product), derived
 from the row-aligned vector arrays (``fgplugin.search.vectors``) and stored beside them.
 
-Two kinds of target: one IVF index per attribute (``a<i>``, k-means lists; HNSW measured recall@20
-0.51-0.77 at 1M clustered items, its graph splitting between clusters), which serves one-attribute
-queries, and one HNSW over the concatenation of every attribute (``all``), which serves mixes: a query puts ``w_a * q_a`` in
-the chosen attributes' parts and zeros elsewhere, so the inner product is the weighted sum (a missing
-vector counts 0 here instead of -1; the exact rescoring puts that right).
+One IVF index per attribute (target ``a<i>``, k-means lists): a one-attribute query searches its own
+(HNSW measured recall@20 0.51-0.77 at 1M clustered items, its graph splitting between clusters), and a
+mix probes the lists of each weighted attribute (``probe``; the store ranks the rows they reach). An
+HNSW over the concatenation of all attributes served mixes before: its build took over 30 minutes at 1M
+on 2 cores, and the probed lists find the same top 20 (bench/RESULTS.md, "Scale").
+
+Indexes are built from the decoded vectors (``VectorArrays.values``); a store of another codec than float32
+keeps its IVF lists as faiss scalar codes (fp16 for float16, 8-bit otherwise: a quarter of IVFFlat's bytes),
+whose candidates are rescored on the store's own codes like any others.
 
 Rows are written once (see ``vectors``), so an index only ever grows: it is brought up to date by
 adding the rows it lacks, dead rows included (the search excludes them with an ``IDSelectorBitmap``
@@ -25,8 +29,6 @@ import numpy as np
 
 from .vectors import VectorArrays
 
-HNSW_M = 24  # graph degree
-EF_CONSTRUCTION = 80
 ADD_CHUNK = 50_000  # rows added per faiss call
 RETRAIN_GROWTH = 8  # an IVF index is retrained once the rows grew this many times past its training
 
@@ -40,9 +42,9 @@ def load_faiss() -> Any:
     return faiss
 
 
-def target_of(attributes: list[str], chosen: list[str]) -> str:
-    """Which index serves a query on ``chosen``: the attribute's own for one, the concatenation for a mix."""
-    return f"a{attributes.index(chosen[0])}" if len(chosen) == 1 else "all"
+def target_of(attributes: list[str], attribute: str) -> str:
+    """The index of ``attribute`` (one per attribute, by its place in the layout)."""
+    return f"a{attributes.index(attribute)}"
 
 
 @dataclass
@@ -63,21 +65,17 @@ def ivf_probes(lists: int, share: float) -> int:
 
 
 class AnnIndexes:
-    """The HNSW indexes of one store, loaded, built or caught up on first use."""
+    """The IVF indexes of one store, loaded, built or caught up on first use."""
 
     def __init__(self, faiss: Any, directory: Path, arrays: VectorArrays, epoch: str):
         self.faiss, self.directory, self.arrays, self.epoch = faiss, directory, arrays, epoch
         self._indexes: dict[str, Any] = {}
         self._dirty: set[str] = set()
         self._trained: dict[str, int] = {}  # IVF: how many rows the lists were trained on
+        self._members: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}  # IVF: (ntotal, centres, offsets, rows)
 
     def _dim(self, target: str) -> int:
-        dims = self.arrays.state.dims
-        return sum(dims) if target == "all" else dims[int(target[1:])]
-
-    @staticmethod
-    def _kind(target: str) -> str:
-        return "hnsw" if target == "all" else "ivf"
+        return self.arrays.state.dims[int(target[1:])]
 
     def _files(self, target: str) -> tuple[Path, Path]:
         return self.directory / f"ann_{target}.faiss", self.directory / f"ann_{target}.json"
@@ -87,7 +85,7 @@ class AnnIndexes:
         f, side = self._files(target)
         try:
             meta = json.loads(side.read_text())
-            if meta.get("epoch") == self.epoch and meta.get("kind") == self._kind(target) and f.is_file():
+            if meta.get("epoch") == self.epoch and meta.get("kind") == "ivf" and f.is_file():
                 index = self.faiss.read_index(str(f))
                 if index.d == self._dim(target) and index.ntotal <= self.arrays.state.reserved:
                     self._trained[target] = int(meta.get("trained", 0))
@@ -97,16 +95,17 @@ class AnnIndexes:
         return self._new(target)
 
     def _new(self, target: str) -> Any:
-        """An empty index: HNSW for the concatenation, IVF trained on a sample of the rows for an attribute."""
+        """An empty IVF index, its lists trained on a sample of the attribute's rows."""
         self._dirty.add(target)
-        if target == "all":
-            index = self.faiss.IndexHNSWFlat(self._dim(target), HNSW_M, self.faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = EF_CONSTRUCTION
-            return index
         n = max(1, self.arrays.state.reserved)
         lists = ivf_lists(n)
-        index = self.faiss.IndexIVFFlat(self.faiss.IndexFlatIP(self._dim(target)), self._dim(target), lists,
-                                        self.faiss.METRIC_INNER_PRODUCT)
+        dim, codec = self._dim(target), self.arrays.state.codec
+        if codec == "float32":
+            index = self.faiss.IndexIVFFlat(self.faiss.IndexFlatIP(dim), dim, lists, self.faiss.METRIC_INNER_PRODUCT)
+        else:  # a compact store keeps compact lists (fp16 or 8-bit scalar codes); its candidates are rescored anyway
+            qt = self.faiss.ScalarQuantizer.QT_fp16 if codec == "float16" else self.faiss.ScalarQuantizer.QT_8bit
+            index = self.faiss.IndexIVFScalarQuantizer(self.faiss.IndexFlatIP(dim), dim, lists, qt,
+                                                       self.faiss.METRIC_INNER_PRODUCT, False)
         index.cp.min_points_per_centroid = 1  # a small store trains on what it has, without a warning on stderr
         step = max(1, n // (64 * lists))
         sample = self._rows(target, 0, self.arrays.state.reserved)[::step] if n > 1 else np.zeros((1, self._dim(target)), np.float32)
@@ -116,17 +115,14 @@ class AnnIndexes:
 
     def _rows(self, target: str, start: int, stop: int) -> np.ndarray:
         rows = np.arange(start, stop)
-        if target == "all":
-            return np.ascontiguousarray(np.concatenate(
-                [self.arrays.rows_of(a, rows) for a in self.arrays.state.attributes], axis=1))
-        return np.ascontiguousarray(self.arrays.rows_of(self.arrays.state.attributes[int(target[1:])], rows))
+        return np.ascontiguousarray(self.arrays.values(self.arrays.state.attributes[int(target[1:])], rows))
 
     def index(self, target: str) -> Any:
         """The index of ``target`` holding every reserved row (adding the rows it lacks)."""
         index = self._indexes.get(target)
         if index is None:
             index = self._indexes[target] = self._load(target)
-        if target != "all" and self.arrays.state.reserved > RETRAIN_GROWTH * max(1, self._trained.get(target, 0)):
+        if self.arrays.state.reserved > RETRAIN_GROWTH * max(1, self._trained.get(target, 0)):
             index = self._indexes[target] = self._new(target)  # grown far past its lists: train afresh
         have, want = int(index.ntotal), self.arrays.state.reserved
         for s in range(have, want, ADD_CHUNK):
@@ -134,7 +130,7 @@ class AnnIndexes:
             self._dirty.add(target)
         return index
 
-    def search(self, target: str, query: np.ndarray, k: int, ef: int, allowed: np.ndarray | None,
+    def search(self, target: str, query: np.ndarray, k: int, allowed: np.ndarray | None,
                share: float = 1.0) -> AnnHits:
         """The best ``k`` rows among ``allowed`` (bool per reserved row; None: all) by inner product with
         ``query``; ``share``: the part of the live rows allowed (a filter's selectivity)."""
@@ -143,16 +139,47 @@ class AnnIndexes:
         if allowed is not None:
             bitmap = np.packbits(allowed[: index.ntotal], bitorder="little")
             selector = self.faiss.IDSelectorBitmap(int(index.ntotal), self.faiss.swig_ptr(bitmap))
-        if target == "all":
-            params = self.faiss.SearchParametersHNSW(sel=selector, efSearch=int(max(ef, k)))
-            how = f"HNSW over all attributes (weighted query), efSearch {int(max(ef, k))}"
-        else:
-            probes = ivf_probes(int(index.nlist), share)
-            params = self.faiss.SearchParametersIVF(sel=selector, nprobe=probes)
-            how = f"IVF ({probes} of {int(index.nlist)} lists)"
+        probes = ivf_probes(int(index.nlist), share)
+        params = self.faiss.SearchParametersIVF(sel=selector, nprobe=probes)
+        how = f"IVF ({probes} of {int(index.nlist)} lists)"
         scores, rows = index.search(np.ascontiguousarray(query[None, :], dtype=np.float32), int(k), params=params)
         keep = rows[0] >= 0
         return AnnHits(rows[0][keep].astype(np.int64), scores[0][keep], how)
+
+    def probe(self, target: str, query: np.ndarray, share: float = 1.0) -> AnnHits:
+        """The rows of the IVF lists of attribute index ``target`` nearest to ``query`` (as many lists as a
+        search probes for a filter passing ``share``), each scored with its list's centroid score (the
+        inner product of ``query`` with the list's k-means centre)."""
+        index = self.index(target)
+        centres, offsets, members = self._lists(target, index)
+        probes = ivf_probes(int(index.nlist), share)
+        # the nearest centres by a NumPy product: faiss's own quantizer search starts OpenMP threads,
+        # which cost more than the product for one query (measured ~1.4 ms vs ~0.05 ms on 2 busy cores)
+        score = centres @ np.asarray(query, dtype=np.float32)
+        lists = np.argpartition(-score, probes - 1)[:probes] if probes < len(score) else np.arange(len(score))
+        lists = lists[np.argsort(-score[lists])]
+        scores = score[lists]
+        sizes = offsets[lists + 1] - offsets[lists]
+        rows = np.concatenate([members[offsets[i]:offsets[i + 1]] for i in lists]) if len(lists) else members[:0]
+        return AnnHits(rows, np.repeat(scores, sizes), f"{probes} of {int(index.nlist)} lists")
+
+    def _lists(self, target: str, index: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The IVF lists' centres and members as NumPy arrays (centres, offsets, rows), read once per index size."""
+        got = self._members.get(target)
+        if got is None or got[0] != index.ntotal:
+            inv = index.invlists
+            sizes = np.array([inv.list_size(i) for i in range(index.nlist)], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            members = np.empty(int(offsets[-1]), dtype=np.int64)
+            for i in range(index.nlist):
+                if sizes[i]:
+                    ids = inv.get_ids(i)
+                    members[offsets[i]:offsets[i + 1]] = self.faiss.rev_swig_ptr(ids, int(sizes[i]))
+                    inv.release_ids(i, ids)
+            centres = self.faiss.rev_swig_ptr(self.faiss.downcast_index(index.quantizer).get_xb(),
+                                              int(index.nlist) * int(index.d)).reshape(int(index.nlist), int(index.d)).copy()
+            got = self._members[target] = (int(index.ntotal), centres, offsets, members)
+        return got[1], got[2], got[3]
 
     def save(self) -> None:
         """Write the indexes that changed (the index first, then its sidecar: a crash leaves a stale sidecar
@@ -162,7 +189,6 @@ class AnnIndexes:
             tmp = f.with_name(f.name + ".tmp")
             self.faiss.write_index(self._indexes[target], str(tmp))
             os.replace(tmp, f)
-            side.write_text(json.dumps({"epoch": self.epoch, "kind": self._kind(target), "ntotal": int(self._indexes[target].ntotal),
-                                        "trained": self._trained.get(target, 0),
-                                        "M": HNSW_M, "efConstruction": EF_CONSTRUCTION}))
+            side.write_text(json.dumps({"epoch": self.epoch, "kind": "ivf", "ntotal": int(self._indexes[target].ntotal),
+                                        "trained": self._trained.get(target, 0)}))
         self._dirty.clear()

@@ -2,7 +2,8 @@
 
 Layout: table ``docs`` with ``id`` (primary key), ``model_version``, ``image``, the document's
 fingerprint ``image_key`` and ``meta_key`` (``fgplugin.search.store.Fingerprint``), one ``FLOAT[d]``
-column ``emb_<attribute>`` per attribute (unit vectors) and one typed column ``m_<field>`` per metadata
+column ``emb_<attribute>`` per attribute (unit vectors; ``SMALLINT[d]`` half-precision bits or ``TINYINT[d]``
+int8 codes under the float16, int8 and binary codecs, ``fgplugin.codecs``) and one typed column ``m_<field>`` per metadata
 field; table ``fg_meta`` (key -> JSON value) records the schema, the vector sizes, the metadata types,
 the current model version and free keys such as ``model_path``. A store written before the fingerprint
 columns existed gets them (empty: "unknown", so the index worker re-indexes those documents) when it is
@@ -52,7 +53,7 @@ from .columns import DocColumns
 from .vectors import CACHE_DIR, VectorArrays, new_epoch
 from .store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, codec_from_meta,
                     document_vectors, reference_vectors, to_utc, typed_metadata, unit_rows)
-from ..codecs import code_dtype, decode, encode, stored_codec
+from ..codecs import code_dtype, decode, encode, scoring_query, stored_codec
 
 DB_FILE = "fgplugin.duckdb"
 FORMAT_VERSION = 1
@@ -67,16 +68,20 @@ NO_ANN_NOTE = (
 ROW_COLUMN = "fg_row"  # the document's row in the vector arrays (fgplugin.search.vectors)
 # Reading rows back by row number (rebuilding the arrays, chunk by chunk) without a full scan per chunk.
 ROW_INDEX_SQL = f"CREATE INDEX IF NOT EXISTS docs_{ROW_COLUMN} ON docs ({ROW_COLUMN})"
+MIX_CANDIDATES = 500  # a mix's candidates rescored exactly, at least (see _mix_candidates)
 EXACT_BELOW = 50_000  # ann modes: a filter leaving at most this many (rows x attributes) runs exactly
 TIE_MARGIN = 1e-5  # float32 scores this close to the k-th are rescored in float64 before ordering
 FINGERPRINT_COLUMNS = ("image_key", "meta_key")  # added after format 1 shipped: ALTERed into older stores
 MISSING_COSINE = -1.0  # what a missing attribute vector counts as (see the module docstring)
 # The DuckDB column of each codec's codes (the source of truth): float16 as its 16-bit patterns
 CODE_SQL = {"float32": "FLOAT", "float16": "SMALLINT", "int8": "TINYINT"}
-# binary: the bits' candidates rescored on the int8 codes: this many per hit asked for, at least BINARY_WINDOW
-# (measured in tests/test_codecs.py and bench/codecs.py: overlap@20 with float32 on the clustered set)
+# binary: the bits' candidates rescored on the int8 codes: 10 per hit asked for, at least 200 and at least 1 in
+# BINARY_SHARE of the documents searched. 64 sign bits rank coarsely: on bench/query.py's clustered set (one
+# 64-d attribute) 200 candidates kept overlap@20 0.90 at 20k items but 0.49 at 100k; 2 % of the rows (2,000)
+# reach int8's own 0.94 at 100k (bench/codecs.py has the store's figures)
 BINARY_FACTOR = 10
 BINARY_WINDOW = 200
+BINARY_SHARE = 50
 # Writes per store file in this process: a store object re-reads its rows when another one wrote (another
 # process cannot write meanwhile: DuckDB's file lock admits one writer and no readers beside it).
 _GENERATIONS: dict[str, int] = {}
@@ -399,14 +404,14 @@ class DuckDBStore(Store):
         if columns is not None and self._cache is not None:
             self._columns_for = (id(self._cache), self._seen_generation)
 
-    def prepare_ann(self, attributes: Sequence[str] | None = None, *, mixes: bool = True) -> dict[str, Any]:
-        """Bring the ANN indexes up to date now (the index of each attribute in ``attributes``, default all,
-        and with ``mixes`` the one over all attributes) and save them; a query would do it on first use."""
+    def prepare_ann(self, attributes: Sequence[str] | None = None) -> dict[str, Any]:
+        """Bring the ANN indexes up to date now (the index of each attribute in ``attributes``, default all;
+        mixes use the indexes of their attributes) and save them; a query would do it on first use."""
         arrays = self._vectors()
         if arrays is None or self._ann is None:
             return {"ann": False}
         names = list(attributes) if attributes is not None else list(arrays.state.attributes)
-        targets = [target_of(arrays.state.attributes, [a]) for a in names] + (["all"] if mixes else [])
+        targets = [target_of(arrays.state.attributes, a) for a in names]
         for t in targets:
             self._ann.index(t)
         self._save_ann()
@@ -789,7 +794,8 @@ class DuckDBStore(Store):
         stored = self.get_vectors if arrays is None or columns is None else functools.partial(
             self._stored_vectors, arrays, columns)
         qv = reference_vectors(spec, stored, self.url)
-        queries = {a: layout.query_vector(a, qv[a]).astype(np.float32) for a in spec.attributes}
+        # int8 and binary: the query's own int8 codes, as OpenSearch scores byte vectors (fgplugin.codecs)
+        queries = {a: scoring_query(layout.query_vector(a, qv[a]), layout.codec).astype(np.float32) for a in spec.attributes}
         if arrays is None or columns is None:
             where, params = compile_where(filters, layout.metadata_types)
             if spec.like_id is not None and spec.exclude_self:
@@ -797,15 +803,18 @@ class DuckDBStore(Store):
             return self._search_sql(spec, layout, queries, where, params)
         return self._search_arrays(spec, arrays, columns, queries, filters)
 
-    def _filter_rows(self, columns: DocColumns, filters: list[Filter], alive: np.ndarray) -> np.ndarray:
-        """The live rows passing ``filters``: a NumPy mask over the columns, or DuckDB for what needs SQL."""
+    def _filter_mask(self, columns: DocColumns, filters: list[Filter], alive: np.ndarray) -> np.ndarray:
+        """Per row: live and passing ``filters`` (a NumPy mask over the columns, or DuckDB for what needs SQL)."""
         mask = columns.mask(filters)
+        out = np.zeros(len(alive), dtype=bool)
         if mask is not None:
             n = min(len(mask), len(alive))  # rows past the columns' end were never written by this process
-            return np.flatnonzero(mask[:n] & alive[:n])
+            np.logical_and(mask[:n], alive[:n], out=out[:n])
+            return out
         where, params = compile_where(filters, self._need_layout().metadata_types)
         res = self._cursor().execute(f"SELECT {ROW_COLUMN} FROM docs WHERE {where}", params).fetchnumpy()
-        return np.sort(np.asarray(res[ROW_COLUMN], dtype=np.int64))
+        out[np.asarray(res[ROW_COLUMN], dtype=np.int64)] = True
+        return out
 
     def _stored_vectors(self, arrays: VectorArrays, columns: DocColumns, ids: Sequence[str],
                         attributes: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -815,41 +824,37 @@ class DuckDBStore(Store):
             r = columns.row_of(id_, self._alive)
             if r is not None:
                 row = np.array([r], dtype=np.int64)
-                out[id_] = {a: np.array(arrays.rows_of(a, row)[0], dtype=np.float32) for a in attributes
+                out[id_] = {a: np.array(arrays.values(a, row)[0], dtype=np.float32) for a in attributes
                             if not arrays.missing(a, row)[0]}
         return out
 
-    def _counted(self, columns: DocColumns, id_: str, rows: np.ndarray | None) -> int:
-        """1 if document ``id_`` is among ``rows`` (sorted; None: every live row), else 0."""
+    def _counted(self, columns: DocColumns, id_: str, passing: np.ndarray | None) -> int:
+        """1 if document ``id_`` is among the ``passing`` rows (None: every live row), else 0."""
         r = columns.row_of(id_, self._alive)
-        if r is None:
-            return 0
-        if rows is None:
-            return 1
-        i = int(np.searchsorted(rows, r))
-        return int(i < len(rows) and rows[i] == r)
+        return 0 if r is None else 1 if passing is None else int(passing[r])
 
     def _search_arrays(self, spec: QuerySpec, arrays: VectorArrays, columns: DocColumns,
                        queries: dict[str, np.ndarray], filters: list[Filter]) -> SearchResult:
         attrs = list(spec.attributes)
         weights = [float(spec.attributes[a]) for a in attrs]
         alive = self._alive[: arrays.state.reserved]
-        rows = self._filter_rows(columns, filters, alive) if filters else None
-        total = int(np.count_nonzero(alive)) if rows is None else len(rows)
+        passing = self._filter_mask(columns, filters, alive) if filters else None
+        total = int(np.count_nonzero(alive if passing is None else passing))
         # The reference document never answers its own query: ask for one more and drop it by id.
         skip = spec.like_id if spec.like_id is not None and spec.exclude_self else None
         k = spec.k + (skip is not None)
         if skip is not None:
-            total -= self._counted(columns, skip, rows)
+            total -= self._counted(columns, skip, passing)
         target, plan = self._plan(spec, arrays, attrs, total)
+        rows = None if passing is None or target is not None else np.flatnonzero(passing)  # ANN takes the mask
         if target is None and arrays.scans_bits:  # binary: the bits' best candidates, rescored on the int8 codes
-            window = max(BINARY_FACTOR * k, BINARY_WINDOW)
+            window = max(BINARY_FACTOR * k, BINARY_WINDOW, total // BINARY_SHARE)
             cand = exact_candidates(arrays, attrs, weights, queries, rows, alive, window)
-            plan = f"{plan}; scored on the sign bits, the best {window} rescored on the int8 codes"
+            plan = f"{plan}; scored on the sign bits, the best {window:,} rescored on the int8 codes"
         elif target is None:
             cand = exact_candidates(arrays, attrs, weights, queries, rows, alive, k)
         else:
-            cand, plan = self._ann_candidates(spec, arrays, target, attrs, weights, queries, rows, alive, total)
+            cand, plan = self._ann_candidates(spec, arrays, target, attrs, weights, queries, passing, alive, total)
         hits = [h for h in self._rescore(arrays, columns, attrs, weights, queries, cand, k) if h.id != skip][: spec.k]
         note = ""
         if spec.mode != "exact" and target is None:  # asked for ANN, ran exactly: say why
@@ -867,33 +872,68 @@ class DuckDBStore(Store):
             return None, scan
         if total * len(attrs) <= self.exact_below:
             return None, f"{scan}; fewer than the ANN index pays off for ({self.exact_below:,} rows x attributes)"
-        return target_of(arrays.state.attributes, attrs), ""
+        return ("mix" if len(attrs) > 1 else target_of(arrays.state.attributes, attrs[0])), ""
 
     def _ann_candidates(self, spec: QuerySpec, arrays: VectorArrays, target: str, attrs: list[str],
-                        weights: list[float], queries: dict[str, np.ndarray], rows: np.ndarray | None,
+                        weights: list[float], queries: dict[str, np.ndarray], passing: np.ndarray | None,
                         alive: np.ndarray, total: int) -> tuple[np.ndarray, str]:
-        """Rows from the ANN index of ``target`` among the live rows passing the filter, and the plan. (A row
-        without the attribute's vector holds zeros there: it may come back and is rescored as cosine -1.)"""
+        """Rows from the ANN index of ``target`` among the live rows passing the filter (``passing``; None:
+        no filter), and the plan. (A row without the attribute's vector holds zeros there: it may come back
+        and is rescored as cosine -1.)"""
         assert self._ann is not None
-        allowed: np.ndarray | None = None  # no selector when every row may come back: faster
-        if rows is not None:
-            allowed = np.zeros(len(alive), dtype=bool)
-            allowed[rows] = True
-        elif not alive.all():
+        allowed = passing  # no selector when every row may come back: faster
+        if allowed is None and not alive.all():
             allowed = alive
-        if target != "all":
-            query = queries[attrs[0]]
-        else:
-            parts = {a: w * queries[a] for a, w in zip(attrs, weights)}
-            query = np.concatenate([parts.get(a, np.zeros(d, np.float32))
-                                    for a, d in zip(arrays.state.attributes, arrays.state.dims)])
+        if target == "mix":
+            return self._mix_candidates(spec, arrays, attrs, weights, queries, allowed, alive, total)
+        query = queries[attrs[0]]
         window = spec.k if spec.mode == "ann" else int(spec.rescore_window or default_window(spec.k, len(attrs)))
         share = total / max(1, int(np.count_nonzero(alive)))
-        ef = int(spec.ef_search or default_ef(window, share))
-        got = self._ann.search(target, query, window, ef, allowed, share)
-        on = f" on attribute {attrs[0]}" if target != "all" else ""
-        note = (f"{spec.mode}: {got.how}{on}; {len(got.rows)} candidates among {total:,} documents rescored exactly")
-        return got.rows, note
+        if allowed is not None:
+            # The lists the index would search, their passing rows scored exactly in NumPy: the same
+            # candidates as faiss's search with a selector, without packing a bitmap of every row.
+            got = self._ann.probe(target, query, share)
+            rows = np.sort(got.rows[allowed[got.rows]])  # in row order: the gather reads memory forward
+            score = exact_scores(arrays, attrs[:1], [1.0], queries, rows)
+            cand = rows[best_rows(score, window, 0.0)]
+            how = f"IVF ({got.how}) on attribute {attrs[0]}, its {len(rows):,} passing rows scored"
+        else:
+            got = self._ann.search(target, query, window, None, share)
+            cand, how = got.rows, f"{got.how} on attribute {attrs[0]}"
+        return cand, f"{spec.mode}: {how}; {len(cand)} candidates among {total:,} documents rescored exactly"
+
+    def _mix_candidates(self, spec: QuerySpec, arrays: VectorArrays, attrs: list[str], weights: list[float],
+                        queries: dict[str, np.ndarray], allowed: np.ndarray | None, alive: np.ndarray,
+                        total: int) -> tuple[np.ndarray, str]:
+        """Candidates of a mix: each weighted attribute's IVF probes the lists nearest its query; a row gains
+        ``w_a`` x (how far its list's centre beats the last list probed) for every attribute that reached
+        it, and the rows with the most gain are rescored exactly. (Measured at 1M clustered items, 2 and 4
+        attributes, with and without a 20 % filter: 500 candidates held the exact top 20 in every query.)"""
+        assert self._ann is not None
+        share = total / max(1, int(np.count_nonzero(alive)))
+        window = spec.k if spec.mode == "ann" else int(spec.rescore_window or default_window(spec.k, len(attrs)))
+        want = max(MIX_CANDIDATES, 5 * window)
+        gain = np.zeros(arrays.state.reserved, np.float32)
+        reached, how = [], ""
+        for a, w in zip(attrs, weights):
+            if w <= 0:
+                continue  # a negative weight pushes rows down: it cannot point at the best ones
+            got = self._ann.probe(f"a{arrays.state.attributes.index(a)}", queries[a], share)
+            r, c = got.rows, got.scores
+            if allowed is not None:
+                keep = allowed[r]
+                r, c = r[keep], c[keep]
+            if len(r):
+                gain[r] += np.float32(w) * (c - c.min() + np.float32(1e-3))
+            reached.append(r)
+            how = got.how
+        rows = np.concatenate(reached) if reached else np.zeros(0, np.int64)
+        if len(rows) > want:
+            rows = rows[np.argpartition(-gain[rows], want - 1)[:want]]
+        cand = np.unique(rows)
+        note = (f"{spec.mode}: IVF lists of each weighted attribute ({how}), rows ranked by their lists' weighted "
+                f"centre scores; {len(cand)} candidates among {total:,} documents rescored exactly")
+        return cand, note
 
     def _rescore(self, arrays: VectorArrays, columns: DocColumns, attrs: list[str], weights: list[float],
                  queries: dict[str, np.ndarray], cand: np.ndarray, k: int) -> list[Hit]:
@@ -907,6 +947,9 @@ class DuckDBStore(Store):
             c[arrays.missing(a, cand)] = np.nan
             cos[a] = c
             score += w * np.where(np.isnan(c), MISSING_COSINE, c)
+        if len(cand) > 4 * k:  # many candidates (binary's window): sort only the best k and their exact ties
+            sel = best_rows(score, k, 0.0)
+            cand, score, cos = cand[sel], score[sel], {a: c[sel] for a, c in cos.items()}
         ids = columns.ids[cand]
         order = sorted(range(len(cand)), key=lambda j: (-score[j], ids[j]))[:k]
         fields = list(columns.columns)
@@ -977,7 +1020,9 @@ class DuckDBStore(Store):
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()]
         for t in tables:
             self._cursor().execute(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {_q(t)}").fetchall()
-        return {"store": self.url, "documents": self.count() if "docs" in tables else 0, "ok": True}
+        layout = self.layout if "docs" in tables else None
+        return {"store": self.url, "documents": self.count() if "docs" in tables else 0, "ok": True,
+                "codec": layout.codec if layout is not None else None}
 
     def close(self) -> None:
         self._save_ann()
@@ -1060,12 +1105,6 @@ def default_window(k: int, n_attributes: int) -> int:
     """ann+rescore's candidates when the query does not say: 5k, at least 100 (rescoring 100 rows costs
     well under a millisecond; recall on the clustered bench set: see tests/test_embedded_ann.py)."""
     return max(5 * k, 100)
-
-
-def default_ef(window: int, share: float) -> int:
-    """efSearch for ``window`` candidates when a filter passes ``share`` of the documents (a selective
-    filter hides most of the graph's neighbours, so the search keeps more)."""
-    return int(min(4096, max(64, 2 * window) / max(share, 0.05) ** 0.5))
 
 
 # -- filters -> SQL -------------------------------------------------------------------------------

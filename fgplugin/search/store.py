@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..catalog import coerce
+from ..codecs import INT8_DEFAULT_SCALE, check_codec, decode, stored_codec, uses_scales
 from ..errors import QueryError, StoreError
 from ..images import is_url
 from ..schema import AttributeSchema, require_same_schema
@@ -40,6 +41,30 @@ class IndexLayout:
     model_version: str  # model card version hash
     # posterior = prob models: every vector ends with a slack value that a query drops (fgplugin.similarity)
     query_slack: bool = False
+    codec: str = "float32"  # how the vectors are stored (fgplugin.codecs): float32 | float16 | int8 | binary
+    scales: dict[str, float] = field(default_factory=dict)  # int8 and binary: the int8 scale per attribute
+
+    def __post_init__(self) -> None:
+        try:
+            check_codec(self.codec)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        if uses_scales(self.codec):
+            missing = [a for a in self.schema.names if a not in self.scales]
+            if missing:
+                raise StoreError(f"codec {self.codec} needs an int8 scale per attribute; none for {', '.join(missing)}")
+            bad = {a: s for a, s in self.scales.items() if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0)}
+            if bad:
+                raise StoreError(f"int8 scales must be positive numbers; got {bad}")
+
+    def scale(self, attribute: str) -> float:
+        """The int8 scale of ``attribute`` (127 where the codec has none)."""
+        return float(self.scales.get(attribute, INT8_DEFAULT_SCALE))
+
+    def codec_meta(self) -> dict[str, Any]:
+        """What a store records about the codec beside the layout (read back by ``codec_from_meta``)."""
+        return {"codec": self.codec, "scales": {a: float(self.scales[a]) for a in self.attributes}
+                if uses_scales(self.codec) else {}}
 
     @property
     def attributes(self) -> list[str]:
@@ -55,10 +80,24 @@ class IndexLayout:
         slack = self.slack_mismatch(new)
         if slack:
             raise StoreError(f"{where} {slack}; {hint}")
+        codec = self.codec_mismatch(new)
+        if codec:
+            raise StoreError(f"{where} {codec}; {hint}")
         for f, t in new.metadata_types.items():
             if f in self.metadata_types and self.metadata_types[f] != t:
                 raise StoreError(f"{where} stores metadata field {f!r} as {self.metadata_types[f]}; the catalog now has "
                                  f"it as {t}; {hint}")
+
+    def codec_mismatch(self, new: "IndexLayout") -> str | None:
+        """Why vectors of ``new`` cannot join an index of this layout as to their codec (another codec, or
+        int8 codes of other scales); None when they agree."""
+        if self.codec != new.codec:
+            return (f"holds codec {self.codec} vectors; this run writes codec {new.codec}, "
+                    "and one index holds one codec")
+        if uses_scales(self.codec) and self.codec_meta()["scales"] != new.codec_meta()["scales"]:
+            return (f"stores {self.codec} codes with int8 scales {self.codec_meta()['scales']}; this run's scales are "
+                    f"{new.codec_meta()['scales']}, which make other codes")
+        return None
 
     def slack_mismatch(self, new: "IndexLayout") -> str | None:
         """Why vectors of ``new`` cannot join an index of this layout's vectors, as to the slack value
@@ -85,7 +124,7 @@ class IndexLayout:
 @dataclass
 class Document:
     id: str
-    vectors: dict[str, np.ndarray]  # attribute -> float32 [d], L2-normalised
+    vectors: dict[str, np.ndarray]  # attribute -> float32 [d], L2-normalised (or int8 codes for an int8/binary index)
     metadata: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
     image: str | None = None  # where the vectors came from (kept for display and re-encoding)
@@ -288,11 +327,25 @@ def document_vectors(doc: Document, layout: IndexLayout) -> dict[str, np.ndarray
     for a in layout.attributes:
         if doc.vectors.get(a) is None:
             continue
-        v = np.asarray(doc.vectors[a], dtype=np.float32)
+        v = np.asarray(doc.vectors[a])
+        if isinstance(doc.vectors[a], np.ndarray) and v.dtype.kind in "iu":  # codes: int8 ones of this index's codec
+            if v.dtype != np.int8 or stored_codec(layout.codec) != "int8":
+                raise ValueError(f"vector for attribute {a!r} holds {v.dtype} codes; the index stores codec "
+                                 f"{layout.codec}, which takes float vectors{' or int8 codes' if uses_scales(layout.codec) else ''}")
+            v = decode(v, layout.codec, layout.scale(a))
+        v = v.astype(np.float32)
         if v.shape != (layout.dims[a],):
             raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
         out[a] = v
     return out
+
+
+def codec_from_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``IndexLayout`` keyword arguments from a recorded ``IndexLayout.codec_meta()`` (float32 for an index
+    written before codecs existed)."""
+    meta = meta if isinstance(meta, Mapping) else {}
+    return {"codec": str(meta.get("codec") or "float32"),
+            "scales": {str(a): float(v) for a, v in (meta.get("scales") or {}).items()}}
 
 
 def unit_rows(attribute: str, rows: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
