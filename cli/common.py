@@ -8,6 +8,7 @@ scrubbing of any URL user info.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from fgplugin.errors import CatalogError, FgpluginError, OutputError, SettingError
 from fgplugin.redact import scrub, url_secrets
@@ -215,6 +218,89 @@ def print_json(obj: Any) -> None:
     # allow_nan=False: "Infinity"/"NaN" are not JSON; a non-finite number reaching here is a bug to see.
     sys.stdout.write(json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+class FitWidth:
+    """A table that fits the console it is printed on without cutting a word: when the table's minimum
+    width (every cell wrapped at its spaces) exceeds the width, it drops its least useful columns, in the
+    order given, and names them in its caption; then it gives each column at least its longest word
+    (rich alone shrinks the widest columns, cutting ids to `syn000…`)."""
+
+    def __init__(self, table: Table, drop_order: Iterable[str] = ()):
+        self.table = table
+        self.drop_order = list(drop_order)
+
+    def fitted(self, console: Console, width: int) -> Table:
+        t = copy.copy(self.table)
+        t.columns = list(self.table.columns)
+        dropped = []
+        for header in self.drop_order:
+            if _min_width(console, t) <= width:
+                break
+            keep = [c for c in t.columns if c.header != header]
+            if len(keep) < len(t.columns):
+                t.columns = keep
+                dropped.append(header)
+        if dropped:
+            note = f"not shown at this width: {', '.join(map(str, dropped))}"
+            t.caption = f"{t.caption}; {note}" if t.caption else note
+        return _with_widths(console, t, width)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.fitted(console, options.max_width)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.fitted(console, options.max_width))
+
+
+class SideBySide:
+    """Two tables side by side where the console is wide enough for both, else one above the other."""
+
+    def __init__(self, left: Table, right: Table, gap: int = 2):
+        self.left, self.right, self.gap = left, right, gap
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = console.options.update_width(10_000)
+        need = [Measurement.get(console, wide, t).maximum for t in (self.left, self.right)]
+        if sum(need) + self.gap <= options.max_width:
+            grid = Table.grid()
+            grid.add_column(width=need[0])
+            grid.add_column(width=self.gap)
+            grid.add_column(width=need[1])
+            grid.add_row(self.left, "", self.right)
+            yield grid
+        else:
+            yield self.left
+            yield self.right
+
+
+def _min_width(console: Console, table: Table) -> int:
+    """The narrowest ``table`` renders without cutting a word (measured as if the console were wide)."""
+    return Measurement.get(console, console.options.update_width(10_000), table).minimum
+
+
+def _with_widths(console: Console, table: Table, width: int) -> Table:
+    """``table`` with explicit column widths when it must shrink: each column its longest word, the
+    rest of the width shared in proportion to what each column would still take."""
+    wide = console.options.update_width(10_000)
+    if Measurement.get(console, wide, table).maximum <= width:
+        return table
+    spans = []
+    for c in table.columns:
+        ms = [Measurement.get(console, wide, x) for x in ([c.header] if table.show_header else []) + list(c.cells)]
+        spans.append((max((m.minimum for m in ms), default=1), max((m.maximum for m in ms), default=1)))
+    overhead = _min_width(console, table) - sum(lo for lo, _ in spans)
+    spare = max(0, width - overhead - sum(lo for lo, _ in spans))
+    want = [hi - lo for lo, hi in spans]
+    total = sum(want) or 1
+    grant = [min(w, spare * w // total) for w in want]
+    cols = []
+    for c, (lo, _), g in zip(table.columns, spans, grant):
+        c = copy.copy(c)
+        c.width = lo + g
+        cols.append(c)
+    table.columns = cols
+    return table
 
 
 def not_built(command: str, issue: str) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 from rich.table import Table
 
-from .common import console, err_console, friendly_errors, print_json
+from .common import FitWidth, console, err_console, friendly_errors, print_json
 from .progress import ProgressDisplay
 
 # The evaluation, the model loaders and the attention drawings need torch: they are imported when a
@@ -43,7 +43,11 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f}"
 
 
-def report_table(report: EvalReport, title: str) -> Table:
+# Dropped in this order when the console is too narrow (the MAP and chance columns always stay).
+_DROP_ORDER = ("box area %", "peak in box %", "ROI IoU %", "queries", "triplet acc %")
+
+
+def report_table(report: EvalReport, title: str) -> FitWidth:
     t = Table(title=title)
     for col, just in (("attribute", "left"), ("queries", "right"), ("MAP %", "right"), ("chance %", "right"),
                       ("triplet acc %", "right"), ("ROI IoU %", "right"), ("peak in box %", "right"),
@@ -62,7 +66,7 @@ def report_table(report: EvalReport, title: str) -> Table:
               _pct(report.triplet_accuracy), _pct(r.get("mean_iou")), _pct(r.get("peak_in_box")),
               _pct(r.get("box_area_fraction")))
     t.add_row("overall (mean)", "", _pct(report.overall_mean), _pct(report.chance["overall_mean"]), "", "", "", "")
-    return t
+    return FitWidth(t, _DROP_ORDER)
 
 
 @friendly_errors

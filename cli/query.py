@@ -11,10 +11,10 @@ from rich.table import Table
 
 from fgplugin.errors import OutputError, QueryError
 from fgplugin.query.execute import QueryRun, key_fields, opensearch_body, reference_label, result_to_dict, run_query
-from fgplugin.search.spec import QuerySpec, parse_attributes, parse_filter
+from fgplugin.search.spec import QuerySpec, filter_fields, parse_attributes, parse_filter
 from fgplugin.stores import open_store
 
-from .common import check_writable, console, err_console, friendly_errors, print_json, warn_password_in_url
+from .common import FitWidth, check_writable, console, err_console, friendly_errors, print_json, warn_password_in_url
 
 STORE_HELP = ("embedded:DIR or opensearch:URL. OpenSearch credentials: FGPLUGIN_OPENSEARCH_USER/PASSWORD or "
               "_API_KEY, or a config file (FGPLUGIN_OPENSEARCH_CONFIG); a password in the URL is visible to "
@@ -120,8 +120,10 @@ def _shorten_vectors(obj, keep: int = 4):
     return obj
 
 
-def result_table(run: QueryRun, fields: Sequence[str] | None = None) -> Table:
-    """The hits as the CLI shows them: score, each attribute's cosine and a few metadata columns."""
+def result_table(run: QueryRun, fields: Sequence[str] | None = None) -> FitWidth:
+    """The hits as the CLI shows them: score, each attribute's cosine and a few metadata columns. Ids are
+    never cut; on a narrow console the metadata columns not filtered on go first, then the filtered ones,
+    then the cosines of all but the first attribute (``--json`` has everything)."""
     spec, r = run.spec, run.result
     attrs = list(spec.attributes)
     fields = key_fields(spec, run.layout.metadata_types) if fields is None else list(fields)
@@ -129,8 +131,8 @@ def result_table(run: QueryRun, fields: Sequence[str] | None = None) -> Table:
     total = "" if r.total_candidates is None else f", {r.total_candidates} candidates"
     table = Table(title=f"{reference_label(spec)} by {weights} ({r.mode}{total})", title_justify="left")
     table.add_column("#", justify="right")
-    table.add_column("id")
-    table.add_column("score", justify="right")
+    table.add_column("id", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
     for a in attrs:
         table.add_column(f"cos {a}", justify="right")
     for f in fields:
@@ -139,7 +141,9 @@ def result_table(run: QueryRun, fields: Sequence[str] | None = None) -> Table:
         cos = [f"{h.cosines[a]:.4f}" if a in h.cosines else "—" for a in attrs]
         meta = [_short(h.metadata.get(f)) for f in fields]
         table.add_row(str(i), h.id, f"{h.score:.4f}", *cos, *meta)
-    return table
+    filtered = filter_fields(spec.filters)
+    drop = [f for f in reversed(fields) if f not in filtered] + [f for f in reversed(fields) if f in filtered]
+    return FitWidth(table, drop + [f"cos {a}" for a in reversed(attrs[1:])])
 
 
 def _short(v: Any, n: int = 24) -> str:
