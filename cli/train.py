@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from fgplugin.catalog import find_schema, load_catalog
+from fgplugin.errors import FgpluginError
 from fgplugin.schema import AttributeSchema
 
 from .common import console, err_console, friendly_errors, print_json
@@ -19,7 +20,7 @@ from .progress import ProgressDisplay
 def train(
     catalog: Path = typer.Option(..., "--catalog", help="Catalog manifest (.jsonl or .csv)."),
     out: Path = typer.Option(..., "--out", help="Run folder (checkpoints go to OUT/last and OUT/best)."),
-    variant: str = typer.Option("asen_v2", "--variant", help="asen_v2, asen, csn, ag_mlan, global or mtc."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="asen_v2 (default), asen, csn, ag_mlan, global or mtc."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="Splits file (default: splits.json beside the catalog)."),
     schema: Optional[Path] = typer.Option(None, "--schema", help="Schema file (default: beside the catalog)."),
     trunk: Optional[str] = typer.Option(None, "--trunk", help="Trunk: resnet18/34/50, resnet_tiny, efficientnet_lite0, any torchvision CNN."),
@@ -37,8 +38,11 @@ def train(
     set_: List[str] = typer.Option([], "--set", help="Any config key: --set key=value (repeatable), e.g. --set embed_dim=256."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    extend: Optional[Path] = typer.Option(None, "--extend", help="Export (or checkpoint / run folder) to extend with the --attribute(s): only what they need is learned, every existing attribute's vectors stay bit-identical."),
+    attribute: List[str] = typer.Option([], "--attribute", help="With --extend: a new attribute to learn (repeatable), declared with its values in the catalog's schema."),
 ) -> None:
-    """Train an attribute-specific embedding model on a catalog's training split."""
+    """Train an attribute-specific embedding model on a catalog's training split (or, with --extend,
+    teach a trained model new attributes)."""
     # The training stack (torch) loads when the command runs, not at every CLI start.
     # torch: the models and the trainer are imported when the command runs
     from fgplugin.models import load_config, parse_overrides
@@ -49,15 +53,19 @@ def train(
                 "image_size": image_size, "epochs": epochs, "steps": steps, "batch_size": batch_size,
                 "lr": lr, "seed": seed, "workers": workers}
     overrides.update({k: v for k, v in explicit.items() if v is not None})
-    config = load_config(variant, overrides)
     budget_s = parse_budget(budget)
-    cat = load_catalog(catalog, AttributeSchema.load(schema or find_schema(catalog)))
-    if not as_json:
-        console.print(f"training [bold]{variant}[/] ({config.trunk}, {config.image_size} px) on {len(cat)} items "
-                      f"from {catalog} -> {out}", highlight=False)
-    with ProgressDisplay(err_console, enabled=not (no_progress or as_json)) as show:
-        result = run_train(config, cat, splits, out, budget_s=budget_s, device=device, resume=resume,
-                           on_progress=show)
+    if extend is not None or attribute:
+        result = _extend(extend, attribute, variant, catalog, schema, splits, out, overrides, budget_s, device, resume,
+                         no_progress or as_json)
+    else:
+        config = load_config(variant or "asen_v2", overrides)
+        cat = load_catalog(catalog, AttributeSchema.load(schema or find_schema(catalog)))
+        if not as_json:
+            console.print(f"training [bold]{config.variant}[/] ({config.trunk}, {config.image_size} px) on {len(cat)} "
+                          f"items from {catalog} -> {out}", highlight=False)
+        with ProgressDisplay(err_console, enabled=not (no_progress or as_json)) as show:
+            result = run_train(config, cat, splits, out, budget_s=budget_s, device=device, resume=resume,
+                               on_progress=show)
     summary = {
         "checkpoint": str(result.checkpoint), "last": str(result.last),
         "best": None if result.best is None else str(result.best), "steps": result.steps,
@@ -80,3 +88,25 @@ def train(
     console.print(f"{how}: step {result.steps}/{result.total_steps} in {result.seconds:.0f} s; "
                   f"checkpoint {result.checkpoint}" + ("" if result.stopped != "budget" else "; continue with --resume"),
                   highlight=False)
+
+
+def _extend(base_path: Optional[Path], attributes: List[str], variant: Optional[str], catalog: Path,
+            schema: Optional[Path], splits: Optional[Path], out: Path, overrides: dict, budget_s: Optional[float],
+            device: str, resume: bool, quiet: bool):
+    """`train --extend BASE --attribute NAME ...`: the base loaded and checked, then the extension run."""
+    # torch: the models and the trainer are imported when the command runs
+    from fgplugin.loading import load_extension_base
+    from fgplugin.training.extend import extend as run_extend
+
+    if base_path is None or not attributes:
+        raise FgpluginError("--extend EXPORT_OR_CHECKPOINT and --attribute NAME go together (name each new attribute)")
+    base, version = load_extension_base(base_path)
+    if variant is not None and variant != base.config.variant:
+        raise FgpluginError(f"--variant {variant}: the base model {base_path} is a {base.config.variant} model; "
+                            "an extension keeps its variant (drop --variant)")
+    if not quiet:
+        console.print(f"extending [bold]{base.config.variant}[/] {base_path} ({', '.join(base.schema.names)}) with "
+                      f"[bold]{', '.join(attributes)}[/] on {catalog} -> {out}", highlight=False)
+    with ProgressDisplay(err_console, enabled=not quiet) as show:
+        return run_extend(base, version, catalog, list(attributes), out, schema=schema, splits=splits,
+                          overrides=overrides, budget_s=budget_s, device=device, resume=resume, on_progress=show)

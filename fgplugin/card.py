@@ -28,7 +28,7 @@ WEIGHTS_FILE = "weights.safetensors"
 # not re-encode a catalog for nothing. ``integrity`` covers every byte (encoder, weights, whole card)
 # and is checked on load, so a modified export is refused.
 VERSION_FIELDS = ("format", "format_version", "variant", "config", "schema", "attributes", "dims",
-                  "embedding_dim", "preprocess")
+                  "embedding_dim", "preprocess", "extends")  # "extends": only on extended models' cards
 
 
 def _canonical(card: dict[str, Any], keys: Sequence[str] | None = None) -> bytes:
@@ -102,3 +102,25 @@ def read_card(path: str | Path) -> dict[str, Any]:
     """The model card of an export folder, format-checked (no hash check; see ExportedEncoder.load)."""
     return read_format_file(path, CARD_FILE, what="export", fmt=FORMAT, versions=SUPPORTED_FORMAT_VERSIONS,
                             required=("schema", "attributes", "dims", "preprocess", "version"))
+
+
+def extension_of(card: dict[str, Any]) -> tuple[str | None, list[str], list[str]] | None:
+    """What an export made by ``fgplugin train --extend`` extends, from its card: (the base export's
+    ``version``, None when it was extended from a training checkpoint; the base's attributes, in
+    order; the attributes it added, in order), or None for a model that extends nothing.
+
+    The extended model gives the base attributes bit-identical vectors, so a store indexed with the
+    base ``version`` needs only the added attributes' vectors. Refuses (ModelCardError) an entry that
+    does not fit the card's own attribute list."""
+    ext = card.get("extends")
+    if ext is None:
+        return None
+    attributes = list(card.get("attributes") or [])
+    try:
+        version, base, added = ext.get("version"), list(ext["attributes"]), list(ext["added"])
+    except (AttributeError, KeyError, TypeError):
+        raise ModelCardError(f"model card: malformed 'extends' entry {ext!r}") from None
+    if (version is not None and not isinstance(version, str)) or not added or attributes != base + added:
+        raise ModelCardError(f"model card: 'extends' (base {base}, added {added}) does not fit the card's "
+                             f"attributes {attributes}")
+    return version, base, added

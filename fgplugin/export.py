@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torchvision  # noqa: F401  (registers torchvision::roi_align for the TorchScript encoder)
 from PIL import Image
-from safetensors.torch import save_model
 from torch.export.passes import move_to_device_pass
 
 from . import __version__
@@ -117,6 +116,8 @@ def _storage(names: Sequence[str], eval_report: "EvalReport | None") -> dict[str
     scale = {n: round(127.0 / max(float(max_abs.get(n, 1.0)), 1e-6), 4) for n in names}
     return {
         "dtype": "float32",
+        # what `fgplugin index` stores unless --codec says otherwise (fgplugin.codecs: float32, float16, int8, binary)
+        "codec": "float32",
         "normalised": "each attribute's vector has unit L2 norm; cosine = dot product",
         "fp16": "safe: components lie in [-1, 1]; expect ~1e-3 cosine error",
         "int8": {
@@ -225,7 +226,8 @@ def export_model(
     """
     # local: the model code is needed to write an export, never to load one (serving imports this
     # module without the training stack; tests/test_export.py checks it in a fresh process)
-    from .models import load_checkpoint
+    from .models import load_checkpoint, read_checkpoint_meta
+    from .models.checkpoint import write_weights
 
     out = Path(out_dir)
     _refuse_foreign_folder(out)
@@ -239,9 +241,12 @@ def export_model(
         with torch.no_grad():
             probe = torch.randn(TRACE_BATCH + 1, 3, size, size)  # a batch size the trace never saw
             expected = model.embed_all(probe)
-        save_model(model, str(tmp / WEIGHTS_FILE))
+        write_weights(model, tmp / WEIGHTS_FILE)
         card = _model_card(model, _encoder_entry(kind, export_failure, size), int(expected.shape[-1]),
                            Path(checkpoint_dir), _training_summary(catalog, state, model.schema), eval_report)
+        extension = read_checkpoint_meta(checkpoint_dir).get("extension")
+        if extension:  # `fgplugin train --extend`: what it extends (card.extension_of) and its parts
+            card["extends"] = {**extension["extends"], "groups": extension["groups"]}
         _write_card(tmp, card)
         _verify(tmp, model.schema, probe, expected, checkpoint_dir, card["variant"])
     return out

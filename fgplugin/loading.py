@@ -1,19 +1,23 @@
 """Getting what an evaluation (or a query by a training checkpoint) works on: an encoder from a training
-run/checkpoint folder or from an export, and a catalog with its splits and (generated data) boxes.
+run/checkpoint folder or from an export, and a catalog with its splits and (generated data) boxes; the
+model `train --extend` starts from.
 Returns data; never prints (the caller reports ``catalog.problems``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from .card import CARD_FILE, WEIGHTS_FILE
 from .catalog import Catalog, find_schema, load_catalog
 from .encoding import Encoder
 from .errors import FgpluginError, ModelCardError
 from .export import ExportedEncoder
-from .models import load_checkpoint
+from .models import AttributeModel, ModelConfig, load_checkpoint
+from .models.checkpoint import build_from_meta, read_weights
 from .schema import AttributeSchema, require_same_schema
 from .splits import Splits
 from .synth import load_boxes
@@ -42,6 +46,35 @@ def load_encoder(checkpoint: str | Path | None = None, export_dir: str | Path | 
         return ExportedEncoder.load(export_dir, device=device)
     model, _ = load_checkpoint(resolve_checkpoint(checkpoint), map_location="cpu")
     return model
+
+
+def load_extension_base(path: str | Path) -> tuple[AttributeModel, str | None]:
+    """The model ``fgplugin train --extend PATH`` extends, on CPU in eval mode, and its export's card
+    ``version`` (None for a checkpoint or run folder). An export is checked whole first (its version
+    and integrity hashes, its encoder loads), so a damaged one is refused, not extended."""
+    p = Path(path)
+    if not (p / CARD_FILE).is_file():
+        model, _ = load_checkpoint(resolve_checkpoint(p), map_location="cpu")
+        return model, None
+    enc = ExportedEncoder.load(p, device="cpu")
+    card = enc.card
+    try:
+        config = ModelConfig.from_dict(card["config"])
+    except (FgpluginError, TypeError, KeyError) as e:
+        raise ModelCardError(f"{p}: the card's config cannot be read ({e})") from None
+    ext = card.get("extends")
+    extension = None if ext is None else {"extends": {k: ext.get(k) for k in ("version", "attributes", "added")},
+                                          "groups": ext.get("groups")}
+    model = build_from_meta(dataclasses.replace(config, trunk_weights=None, local_trunk_weights=None), enc.schema,
+                            extension, where=p)
+    model.config = config
+    try:
+        read_weights(model, p / WEIGHTS_FILE)
+    except Exception as e:  # noqa: BLE001 - missing/unexpected keys, wrong shapes
+        msg = " ".join(str(e).split())[:300]
+        raise ModelCardError(f"{p}: its {WEIGHTS_FILE} does not fit the {config.variant} model its card describes "
+                             f"({msg})") from None
+    return model.eval(), enc.version
 
 
 class EvalData(NamedTuple):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .. import __version__
 from ..card import read_format_file
@@ -23,7 +23,8 @@ from ..errors import FgpluginError, ModelCardError
 from ..schema import AttributeSchema, require_same_schema
 from .base import AttributeModel
 from .config import ModelConfig
-from .factory import build_model
+from .extend import ExtendedModel
+from .factory import build_extended, build_model
 
 FORMAT = "fgplugin-checkpoint"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        write_weights(model, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -60,6 +61,8 @@ def save_checkpoint(
             "dims": dict(model.dims),
             "state": state or {},
         }
+        if isinstance(model, ExtendedModel):  # what it extends, and its parts' attributes to rebuild it
+            meta["extension"] = {"extends": dict(model.extends), "groups": model.groups}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n", encoding="utf-8")
         if optimizer is not None:
             torch.save({
@@ -77,6 +80,34 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def write_weights(model: AttributeModel, file: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """The model's weights as safetensors. An extended model's parts share the base's modules: each
+    shared tensor is written once, under the base's name (the first one ``named_parameters`` gives)."""
+    if not isinstance(model, ExtendedModel):
+        save_model(model, str(file), metadata=metadata)
+        return
+    save_file({k: v.contiguous() for k, v in _unique_state(model).items()}, str(file), metadata=metadata)
+
+
+def read_weights(model: AttributeModel, file: str | Path, device: str = "cpu") -> None:
+    """Load what ``write_weights`` wrote into a model of the same structure (strict: a missing or an
+    unexpected tensor raises)."""
+    if not isinstance(model, ExtendedModel):
+        load_model(model, str(file), strict=True, device=device)
+        return
+    state = load_file(str(file), device=device)
+    want = set(_unique_state(model))
+    if set(state) != want:
+        missing, extra = sorted(want - set(state))[:5], sorted(set(state) - want)[:5]
+        raise RuntimeError(f"missing keys {missing}, unexpected keys {extra}")
+    model.load_state_dict(state, strict=False)  # the shared modules' other names are the same tensors
+
+
+def _unique_state(model: AttributeModel) -> dict[str, torch.Tensor]:
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
 def _json_default(x: Any) -> Any:
@@ -120,10 +151,10 @@ def load_checkpoint(
     if not weights.is_file():
         raise ModelCardError(f"{d}: checkpoint is missing {WEIGHTS_FILE}")
     build_cfg = dataclasses.replace(config, trunk_weights=None, local_trunk_weights=None)
-    model = build_model(build_cfg, own)
+    model = build_from_meta(build_cfg, own, meta.get("extension"), where=d)
     model.config = config
     try:
-        load_model(model, str(weights), strict=True, device=str(map_location))
+        read_weights(model, weights, device=str(map_location))
     except Exception as e:  # noqa: BLE001 - missing/unexpected keys, wrong shapes, corrupt file
         msg = " ".join(str(e).split())[:400]
         raise ModelCardError(f"{d}: weights do not fit the {config.variant} model its config describes ({msg})") from None
@@ -131,6 +162,20 @@ def load_checkpoint(
         raise ModelCardError(f"{d}: recorded dims {meta.get('dims')} differ from the model's {model.dims}")
     model.to(map_location).eval()
     return model, dict(meta.get("state") or {})
+
+
+def build_from_meta(config: ModelConfig, schema: AttributeSchema, extension: dict[str, Any] | None, *,
+                    where: Path | str) -> AttributeModel:
+    """A freshly built model of the structure a checkpoint or an export card describes (its
+    ``extension`` entry: None for a plain model), for its weights to be loaded into."""
+    if extension is None:
+        return build_model(config, schema)
+    try:
+        return build_extended(config, schema, [list(g) for g in extension["groups"]], dict(extension["extends"]))
+    except (KeyError, TypeError) as e:
+        raise ModelCardError(f"{where}: malformed extension entry ({type(e).__name__}: {e})") from None
+    except FgpluginError as e:
+        raise ModelCardError(f"{where}: {e}") from None
 
 
 def load_training_state(dir: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any = None,
@@ -151,5 +196,6 @@ def load_training_state(dir: str | Path, optimizer: torch.optim.Optimizer, sched
     return True
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_training_state", "read_checkpoint_meta",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_training_state", "read_checkpoint_meta", "build_from_meta",
+           "write_weights", "read_weights",
            "WEIGHTS_FILE", "CONFIG_FILE", "OPTIMIZER_FILE"]

@@ -6,12 +6,14 @@ says which class each name builds, in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 from ..schema import AttributeSchema
 from .base import AttributeModel
 from .config import ModelConfig
+from .extend import ExtendedModel, ExtensionError, extend_model, sub_schema
 from .variants import AGMLAN, ASEN, CSN, GlobalEmbedding, MultiTaskClassifier
 
 ModelBuilder = Callable[[ModelConfig, AttributeSchema], AttributeModel]
@@ -32,4 +34,33 @@ def build_model(config: ModelConfig, schema: AttributeSchema) -> AttributeModel:
     return MODELS[config.variant](config, schema)
 
 
-__all__ = ["MODELS", "ModelBuilder", "build_model"]
+def build_extension(base: AttributeModel, schema: AttributeSchema, extends: dict[str, Any]) -> ExtendedModel:
+    """``base`` extended to ``schema`` (its attributes, then ``extends["added"]``): the new attributes'
+    part freshly initialised (seed it before), everything of ``base`` shared and frozen."""
+    added = list(extends["added"])
+    if schema.names != [*base.schema.names, *added]:
+        raise ExtensionError(f"the extended schema {schema.names} is not the base's {base.schema.names} "
+                             f"followed by {added}")
+    return extend_model(base, schema, build_model(_untrunked(base.config), sub_schema(schema, added)), extends)
+
+
+def _untrunked(config: ModelConfig) -> ModelConfig:
+    # A part's own trunks are replaced by the base's (share_from): never load weight files for them.
+    return dataclasses.replace(config, trunk_weights=None, local_trunk_weights=None)
+
+
+def build_extended(config: ModelConfig, schema: AttributeSchema, groups: list[list[str]],
+                   extends: dict[str, Any]) -> ExtendedModel:
+    """The structure of a saved extended model (weights to be loaded): its base for ``groups[0]``, a
+    part for each later group of attribute names."""
+    if len(groups) < 2 or [n for g in groups for n in g] != schema.names:
+        raise ExtensionError(f"extension groups {groups} do not partition the schema's attributes {schema.names}")
+    root = build_model(config, sub_schema(schema, groups[0]))
+    for i, g in enumerate(groups[1:]):
+        done = [n for gg in groups[:i + 2] for n in gg]
+        root = extend_model(root, sub_schema(schema, done), build_model(_untrunked(config), sub_schema(schema, g)),
+                            extends if i == len(groups) - 2 else {"attributes": done[:-len(g)], "added": g})
+    return root  # type: ignore[return-value]
+
+
+__all__ = ["MODELS", "ModelBuilder", "build_model", "build_extension", "build_extended"]

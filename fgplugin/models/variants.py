@@ -30,6 +30,7 @@ from .attention import (
 )
 from .base import AttributeModel
 from .config import ConfigError, ModelConfig
+from .extend import Extendable, ExtensionError
 from .trunks import build_trunk
 from .vectors import l2n, pad_to, posterior_vector
 
@@ -81,7 +82,7 @@ class ASENBranch(nn.Module):
         return self.fc(self.aca(pooled, a)), w, (x.shape[-2], x.shape[-1])
 
 
-class ASEN(AttributeModel):
+class ASEN(Extendable):
     """ASEN (``local=False``) and ASEN_v2 (``local=True``)."""
 
     def __init__(self, config: ModelConfig, schema: AttributeSchema, local: bool):
@@ -113,7 +114,10 @@ class ASEN(AttributeModel):
     # -- parts --------------------------------------------------------------------------------
     def _global(self, images: torch.Tensor, idx: torch.Tensor):
         """(embeddings [B, K, E], ASA weights [B, K, hw], (h, w), trunk map [B, C, h, w])."""
-        x = self.global_branch.features(images)
+        return self._global_from(self.global_branch.features(images), idx)
+
+    def _global_from(self, x: torch.Tensor, idx: torch.Tensor):
+        """The same from the trunk map ``x``."""
         return (*self.global_branch.attend(x, self.attr_embedding(idx)), x)
 
     def _logits(self, x: torch.Tensor) -> list[torch.Tensor] | None:
@@ -135,7 +139,10 @@ class ASEN(AttributeModel):
         return l2n(torch.cat([torch.sqrt(s) * l2n(g), torch.sqrt(1 - s) * l2n(l)], dim=-1))
 
     def _vectors(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        g, w, hw, x = self._global(images, idx)
+        return self._vectors_from(self.global_branch.features(images), images, idx)
+
+    def _vectors_from(self, x: torch.Tensor, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        g, w, hw, x = self._global_from(x, idx)
         logits = self._logits(x) if self.config.proxy_share > 0 else None
         if not self.local:
             return self.with_posteriors(l2n(g), g, idx, logits)
@@ -144,8 +151,28 @@ class ASEN(AttributeModel):
 
     # -- interface ----------------------------------------------------------------------------
     def embed_all(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_from(self.trunk_map(images), images)
+
+    # -- extension (fgplugin.models.extend) ---------------------------------------------------
+    def trunk_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.global_branch.features(images)
+
+    def embed_from(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
-        return self._vectors(images, idx)
+        return self._vectors_from(features, images, idx)
+
+    def share_from(self, base: "ASEN") -> None:
+        # The trunks are the base's; the attribute embedding (shared by both branches), each branch's
+        # ASA, ACA and embedding layer, the classification heads and the proxies are this part's own,
+        # the branches' layers starting from the base's trained values.
+        self.global_branch.load_state_dict(base.global_branch.state_dict())
+        self.global_branch.features = base.global_branch.features
+        if self.heads is not None:
+            self.cls_stage = base.cls_stage
+        if self.local:
+            self.local_branch.load_state_dict(base.local_branch.state_dict())
+            self.local_branch.features = base.local_branch.features
+            self.share.copy_(base.share)
 
     def embed(self, images: torch.Tensor, attr_idx: torch.Tensor) -> torch.Tensor:
         return self._vectors(images, attr_idx.to(images.device).reshape(-1, 1))[:, 0]
@@ -210,7 +237,7 @@ class ASEN(AttributeModel):
             self.share.fill_(self.config.global_share)
 
 
-class CSN(AttributeModel):
+class CSN(Extendable):
     """Conditional Similarity Networks: embedding * mask[attribute]."""
 
     def __init__(self, config: ModelConfig, schema: AttributeSchema):
@@ -244,7 +271,23 @@ class CSN(AttributeModel):
         return self.fc(_pool(self.features(images)))
 
     def embed_all(self, images):
-        e = self._embedding(images).unsqueeze(1) * self._mask().unsqueeze(0)
+        return self.embed_from(self.trunk_map(images), images)
+
+    def trunk_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    def share_from(self, base: "CSN") -> None:
+        # The trunk is the base's; the embedding layer (from the base's values), masks, proxies this part's.
+        self.fc.load_state_dict(base.fc.state_dict())
+        self.features = base.features
+
+    def check_extendable(self) -> None:
+        if self.config.csn_mask == "fixed":
+            raise ExtensionError("a csn model with fixed masks (csn_mask = fixed) cannot be extended: a new "
+                                 "attribute's fixed mask would have nothing to learn")
+
+    def embed_from(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        e = self.fc(_pool(features)).unsqueeze(1) * self._mask().unsqueeze(0)
         idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
         return self.with_posteriors(l2n(e), e, idx)
 
@@ -271,7 +314,7 @@ class _Heads(nn.Module):
         return list(torch.split(self.fc(x), self.sizes, dim=-1))
 
 
-class AGMLAN(AttributeModel):
+class AGMLAN(Extendable):
     """Attribute-guided multi-level attention network."""
 
     def __init__(self, config: ModelConfig, schema: AttributeSchema):
@@ -314,10 +357,26 @@ class AGMLAN(AttributeModel):
         return e, att, (x.shape[-2], x.shape[-1])
 
     def embed_all(self, images):
-        fused, f16 = self._fused(images)
+        return self.embed_from(self.trunk_map(images), images)
+
+    def trunk_map(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fused(images)
+
+    def embed_from(self, features: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        fused, f16 = features
         idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
         e = self._embed(fused, f16, idx)[0]
         return self.with_posteriors(e, e, idx)
+
+    def share_from(self, base: "AGMLAN") -> None:
+        # The trunk's stages and the stride-8 projection (``trunk_map``) are the base's; the reduction,
+        # attention and embedding layers (from the base's values), the attribute embedding, masks,
+        # heads and proxies are this part's own.
+        for own, theirs in ((self.reduce, base.reduce), (self.asa, base.asa), (self.spatial, base.spatial),
+                            (self.aca, base.aca), (self.fc, base.fc)):
+            own.load_state_dict(theirs.state_dict())
+        self.log_vars.data.copy_(base.log_vars.data)
+        self.s8, self.s16, self.s32, self.proj = base.s8, base.s16, base.s32, base.proj
 
     def embed(self, images, attr_idx):
         fused, f16 = self._fused(images)
@@ -367,7 +426,7 @@ class GlobalEmbedding(AttributeModel):
         return {"loss": metric.pop("metric"), **metric}
 
 
-class MultiTaskClassifier(AttributeModel):
+class MultiTaskClassifier(Extendable):
     """A softmax head per attribute; the posterior (as a unit vector, ``config.posterior``) is the
     attribute's vector."""
 
@@ -385,9 +444,18 @@ class MultiTaskClassifier(AttributeModel):
         return self.heads(_pool(self.features(images)))
 
     def embed_all(self, images):
+        return self.embed_from(self.trunk_map(images), images)
+
+    def trunk_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    def embed_from(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         d = self.dim
-        return torch.stack([pad_to(posterior_vector(lg, self.config.posterior), d) for lg in self.logits(images)],
-                           dim=1)
+        return torch.stack([pad_to(posterior_vector(lg, self.config.posterior), d)
+                            for lg in self.heads(_pool(features))], dim=1)
+
+    def share_from(self, base: "MultiTaskClassifier") -> None:
+        self.features = base.features  # the heads are per attribute
 
     def training_losses(self, images, attr, labels, stage=1):
         loss = L.multitask_cross_entropy(self.logits(images), labels)

@@ -279,15 +279,17 @@ class _Resumed:
     stage: int  # the stage its optimiser state belongs to
 
 
-def _open_model(config: ModelConfig, schema: AttributeSchema, folders: _Folders,
-                resume: bool) -> tuple[AttributeModel, dict[str, Any], _Resumed | None]:
-    """(model, saved training state, what was resumed): the run in ``folders`` when resuming, else a
-    fresh model initialised from ``train.seed``. An existing run is never overwritten."""
+def _open_model(config: ModelConfig, schema: AttributeSchema, folders: _Folders, resume: bool,
+                start: AttributeModel | None = None) -> tuple[AttributeModel, dict[str, Any], _Resumed | None]:
+    """(model, saved training state, what was resumed): the run in ``folders`` when resuming, else
+    ``start`` or a fresh model initialised from ``train.seed``. An existing run is never overwritten."""
     last = folders.last
     has_run = (last / "config.json").is_file()
     if has_run and not resume:
         raise FgpluginError(f"{folders.out} already holds a training run; pass --resume to continue it, "
                             "or choose a new --out")
+    if not has_run and start is not None:
+        return start, {}, None
     if not has_run:
         torch.manual_seed(config.train.seed)
         np.random.seed(config.train.seed % (2**32))
@@ -417,6 +419,7 @@ def train(
     validate: bool = True,
     on_step: OnStep | None = None,
     on_progress: OnProgress | None = None,
+    start: AttributeModel | None = None,
 ) -> TrainResult:
     """Train ``config.variant`` on the catalog's training split; returns where the checkpoints are.
 
@@ -424,13 +427,14 @@ def train(
     has one, else start fresh. Without ``resume`` an existing run there is refused (nothing is lost).
     ``budget_s``: stop after this many seconds of training (then validate and save as usual).
     ``on_step(step, loss parts)`` after every step; ``on_progress``: decoding and training progress.
+    ``start``: the model a new run starts from instead of a fresh one (an extension, training/extend.py).
     """
     t_start = time.monotonic()
     catalog, splits = _load_inputs(catalog, splits)
     dev = resolve_device(device)
     folders = _Folders(Path(out_dir))
     data = _training_data(config, catalog, splits)
-    model, state, resumed = _open_model(config, catalog.schema, folders, resume)
+    model, state, resumed = _open_model(config, catalog.schema, folders, resume, start)
     model.to(dev)
     model.freeze_trunk_stages()
     run = _Run.from_state(model, state, data.total, config.train.stage1_fraction)
