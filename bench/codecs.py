@@ -11,7 +11,6 @@ exact queries, without and with a filter passing 20 %.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import shutil
 import sys
@@ -73,15 +72,8 @@ def disk_bytes(path: Path) -> tuple[int, int]:
 
 
 def main() -> None:  # long: one table, row by row
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100000", help="comma-separated item counts (e.g. 100000,1000000)")
-    ap.add_argument("--attributes", type=int, default=8)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--queries", type=int, default=20, help="timed queries per configuration")
-    ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=20000, help="upsert batch size")
+    ap = Q.store_args(__doc__)
     ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated, float32 first")
-    ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     args = ap.parse_args()
     console.width = max(console.width, 160)
     codecs = args.codecs.split(",")

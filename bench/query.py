@@ -143,8 +143,9 @@ def query_specs(vecs, attrs, d, n, na: int, cat: str | None, k: int, reps: int, 
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def store_args(description: str) -> argparse.ArgumentParser:
+    """The options every store benchmark shares (sizes, vector shape, queries), for bench/codecs.py too."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000", help="comma-separated item counts (e.g. 100000,1000000)")
     ap.add_argument("--attributes", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
@@ -152,6 +153,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--batch", type=int, default=20000, help="upsert batch size")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
+    return ap
+
+
+def main() -> None:
+    ap = store_args(__doc__)
     ap.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit while querying")
     ap.add_argument("--node-size", type=int, default=0,
                     help="also load this many items (one of --sizes) into a real OpenSearch node and query it")

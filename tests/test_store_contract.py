@@ -65,18 +65,23 @@ def docs():
     return make_docs()
 
 
-@pytest.fixture(scope="module")
-def both(opensearch_url, tmp_path_factory, docs):
-    emb = DuckDBStore(tmp_path_factory.mktemp("contract"))
-    osr = opensearch_store(opensearch_url, f"fgcontract-{uuid.uuid4().hex[:8]}")
+def store_pair(opensearch_url, tmp_path_factory, docs, index_layout: IndexLayout, name: str):
+    """An embedded store and an OpenSearch index holding ``docs`` under ``index_layout`` (a fixture body)."""
+    emb = DuckDBStore(tmp_path_factory.mktemp(name))
+    osr = opensearch_store(opensearch_url, f"fg{name}-{uuid.uuid4().hex[:8]}")
     for st in (emb, osr):
-        st.ensure_index(layout())
+        st.ensure_index(index_layout)
         res = st.upsert(docs)
         assert not res.failed and len(res.ok) == N
     yield {"embedded": emb, "opensearch": osr}
     drop(osr)
     osr.close()
     emb.close()
+
+
+@pytest.fixture(scope="module")
+def both(opensearch_url, tmp_path_factory, docs):
+    yield from store_pair(opensearch_url, tmp_path_factory, docs, layout(), "contract")
 
 
 QUERIES = {
@@ -258,17 +263,8 @@ def codec_layout(codec: str, version: str = V1) -> IndexLayout:
 
 
 @pytest.fixture(scope="module")
-def both_int8(opensearch_url, tmp_path_factory, docs):
-    emb = DuckDBStore(tmp_path_factory.mktemp("contract-int8"))
-    osr = opensearch_store(opensearch_url, f"fgcontract-{uuid.uuid4().hex[:8]}")
-    for st in (emb, osr):
-        st.ensure_index(codec_layout("int8"))  # Lucene byte vectors on the node
-        res = st.upsert(docs)
-        assert not res.failed and len(res.ok) == N
-    yield {"embedded": emb, "opensearch": osr}
-    drop(osr)
-    osr.close()
-    emb.close()
+def both_int8(opensearch_url, tmp_path_factory, docs):  # Lucene byte vectors on the node
+    yield from store_pair(opensearch_url, tmp_path_factory, docs, codec_layout("int8"), "contract-int8")
 
 
 @pytest.mark.parametrize("name", ["one", "two-unequal", "four", "terms-range", "missing-field"])
