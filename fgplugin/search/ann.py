@@ -12,8 +12,8 @@ keeps its IVF lists as faiss scalar codes (fp16 for float16, 8-bit otherwise: a 
 whose candidates are rescored on the store's own codes like any others.
 
 Rows are written once (see ``vectors``), so an index only ever grows: it is brought up to date by
-adding the rows it lacks, dead rows included (the search excludes them with an ``IDSelectorBitmap``
-of the live rows, which also carries the query's filter). Each index file has a sidecar with the
+adding the rows it lacks, dead rows included (the store drops them, and the rows its filter does
+not pass, from what ``probe`` returns). Each index file has a sidecar with the
 cache epoch; a file of another epoch, or one that does not load, is rebuilt from the arrays.
 """
 
@@ -130,21 +130,15 @@ class AnnIndexes:
             self._dirty.add(target)
         return index
 
-    def search(self, target: str, query: np.ndarray, k: int, allowed: np.ndarray | None,
-               share: float = 1.0) -> AnnHits:
-        """The best ``k`` rows among ``allowed`` (bool per reserved row; None: all) by inner product with
-        ``query``; ``share``: the part of the live rows allowed (a filter's selectivity)."""
+    def search(self, target: str, query: np.ndarray, k: int) -> AnnHits:
+        """The best ``k`` rows by inner product with ``query`` (any row: a filtered query, or one on a store
+        with dead rows, takes ``probe``'s rows and filters them itself)."""
         index = self.index(target)
-        selector = None
-        if allowed is not None:
-            bitmap = np.packbits(allowed[: index.ntotal], bitorder="little")
-            selector = self.faiss.IDSelectorBitmap(int(index.ntotal), self.faiss.swig_ptr(bitmap))
-        probes = ivf_probes(int(index.nlist), share)
-        params = self.faiss.SearchParametersIVF(sel=selector, nprobe=probes)
-        how = f"IVF ({probes} of {int(index.nlist)} lists)"
+        probes = ivf_probes(int(index.nlist), 1.0)
+        params = self.faiss.SearchParametersIVF(nprobe=probes)
         scores, rows = index.search(np.ascontiguousarray(query[None, :], dtype=np.float32), int(k), params=params)
         keep = rows[0] >= 0
-        return AnnHits(rows[0][keep].astype(np.int64), scores[0][keep], how)
+        return AnnHits(rows[0][keep].astype(np.int64), scores[0][keep], f"IVF ({probes} of {int(index.nlist)} lists)")
 
     def probe(self, target: str, query: np.ndarray, share: float = 1.0) -> AnnHits:
         """The rows of the IVF lists of attribute index ``target`` nearest to ``query`` (as many lists as a
