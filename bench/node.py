@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -57,11 +58,52 @@ def node_header(store: OpenSearchStore) -> str:
 
 def disk_parts(index_uuid: str) -> dict[str, int]:
     """Bytes per Lucene file kind of the local bench node's index (the _stats file_sizes keep one file
-    per extension, so they undercount per-field files such as .vec/.vex)."""
+    per extension, so they undercount per-field files such as .vec/.vex); a compound file (.cfs) counts as
+    the files it packs."""
     base = Path(os.environ.get("OPENSEARCH_NODE_HOME", ROOT / ".opensearch")) / "nodes-bench"
     sizes: dict[str, int] = {}
     for f in base.glob(f"node-*/data/nodes/*/indices/{index_uuid}/*/index/*"):
-        sizes[f.suffix] = sizes.get(f.suffix, 0) + f.stat().st_size
+        inner = compound_parts(f.with_suffix(".cfe")) if f.suffix == ".cfs" and f.with_suffix(".cfe").exists() else {}
+        if sum(inner.values()) > f.stat().st_size:
+            inner = {}  # not the table of this file: count the compound file whole
+        for ext, b in (inner or {f.suffix: f.stat().st_size}).items():
+            sizes[ext] = sizes.get(ext, 0) + b
+    return sizes
+
+
+def compound_parts(cfe: Path) -> dict[str, int]:
+    """Bytes per file kind inside a Lucene compound file (.cfs; a small flushed segment is one), read from
+    its entries table ``cfe`` (Lucene90CompoundFormat: index header, vint count, then per file its name
+    without the segment prefix and little-endian int64 offset and length); {} when it does not parse."""
+    b = cfe.read_bytes()
+    pos = 4  # the codec magic
+
+    def vint() -> int:
+        nonlocal pos
+        out = shift = 0
+        while True:
+            byte = b[pos]
+            pos += 1
+            out |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return out
+            shift += 7
+
+    try:
+        skip = vint()  # (read before pos is added to: vint moves it)
+        pos += skip + 4 + 16  # codec name, version, segment id
+        pos += 1 + b[pos]  # the header's suffix
+        sizes: dict[str, int] = {}
+        for _ in range(vint()):
+            name_len = vint()
+            name = b[pos:pos + name_len].decode()  # without the segment prefix: ".fdt", "_Lucene99Hnsw..._0.vec"
+            ext = name[name.rfind("."):]
+            pos += name_len
+            _, length = struct.unpack_from("<qq", b, pos)
+            pos += 16
+            sizes[ext] = sizes.get(ext, 0) + length
+    except (IndexError, UnicodeDecodeError, struct.error):
+        return {}
     return sizes
 
 
@@ -90,12 +132,29 @@ def load_node(store: OpenSearchStore, layout: IndexLayout, n: int, docs: Callabl
     stats = store.client.indices.stats(index=index, metric="store,segments", include_segment_file_sizes=True)
     prim = stats["indices"][index]["primaries"]
     files = {k: v["size_in_bytes"] for k, v in prim["segments"].get("file_sizes", {}).items()}
-    knn = store.client.transport.perform_request("GET", "/_plugins/_knn/stats")
-    graph_kb = sum(int(nd.get("graph_memory_usage", 0)) for nd in knn.get("nodes", {}).values())
     uuid = store.client.indices.get_settings(index=index)[index]["settings"]["index"]["uuid"]
     return {"write_s": write_s, "client_cpu_s": client_cpu_s, "merge_s": merge_s, "rate": n / write_s,
             "store_bytes": prim["store"]["size_in_bytes"], "segments": prim["segments"]["count"], "file_sizes": files,
-            "disk_parts": disk_parts(uuid), "knn_graph_memory_kb": graph_kb}
+            "disk_parts": disk_parts(uuid), "knn_graph_memory_kb": knn_graph_memory_kb(store)}
+
+
+def knn_graph_memory_kb(store: OpenSearchStore) -> int:
+    """The k-NN stats API's graph memory (KB, all nodes): the plugin's native (faiss) graph cache, filled by
+    queries; lucene graphs are ordinary Lucene files read through the page cache, so it stays 0 for them."""
+    knn = store.client.transport.perform_request("GET", "/_plugins/_knn/stats")
+    return sum(int(nd.get("graph_memory_usage", 0)) for nd in knn.get("nodes", {}).values())
+
+
+# What each Lucene file kind of a k-NN index holds (by extension; ``disk_parts``)
+LUCENE_FILES = {".vec": "raw vectors", ".vex": "HNSW graph", ".dvd": "doc values (the vectors the exact script reads)",
+                ".fdt": "stored fields (_source)"}
+
+
+def file_groups(parts: dict[str, int]) -> dict[str, int]:
+    """``disk_parts`` grouped as LUCENE_FILES names them, everything else under ``other``."""
+    out = {ext: parts.get(ext, 0) for ext in LUCENE_FILES}
+    out["other"] = sum(b for ext, b in parts.items() if ext not in LUCENE_FILES)
+    return out
 
 
 def drop_index(store: OpenSearchStore, say: Callable[[str], None] = print) -> None:
