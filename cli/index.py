@@ -144,6 +144,10 @@ def report_table(report: IndexReport) -> Table:
     t.add_row(f"catalog items (shard {report.shard})" if report.shard else "catalog items", str(report.catalog_items))
     t.add_row("[green]indexed", str(report.indexed))
     t.add_row("[green]metadata updated", str(report.metadata_updated))
+    if report.added_attributes:
+        t.add_row("[green]attributes added", ", ".join(report.added_attributes))
+    if report.extended or report.added_attributes:
+        t.add_row("[green]extended (added vectors only)", str(report.extended))
     t.add_row("skipped: already current", str(report.skipped_current))
     if report.skipped_failed:
         t.add_row("[yellow]skipped: failed before (--retry-errors)", str(report.skipped_failed))
@@ -169,6 +173,8 @@ def report_table(report: IndexReport) -> Table:
         t.add_row("[green]now serving", report.promoted)
     if report.not_promoted:
         t.add_row("[yellow]not serving yet", report.not_promoted)
+    if report.codec:
+        t.add_row("index codec", report.codec)
     if report.errors_path and report.errors_in_file:
         t.add_row("errors file", f"{report.errors_path} ({report.errors_in_file} lines)")
     rate = report.indexed / report.elapsed_s if report.elapsed_s > 0 else 0.0

@@ -44,6 +44,18 @@ The errors file (JSONL, one object per line) always describes what is currently 
 are appended as failures happen (so a killed run loses none), and the file is rewritten compactly at
 the end without the items that have since succeeded or left the catalog.
 
+Extensions. A model made by ``fgplugin train --extend`` gives the base model's attributes bit-identical
+vectors (its card says which base export version it extends: ``fgplugin.card.extension_of``). Indexed into
+a store built with that base version (same attributes, sizes, codec), the run adds the new attributes'
+fields to the live index (``Store.add_attributes``: a DuckDB column; an OpenSearch mapping field, the
+alias untouched) and gives each document at the base version with the same image and metadata keys only
+the new attributes' vectors and the new model version (``Store.update_vectors``, counted as ``extended``);
+everything else takes the normal path. A resumed run finds the fields there and the documents already
+moved to the new version current. A model that extends another version than the index's is refused
+(StoreError naming both), as is one extended from a training checkpoint (its card names no base
+version). The same path adds back an attribute removed by ``Store.drop_attribute`` when the model it was
+dropped from indexes the store again (the documents carry a version derived from that model's).
+
 Removals. A stored document that is out of date and fails to be brought up to date (its re-encoding
 with a new model or from a new image fails, or the store rejects its new metadata), and the document
 of a row that has become invalid (a bad value, a duplicate of another row's id is not one of them),
@@ -75,6 +87,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 
+from .card import extension_of
 from .catalog import UNREADABLE, Catalog, Problem, load_catalog
 from .codecs import card_codec, check_codec, int8_scales, uses_scales
 from .encoder import BatchTimings, EncodedBatch, iter_encoded
@@ -83,8 +96,8 @@ from .errors import ImageError, ModelCardError, SettingError, StoreError
 from .images import DEFAULT_LIMITS, ImageLimits
 from .progress import OnProgress, report as report_step
 from .schema import require_same_schema
-from .search.store import (Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, image_key, metadata_key,
-                           same_image)
+from .search.store import (Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, dropped_version, image_key,
+                           metadata_key, same_image)
 
 METADATA_CHUNK = 500  # documents per get_vectors + upsert round of metadata-only updates
 MAX_REMOVAL = 0.10  # default share of the stored documents one run may remove (see "Removals")
@@ -221,6 +234,9 @@ class IndexReport:
     indexed: int = 0
     skipped_current: int = 0  # already indexed with this model version, image and metadata
     metadata_updated: int = 0  # metadata rewritten, vectors kept (same model version and image)
+    extended: int = 0  # given only the vectors of attributes added to the index in place (see "Extensions")
+    added_attributes: list[str] = field(default_factory=list)  # attributes this run added to the index
+    codec: str = ""  # how the index keeps the vectors (fgplugin.codecs)
     skipped_failed: int = 0  # failed before with the same image and metadata; see retry_errors
     not_attempted: int = 0  # with retry_errors: new or stale items outside the errors file
     failures: list[Failure] = field(default_factory=list)  # this run's
@@ -263,6 +279,9 @@ class IndexReport:
             "to_index": self.to_index,
             "indexed": self.indexed,
             "metadata_updated": self.metadata_updated,
+            "extended": self.extended,
+            "added_attributes": list(self.added_attributes),
+            "codec": self.codec,
             "skipped_current": self.skipped_current,
             "skipped_previously_failed": self.skipped_failed,
             "not_attempted": self.not_attempted,
@@ -301,6 +320,8 @@ class _Work:
 
     encode: list[tuple[str, str]] = field(default_factory=list)  # (id, image source) to encode
     metadata_only: list[str] = field(default_factory=list)  # ids whose metadata alone changed
+    extend: list[tuple[str, str]] = field(default_factory=list)  # (id, image source) needing only added attributes
+    added: dict[str, list[str]] = field(default_factory=dict)  # id in ``extend`` -> the attributes it lacks
     sources: dict[str, str] = field(default_factory=dict)  # id -> image source
     keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (image key, metadata key) written
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # standing failures, id -> errors-file entry
@@ -308,7 +329,8 @@ class _Work:
 
 
 def _plan_work(catalog: Catalog, layout: IndexLayout, stored: dict[str, Fingerprint],
-               prior: dict[str, dict[str, Any]], retry_errors: bool, report: IndexReport) -> _Work:
+               prior: dict[str, dict[str, Any]], retry_errors: bool, report: IndexReport,
+               extend_from: dict[str, list[str]] | None = None) -> _Work:
     """Sort every catalog item into skipped (counted on ``report``), metadata-only or to encode."""
     work = _Work()
     for it in catalog:
@@ -339,9 +361,13 @@ def _plan_work(catalog: Catalog, layout: IndexLayout, stored: dict[str, Fingerpr
         work.sources[it.id] = src
         if same_vectors:
             work.metadata_only.append(it.id)
+        elif (fp is not None and fp.model_version in (extend_from or {}) and fp.image_key == ik
+              and fp.meta_key == mk):
+            work.extend.append((it.id, src))  # the base's vectors are the model's: only the added ones are written
+            work.added[it.id] = (extend_from or {})[fp.model_version]
         else:
             work.encode.append((it.id, src))
-    report.to_index = len(work.encode) + len(work.metadata_only) + len(work.early)
+    report.to_index = len(work.encode) + len(work.metadata_only) + len(work.extend) + len(work.early)
     return work
 
 
@@ -384,12 +410,13 @@ class _Run:
         return Document(id_, vectors, dict(item.metadata), model_version=self.report.model_version,
                         image=self.work.sources[id_], image_key=ik, meta_key=mk)
 
-    def write(self, docs: list[Document]) -> UpsertResult | None:
-        """Upsert; a StoreError (store down or broken) aborts the run: None. Those items are not failures
-        of their own; the next run picks them (and everything after them) up again."""
+    def write(self, docs: list[Document], *, vectors_only: bool = False) -> UpsertResult | None:
+        """Upsert (``vectors_only``: ``update_vectors``); a StoreError (store down or broken) aborts the run:
+        None. Those items are not failures of their own; the next run picks them (and everything after them)
+        up again."""
         t0 = time.perf_counter()
         try:
-            result = self.store.upsert(docs)
+            result = self.store.update_vectors(docs) if vectors_only else self.store.upsert(docs)
         except StoreError as e:
             self.report.aborted = str(e)
             return None
@@ -421,26 +448,33 @@ def _update_metadata(run: _Run) -> None:
 
 
 def _encode_and_write(run: _Run, encoder: DeployedEncoder, *, batch_size: int, workers: int, limits: ImageLimits,
-                      on_progress: OnProgress | None, on_batch: Callable[[EncodedBatch], None] | None) -> None:
-    """Encode the items to encode in batches and upsert each batch as soon as it is encoded."""
-    total, done = len(run.work.encode), 0
-    report_step(on_progress, "indexing", 0, total)
-    for batch in iter_encoded(encoder, run.work.encode, batch_size=batch_size, workers=workers, limits=limits):
+                      on_progress: OnProgress | None, on_batch: Callable[[EncodedBatch], None] | None,
+                      extend: bool = False) -> None:
+    """Encode the items to encode in batches and upsert each batch as soon as it is encoded. ``extend``: the
+    items that need only the attributes added in place; the encoder computes every vector, the store gets
+    only those (``Store.update_vectors``)."""
+    items, step = (run.work.extend, "extending") if extend else (run.work.encode, "indexing")
+    total, done = len(items), 0
+    report_step(on_progress, step, 0, total)
+    for batch in iter_encoded(encoder, items, batch_size=batch_size, workers=workers, limits=limits):
         run.report.timings.add(batch.timings)
-        docs = [run.document(id_, {a: batch.vectors[a][j] for a in encoder.attributes})
+        docs = [run.document(id_, {a: batch.vectors[a][j] for a in (run.work.added[id_] if extend else encoder.attributes)})
                 for j, id_ in enumerate(batch.ids)]
         failed = list(batch.failures)
         if docs:
-            result = run.write(docs)
+            result = run.write(docs, vectors_only=extend)
             if result is None:
                 run.record(failed)
                 return
-            run.report.indexed += len(result.ok)
+            if extend:
+                run.report.extended += len(result.ok)
+            else:
+                run.report.indexed += len(result.ok)
             failed += result.failed
         run.record(failed)
         done += len(batch)
         nfail = len(run.report.failures)
-        report_step(on_progress, "indexing", done, total, f"{nfail} failed" if nfail else "")
+        report_step(on_progress, step, done, total, f"{nfail} failed" if nfail else "")
         if on_batch is not None:
             on_batch(batch)
 
@@ -493,7 +527,9 @@ def _start_run(catalog: Catalog | str | Path, encoder: DeployedEncoder, store: S
     layout = IndexLayout(encoder.schema, dict(encoder.dims), dict(catalog.metadata_types), encoder.version,
                          query_slack=encoder.query_slack, codec=codec,
                          scales=int8_scales(encoder.card) if uses_scales(codec) else {})
+    rep.codec = codec
     store.verify()  # a damaged store must not pass for "already current": read it whole first
+    extend_from, rep.added_attributes = grow_in_place(store, encoder, layout)
     store.ensure_index(layout)  # workers that start together: the store takes a concurrent create
     store.set_meta("model_path", str(Path(model_path if model_path is not None else encoder.path).resolve()))
 
@@ -501,8 +537,55 @@ def _start_run(catalog: Catalog | str | Path, encoder: DeployedEncoder, store: S
     stored = {i: fp for i, fp in store.fingerprints().items() if shard is None or shard.owns(i)}
     catalog_ids = set(catalog.ids)
     prior = {i: e for i, e in read_errors(errors_path).items() if i in catalog_ids}
-    return _Run(catalog, store, rep, _plan_work(catalog, layout, stored, prior, retry_errors, rep), stored,
+    return _Run(catalog, store, rep, _plan_work(catalog, layout, stored, prior, retry_errors, rep, extend_from), stored,
                 shard=shard)
+
+
+def grow_in_place(store: Store, encoder: DeployedEncoder, layout: IndexLayout) -> tuple[dict[str, list[str]], list[str]]:
+    """Step 1 for a model that adds attributes to the index's (see "Extensions"): add their fields to the live
+    index (``Store.add_attributes``) and say which stored documents need only them. Returns ({model version of
+    such documents: the attributes they lack}, the attributes added now). Refuses (StoreError) a model that
+    extends another model than the index's, or a training checkpoint (no base version to check)."""
+    old = store.layout
+    ext = extension_of(encoder.card)
+    if old is None:
+        return {}, []
+    extend_from: dict[str, list[str]] = {}
+    if ext is not None and ext[0] is not None:
+        extend_from[ext[0]] = list(ext[2])
+    # documents whose attribute was dropped (``Store.drop_attribute``): this model adds it back
+    extend_from.update({dropped_version(encoder.version, a): [a] for a in encoder.attributes})
+    readd = _dropped_from(old, encoder.version)
+    if readd:
+        extend_from[old.model_version] = [a for a in layout.attributes if a not in old.attributes]
+    missing = [a for a in layout.attributes if a not in old.attributes]
+    if not missing or [a for a in old.attributes if a not in layout.attributes]:
+        return extend_from, []  # nothing to add (a resumed run), or another schema: ensure_index decides
+    where = f"the index in {store.url}"
+    if readd:  # the model the attributes were dropped from, whose vectors the documents still hold
+        return extend_from, store.add_attributes(old.extended_by(layout, old.model_version, missing))
+    if ext is not None and ext[0] is None and sorted(old.attributes) == sorted(ext[1]):
+        raise StoreError(f"the model {encoder.path} was extended from a training checkpoint, so its card names no "
+                         f"base export version and {where} cannot be known to hold its vectors: extend from the export "
+                         "the index was built with (fgplugin train --extend EXPORT), or index into a new store")
+    if ext is not None and sorted(old.attributes) == sorted(ext[1]):
+        grown = old.extended_by(layout, ext[0] or "", ext[2])
+    elif any(a in old.dropped for a in missing):
+        raise StoreError(f"attribute(s) {', '.join(a for a in missing if a in old.dropped)} were dropped from {where} "
+                         f"(model version {old.model_version[:12]}), whose documents do not hold the vectors of the "
+                         f"model {encoder.path} ({encoder.version[:12]}): index with the model they were dropped from "
+                         "while the index holds its vectors, or into a new store")
+    else:
+        return extend_from, []  # not an extension: ensure_index refuses it as any other schema
+    return extend_from, store.add_attributes(grown)
+
+
+def _dropped_from(layout: IndexLayout, version: str) -> bool:
+    """Whether ``layout`` is model ``version``'s index with attributes dropped and nothing re-encoded since."""
+    v = layout.dropped_from
+    for a in layout.dropped:
+        v = dropped_version(v, a)
+    return bool(layout.dropped) and layout.dropped_from == version and v == layout.model_version
 
 
 def index_catalog(
@@ -554,9 +637,10 @@ def index_catalog(
     try:
         run.record(run.work.early)
         _update_metadata(run)
-        if not rep.aborted:
-            _encode_and_write(run, encoder, batch_size=batch_size, workers=workers, limits=limits,
-                              on_progress=on_progress, on_batch=on_batch)
+        for extend in (True, False):  # the added attributes first: queries on them answer for every item soonest
+            if not rep.aborted:
+                _encode_and_write(run, encoder, batch_size=batch_size, workers=workers, limits=limits,
+                                  on_progress=on_progress, on_batch=on_batch, extend=extend)
     except KeyboardInterrupt:
         # Written batches stay (each upsert is all or nothing); report what was done instead of a traceback.
         rep.aborted = "interrupted (Ctrl-C); what was written stays, rerun to continue"

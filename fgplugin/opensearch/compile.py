@@ -48,7 +48,7 @@ from ..search.spec import (Bool, Exists, Filter, Hit, QuerySpec, Range, Term, Te
                           combined_query_vector)
 from ..search.store import IndexLayout, to_utc
 from .checks import MAX_K, RequestCheckError, check_request
-from .mapping import ALL_FIELD, emb_field
+from .mapping import ALL_FIELD, combined_blocks, emb_field
 from .scripts import SCRIPT_ID, script_params, script_to_weighted_cosine, weighted_cosine_script
 
 DEFAULT_RESCORE_FACTOR = 5  # ann+rescore window = 5 * k unless the spec says otherwise
@@ -144,7 +144,7 @@ class Plan:
     window the exact script re-scores (0: the knn score is the result's score).
     """
 
-    route: str  # exact | attribute | attributes+all | all
+    route: str  # exact | attribute | attributes | attributes+all | all
     fields: tuple[str, ...] = ()
     candidates: int = 0
     ef_search: int | None = None
@@ -154,6 +154,7 @@ class Plan:
         if self.route == "exact":
             return "plan: exact (script_score over every document that passes the filters)"
         what = {"attribute": "the attribute's own HNSW graph",
+                "attributes": "each weighted attribute's own graph, union (emb_all lacks one of them)",
                 "attributes+all": "each weighted attribute's own graph and the concatenated emb_all, union",
                 "all": "the concatenated emb_all graph"}[self.route]
         ef = f", ef_search {self.ef_search}" if self.ef_search else ""
@@ -184,6 +185,11 @@ def plan_query(spec: QuerySpec, layout: IndexLayout) -> Plan:
     if len(weighted) == 1:
         cand = window if rescored else k
         return Plan("attribute", (emb_field(weighted[0]),), cand, max(ef, cand), window if rescored else 0)
+    in_all = {a for a, _ in combined_blocks(layout)}
+    if any(a not in in_all for a in weighted):  # an attribute added in place: emb_all does not hold it
+        fields = tuple(emb_field(a) for a in weighted)
+        cand = min(max(window if rescored else UNION_FACTOR * k, ef), MAX_K // len(fields))
+        return Plan("attributes", fields, cand, cand, cand * len(fields))
     if effective_attributes(spec.attributes) / len(layout.attributes) < UNION_BELOW:
         fields = tuple(emb_field(a) for a in weighted) + (ALL_FIELD,)
         # lucene returns max(k, ef_search) hits per clause: ask for as many as are searched, and
@@ -297,12 +303,12 @@ def knn_vector(field: str, spec: QuerySpec, layout: IndexLayout, q: Mapping[str,
     inner product is the attribute's weighted cosine either way. On an int8 index: int8 codes of that
     vector, each attribute's part divided by its scale first (the stored codes are ``scale_a * x_a``)."""
     int8 = stored_codec(layout.codec) == "int8"
+    blocks = combined_blocks(layout)
     if field == ALL_FIELD and int8:
-        v = np.concatenate([spec.attributes[a] * q[a] / layout.scale(a) if a in q else np.zeros(layout.dims[a])
-                            for a in layout.attributes])
+        v = np.concatenate([spec.attributes[a] * q[a] / layout.scale(a) if a in q else np.zeros(d) for a, d in blocks])
     elif field == ALL_FIELD:
-        full = {a: (q[a] if a in q else np.zeros(layout.dims[a])) for a in layout.attributes}
-        v = combined_query_vector(spec, layout.attributes, full)
+        full = {a: (q[a] if a in q else np.zeros(d)) for a, d in blocks}
+        v = combined_query_vector(spec, [a for a, _ in blocks], full)
     else:
         a = next(a for a in spec.attributes if emb_field(a) == field)
         v = spec.attributes[a] * q[a]

@@ -25,6 +25,15 @@ lucene and faiss); ``float16`` float fields whose graph is faiss's fp16 scalar q
 faiss only: the lucene engine of k-NN 2.19 has no 16-bit storage (its ``sq`` encoder is 7-bit, its
 ``on_disk`` mode 4x only). ``binary`` is refused here (see ``BINARY_REFUSAL``).
 
+Attributes added in place (``OpenSearchStore.add_attributes``, a model made by ``fgplugin train --extend``):
+each new attribute's ``emb_<a>`` field is put into the live index's mapping (the alias and the index name
+stay; queries answer throughout) and documents get it by partial ``_update``. ``emb_all`` cannot grow (a
+knn_vector field's dimension is fixed), so it keeps covering the attributes the index was created with,
+recorded as ``combined`` in ``_meta.fgplugin.extension``; a query weighting an attribute outside it runs
+through the weighted attributes' own graphs and is rescored exactly (``compile.plan_query``). A dropped
+attribute (``drop_attribute``) leaves its field in the mapping (fields cannot be removed) and its block in
+``emb_all`` (queries never weight it, so that block meets zeros); its vectors leave every ``_source``.
+
 Index names carry the model version: ``<alias>-<version[:12]>``. Queries read the alias; re-encoding
 with a new model writes a new index and then swaps the alias atomically (one ``_aliases`` request:
 remove from the old index, add to the new one), so readers never see a half-built index.
@@ -35,6 +44,7 @@ Regenerate the checked-in demo mapping with ``python -m fgplugin.opensearch.mapp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -43,7 +53,7 @@ from typing import Any, Iterable
 
 from ..errors import StoreError
 from ..schema import AttributeSchema
-from ..search.store import IndexLayout, codec_from_meta
+from ..search.store import IndexLayout, codec_from_meta, extension_from_meta
 from ..synth import synth_schema
 from .checks import ENGINES, RequestCheckError, check_request
 
@@ -102,11 +112,13 @@ def layout_meta(layout: IndexLayout) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "schema": layout.schema.to_dict(),
         "schema_fingerprint": layout.schema.fingerprint(),
+        "attributes": list(layout.attributes),  # the order: a put_mapping may reorder _meta's objects
         "dims": {a: int(layout.dims[a]) for a in layout.attributes},
         "metadata_types": dict(layout.metadata_types),
         "model_version": layout.model_version,
         "query_slack": layout.query_slack,
         "codec": layout.codec_meta(),
+        "extension": layout.extension_meta(),
     }
 
 
@@ -115,14 +127,26 @@ def layout_from_meta(meta: Any, where: str) -> IndexLayout:
         raise StoreError(f"{where} was not created by fgplugin (its mapping has no _meta.fgplugin layout)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{where} has fgplugin index format {meta.get('format_version')}; this fgplugin reads {FORMAT_VERSION}")
+    schema = AttributeSchema.from_dict(meta["schema"], source=where)
+    order = meta.get("attributes")
+    if isinstance(order, list) and sorted(order) == sorted(schema.names):
+        schema = dataclasses.replace(schema, attributes=tuple(schema[a] for a in order))
     return IndexLayout(
-        schema=AttributeSchema.from_dict(meta["schema"], source=where),
+        schema=schema,
         dims={k: int(v) for k, v in meta["dims"].items()},
         metadata_types=dict(meta["metadata_types"]),
         model_version=str(meta.get("model_version", "")),
         query_slack=bool(meta.get("query_slack", False)),  # indexes created before it: never
         **codec_from_meta(meta.get("codec")),  # indexes created before codecs: float32
+        **extension_from_meta(meta.get("extension")),  # attributes added or dropped in place
     )
+
+
+def combined_blocks(layout: IndexLayout) -> list[tuple[str, int]]:
+    """The (attribute, size) blocks of ``emb_all``, in order: the layout's attributes, or, on an index that
+    attributes were added to in place, those it was created with (a knn_vector field's dimension cannot
+    change; see "Attributes added in place")."""
+    return list(layout.combined) or [(a, int(layout.dims[a])) for a in layout.attributes]
 
 
 def metadata_property(type_: str) -> dict[str, Any]:
@@ -175,7 +199,8 @@ def build_properties(layout: IndexLayout, *, engine: str = "faiss", m: int = 16,
     }
     for a in layout.attributes:
         props[emb_field(a)] = vector_property(layout.dims[a], engine, m, ef_construction, layout.codec)
-    props[ALL_FIELD] = vector_property(layout.total_dim, engine, m, ef_construction, layout.codec)
+    props[ALL_FIELD] = vector_property(sum(d for _, d in combined_blocks(layout)), engine, m, ef_construction,
+                                       layout.codec)
     for f, t in layout.metadata_types.items():
         if f in RESERVED_FIELDS or f.startswith("emb_"):
             raise StoreError(f"metadata field {f!r} clashes with an fgplugin index field; rename it in the catalog")

@@ -23,6 +23,7 @@ accepts connections but never answers is reported in seconds too. Every request 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -41,13 +42,13 @@ from ..errors import QueryError, StoreError
 from ..schema import require_same_schema
 from ..search.spec import QuerySpec, SearchResult
 from ..search.store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, document_vectors,
-                           reference_vectors, typed_metadata, unit_rows)
+                           dropped_version, reference_vectors, typed_metadata, unit_rows)
 from .checks import ENGINES, RequestCheckError, check_request
 from .client import OpenSearchConfig, describe_cause, is_timeout, load_config, make_client, redact_url
 from .compile import iso_utc, parse_hits, plan_query, to_opensearch, total_candidates
 from .mapping import (ALL_FIELD, FINGERPRINT_FIELDS, alias_swap_body, build_index_body, build_properties,
-                      check_index_name, emb_field, fingerprint_properties, layout_from_meta, layout_meta,
-                      versioned_index_name)
+                      check_index_name, combined_blocks, emb_field, fingerprint_properties, layout_from_meta, layout_meta,
+                      vector_property, versioned_index_name)
 from .scripts import SCRIPT_ID, stored_script_body
 
 log = logging.getLogger("fgplugin.opensearch")
@@ -240,6 +241,8 @@ class OpenSearchStore(Store):
         self._load(force=True)
         target = versioned_index_name(self.alias, layout.model_version, layout.codec)
         read = self._read_layout
+        if read is not None and self._read_index and (read.model_version, read.codec) == (layout.model_version, layout.codec):
+            target = self._read_index  # an index extended in place (add_attributes) keeps its name
         if read is not None:
             require_same_schema(read.schema, layout.schema, have_is=self.url, want_is="the model", error=StoreError,
                                 hint="index into another --index name")
@@ -251,8 +254,7 @@ class OpenSearchStore(Store):
             self._check_compatible(target, old, layout)
             new_fields = {f: t for f, t in layout.metadata_types.items() if f not in old.metadata_types}
             if new_fields:
-                merged = IndexLayout(old.schema, old.dims, {**old.metadata_types, **new_fields}, old.model_version,
-                                     old.query_slack, old.codec, dict(old.scales))
+                merged = dataclasses.replace(old, metadata_types={**old.metadata_types, **new_fields})
                 props = build_properties(merged, engine=self.engine)
                 body = {"_meta": {"fgplugin": {**self._index_meta(target), **layout_meta(merged)}},
                         "properties": {f: props[f] for f in new_fields}}
@@ -344,24 +346,96 @@ class OpenSearchStore(Store):
         for f in FINGERPRINT_FIELDS:
             if getattr(doc, f) is not None:
                 src[f] = str(getattr(doc, f))
-        blocks, present = [], False
-        for a in layout.attributes:
-            if a not in vectors:
-                blocks.append(np.zeros(layout.dims[a], dtype=code_dtype(layout.codec)))  # missing: a zero block in emb_all
-                continue
-            rows, refused = unit_rows(a, vectors[a][None, :])
-            if refused:
-                raise ValueError(refused[0])
-            rows = encode(rows, layout.codec, layout.scale(a))  # int8 codes, or fp16-rounded values
-            src[emb_field(a)] = rows[0].tolist()
-            blocks.append(rows[0])
-            present = True
-        if present:
-            src[ALL_FIELD] = np.concatenate(blocks).tolist()
+        codes = self.vector_codes(vectors, layout)
+        src.update({emb_field(a): c.tolist() for a, c in codes.items()})
+        if codes:  # missing attributes (and dropped ones): zero blocks in emb_all
+            src[ALL_FIELD] = np.concatenate([codes[a] if a in codes else np.zeros(d, dtype=code_dtype(layout.codec))
+                                             for a, d in combined_blocks(layout)]).tolist()
         for f, value in typed_metadata(layout, doc.metadata).items():
             if value is not None:
                 src[f] = iso_utc(value) if isinstance(value, dt.datetime) else value
         return src
+
+    @staticmethod
+    def vector_codes(vectors: Mapping[str, np.ndarray], layout: IndexLayout) -> dict[str, np.ndarray]:
+        """The stored form of each vector (unit; int8 codes or fp16-rounded values); ValueError for a bad one."""
+        out = {}
+        for a in layout.attributes:
+            if a in vectors:
+                rows, refused = unit_rows(a, vectors[a][None, :])
+                if refused:
+                    raise ValueError(refused[0])
+                out[a] = encode(rows, layout.codec, layout.scale(a))[0]
+        return out
+
+    # -- attributes added or dropped in place -----------------------------------------------------------
+    def add_attributes(self, layout: IndexLayout) -> list[str]:
+        """``emb_<a>`` for each added attribute put into the mapping of the index the alias serves (no new
+        index, no alias change) and the grown layout into its ``_meta``; ``emb_all`` stays as it is."""
+        index, old = self._need_read()
+        if self.write_index is not None and self.write_index != index:
+            raise StoreError(f"{self.url}: a new index {self.write_index!r} is being built beside {index!r}; finish "
+                             "or delete it before adding attributes to the live one")
+        gone = [a for a in old.attributes if a not in layout.attributes]
+        if gone:
+            raise StoreError(f"adding attributes to {self.url}: the new layout lacks {', '.join(gone)}")
+        added = [a for a in layout.attributes if a not in old.attributes]
+        props = self._index_mappings(index).get("properties") or {}
+        base = props.get(emb_field(old.attributes[0])) or {}
+        engine = (base.get("method") or {}).get("engine") or self.engine  # the index's own engine
+        params = (base.get("method") or {}).get("parameters") or {}
+        body = {"_meta": {"fgplugin": {**self._index_meta(index), **layout_meta(layout)}},
+                "properties": {emb_field(a): vector_property(layout.dims[a], engine, params.get("m", 16),
+                                                             params.get("ef_construction", 128), layout.codec)
+                               for a in added}}
+        self.call(f"adding attribute fields to {index!r}", self.client.indices.put_mapping, index=index,
+                  body=self._checked("indices.put_mapping", body))
+        self._load(force=True)
+        self.write_index, self.write_layout = index, self._read_layout
+        return added
+
+    def update_vectors(self, docs: list[Document]) -> UpsertResult:
+        """Partial ``_update`` of each document: its vectors and ``model_version`` only (the server merges them
+        into the stored source); a document that is not stored fails with kind ``missing``."""
+        index, layout = self._data_index()
+        result = UpsertResult()
+        actions = []
+        for doc in docs:
+            try:
+                codes = self.vector_codes(document_vectors(doc, layout), layout)
+            except ValueError as e:
+                result.failed.append(Failure(str(doc.id), "store", str(e), kind="rejected"))
+                continue
+            partial = {"model_version": doc.model_version or layout.model_version,
+                       **{emb_field(a): c.tolist() for a, c in codes.items()}}
+            actions.append({"_op_type": "update", "_index": index, "_id": str(doc.id), "_source": {"doc": partial}})
+        self._bulk(actions, result, what=f"adding vectors to {index!r}")
+        return result
+
+    def drop_attribute(self, attribute: str) -> dict[str, Any]:
+        """Every document loses ``emb_<attribute>`` from its ``_source`` and takes its derived version (bulk
+        scripted updates); the mapping field stays (OpenSearch removes none) and ``_meta`` records the drop."""
+        index, layout = self._need_read()
+        new = layout.without(attribute)
+        # idempotent, so a rerun after a partial failure finishes the job without deriving a version twice
+        script = ("if (ctx._source.containsKey(params.f)) { ctx._source.remove(params.f); "
+                  "ctx._source.model_version = params.v } else { ctx.op = 'noop' }")
+        actions = [{"_op_type": "update", "_index": index, "_id": i, "_source": {"script": {
+            "source": script, "lang": "painless",
+            "params": {"f": emb_field(attribute), "v": dropped_version(v, attribute)}}}}
+            for i, v in self.versions().items()]
+        result = UpsertResult()
+        self._bulk(actions, result, what=f"removing {attribute!r} from the documents of {index!r}")
+        if result.failed:
+            f = result.failed[0]
+            raise StoreError(f"OpenSearch at {redact_url(self.config.url)}: removing {attribute!r} failed for "
+                             f"{len(result.failed)} document(s), e.g. {f.id}: {f.reason}; rerun to finish")
+        body = {"_meta": {"fgplugin": {**self._index_meta(index), **layout_meta(new)}}}
+        self.call(f"recording the drop in {index!r}", self.client.indices.put_mapping, index=index,
+                  body=self._checked("indices.put_mapping", body))
+        self._load(force=True)
+        return {"store": self.url, "dropped": attribute, "documents": len(result.ok), "attributes": new.attributes,
+                "model_version": new.model_version, "index": index}
 
     def upsert(self, docs: list[Document]) -> UpsertResult:
         """Index or replace documents; every rejection comes back as a Failure (none is dropped)."""
@@ -523,6 +597,7 @@ class OpenSearchStore(Store):
     def search(self, spec: QuerySpec) -> SearchResult:
         """Top-k by the weighted cosine sum in ``spec.mode`` (exact, ann or ann+rescore), via the alias."""
         index, layout = self._need_read()
+        layout.refuse_dropped(spec.attributes, self.url)
         spec.validate(layout.schema, layout.dims)
         if spec.image is not None:
             raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")
@@ -623,6 +698,8 @@ def _item_failure(id_: str, info: Mapping[str, Any], cfg: OpenSearchConfig) -> F
         reason = str(err or "failed")
     if status == 429:
         kind = "throttled"
+    elif status == 404:  # an update of a document that is not stored
+        kind = "missing"
         reason += " (still rejected after the bulk retries)"
     elif isinstance(status, int) and 400 <= status < 500:
         kind = "rejected"

@@ -130,6 +130,15 @@ class AnnIndexes:
             self._dirty.add(target)
         return index
 
+    def forget(self, target: str) -> None:
+        """Drop the index of ``target`` (its rows were rewritten in place: an attribute added to a live index),
+        in memory and on disk; the next query builds it afresh from the arrays."""
+        for held in (self._indexes, self._trained, self._members):
+            held.pop(target, None)
+        self._dirty.discard(target)
+        for f in self._files(target):
+            f.unlink(missing_ok=True)
+
     def search(self, target: str, query: np.ndarray, k: int) -> AnnHits:
         """The best ``k`` rows by inner product with ``query`` (any row: a filtered query, or one on a store
         with dead rows, takes ``probe``'s rows and filters them itself)."""

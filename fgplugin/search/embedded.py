@@ -34,6 +34,8 @@ Concurrency: one writer per store (DuckDB locks the file); readers open it read-
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -52,7 +54,8 @@ from .ann import AnnIndexes, load_faiss, target_of
 from .columns import DocColumns
 from .vectors import CACHE_DIR, VectorArrays, new_epoch
 from .store import (ERRORS_FILE, Document, Failure, Fingerprint, IndexLayout, Store, UpsertResult, codec_from_meta,
-                    document_vectors, reference_vectors, to_utc, typed_metadata, unit_rows)
+                    document_vectors, dropped_version, extension_from_meta, reference_vectors, to_utc, typed_metadata,
+                    unit_rows)
 from ..codecs import code_dtype, decode, encode, scoring_query, stored_codec
 
 DB_FILE = "fgplugin.duckdb"
@@ -287,6 +290,7 @@ class DuckDBStore(Store):
             model_version=str(self.get_meta("model_version", "")),
             query_slack=bool(self.get_meta("query_slack", False)),  # stores written before it: never
             **codec_from_meta(self.get_meta("codec")),  # stores written before codecs: float32
+            **extension_from_meta(self.get_meta("extension")),  # attributes added or dropped in place
         )
 
     def _writable(self) -> None:
@@ -461,7 +465,9 @@ class DuckDBStore(Store):
                     if f not in types:
                         self._sql(f"ALTER TABLE docs ADD COLUMN {meta_col(f)} {SQL_TYPES[t]}")
                         types[f] = t
-                self._write_meta(layout, types)
+                # what was added or dropped in place stays recorded (the model's layout knows nothing of it)
+                self._write_meta(dataclasses.replace(layout, combined=old.combined, dropped=old.dropped,
+                                                     dropped_from=old.dropped_from), types)
                 self._sql("COMMIT")
         self._layout = self._read_layout()
         self._columns = None  # metadata fields may have been added
@@ -476,6 +482,7 @@ class DuckDBStore(Store):
             "model_version": layout.model_version,
             "query_slack": layout.query_slack,
             "codec": layout.codec_meta(),
+            "extension": layout.extension_meta(),
         }.items():
             self._sql(
                 "INSERT INTO fg_meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -549,7 +556,8 @@ class DuckDBStore(Store):
     def _write_arrays(self, rows: np.ndarray, vectors: list[dict[str, np.ndarray]], layout: IndexLayout) -> None:
         arrays = self._cache
         assert arrays is not None
-        for i, a in enumerate(layout.attributes):
+        for a in layout.attributes:
+            i = arrays.index_of(a)  # by name: an attribute added in place has the next file number
             present = np.array([a in v for v in vectors], dtype=bool)
             block = np.zeros((len(rows), layout.dims[a]), code_dtype(layout.codec))
             if present.any():
@@ -641,6 +649,140 @@ class DuckDBStore(Store):
             finally:
                 self.con.unregister("fg_keep")
         return old_r[~same]
+
+    # -- attributes added or dropped in place -------------------------------------------------------------
+    @_store_errors
+    def add_attributes(self, layout: IndexLayout) -> list[str]:
+        """A new ``emb_<a>`` column per added attribute (NULL in every row) and their array files; no other
+        column is written (``Store.add_attributes``)."""
+        self._writable()
+        old = self._need_layout()
+        gone = [a for a in old.attributes if a not in layout.attributes]
+        if gone:
+            raise StoreError(f"adding attributes to {self.url}: the new layout lacks {', '.join(gone)}")
+        added = [a for a in layout.attributes if a not in old.attributes]
+        with self._lock:
+            arrays = self._vectors()  # the cache as it is, grown below rather than rebuilt
+            self._sql("BEGIN")
+            try:
+                for a in added:
+                    self._sql(f"ALTER TABLE docs ADD COLUMN IF NOT EXISTS {emb_col(a)} {code_sql(layout.codec, layout.dims[a])}")
+                self._write_meta(layout, {**old.metadata_types, **layout.metadata_types})
+                self._sql("COMMIT")
+            except BaseException:
+                self._sql("ROLLBACK")
+                raise
+            self._layout = self._read_layout()
+            grow = [a for a in added if arrays is not None and a not in arrays.state.attributes]
+            if arrays is not None and grow:
+                try:
+                    arrays.add_attributes(grow, [layout.dims[a] for a in grow])
+                except OSError:
+                    self._cache = None  # rebuilt from DuckDB on next use
+            self._columns = None
+            self._bump_generation()
+        return added
+
+    @_store_errors
+    def update_vectors(self, docs: list[Document]) -> UpsertResult:
+        """The documents' vectors into their existing rows (DuckDB: only those columns and ``model_version``;
+        the arrays: those attributes' rows, the cache marked invalid on disk until DuckDB has committed)."""
+        self._writable()
+        layout = self._need_layout()
+        result = UpsertResult()
+        good: dict[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]] = {}
+        for doc in docs:
+            try:
+                good[doc.id] = (doc, document_vectors(doc, layout), {})
+            except ValueError as e:
+                result.failed.append(Failure(str(doc.id), "store", str(e), kind="rejected"))
+        for i, reason in self._check_values(good, layout).items():
+            del good[i]
+            result.failed.append(Failure(i, "store", reason, kind="rejected"))
+        if not good:
+            return result
+        with self._lock:
+            rows = self._rows_of(list(good))
+            for i in [i for i in good if i not in rows]:
+                del good[i]
+                result.failed.append(Failure(i, "store", f"no stored document {i!r} to add vectors to", kind="missing"))
+            groups: dict[tuple[str, ...], list[str]] = {}
+            for i, (_, v, _) in good.items():
+                groups.setdefault(tuple(a for a in layout.attributes if a in v), []).append(i)
+            for attrs, ids in groups.items():
+                self._update_group(layout, attrs, ids, good, rows)
+            self._bump_generation()
+        result.ok.extend(good)
+        return result
+
+    def _rows_of(self, ids: list[str]) -> dict[str, int]:
+        self.con.register("fg_ids", {"id": np.array(ids, dtype=object)})
+        try:
+            return dict(self._sql(f"SELECT id, {ROW_COLUMN} FROM docs WHERE id IN (SELECT id FROM fg_ids)"))
+        finally:
+            self.con.unregister("fg_ids")
+
+    def _update_group(self, layout: IndexLayout, attrs: tuple[str, ...], ids: list[str],
+                      good: Mapping[str, tuple[Document, dict[str, np.ndarray], dict[str, Any]]],
+                      rows: Mapping[str, int]) -> None:
+        """One UPDATE of the documents ``ids``, which carry the vectors of ``attrs``, and their array rows."""
+        stage: dict[str, np.ndarray] = {"id": np.array(ids, dtype=object),
+                                        "mv": np.array([good[i][0].model_version or layout.model_version for i in ids],
+                                                       dtype=object)}
+        sets = ["model_version = s.mv::VARCHAR"]
+        for j, a in enumerate(attrs):
+            col = np.empty(len(ids), dtype=object)
+            for k, i in enumerate(ids):
+                col[k] = to_sql_codes(good[i][1][a])
+            stage[f"e{j}"] = col
+            sets.append(f"{emb_col(a)} = s.e{j}::{code_sql(layout.codec, layout.dims[a])}")
+        arrays = self._vectors()
+        r = np.array([rows[i] for i in ids], dtype=np.int64)
+        self.con.register("fg_update", stage)
+        try:
+            with arrays.rewriting() if arrays is not None else contextlib.nullcontext():
+                if arrays is not None:
+                    for a in attrs:
+                        arrays.overwrite(r, arrays.index_of(a), np.stack([good[i][1][a] for i in ids]))
+                        if self._ann is not None:
+                            self._ann.forget(target_of(arrays.state.attributes, a))
+                    arrays.flush()
+                self._sql(f"UPDATE docs SET {', '.join(sets)} FROM fg_update s WHERE docs.id = s.id")
+        except BaseException:
+            self._cache = None  # the arrays may say more than DuckDB: rebuilt from it on next use
+            raise
+        finally:
+            self.con.unregister("fg_update")
+
+    @_store_errors
+    def drop_attribute(self, attribute: str) -> dict[str, Any]:
+        """Drop the column ``emb_<attribute>`` and record the attribute as dropped; every document's model
+        version becomes its derived one (``IndexLayout.without``). The arrays are rebuilt (a new epoch)."""
+        self._writable()
+        layout = self._need_layout()
+        new = layout.without(attribute)
+        with self._lock:
+            versions = [v for (v,) in self._sql("SELECT DISTINCT model_version FROM docs")]
+            self._sql("BEGIN")
+            try:
+                # DuckDB alters no table an index depends on: the row index goes and comes back
+                self._sql(f"DROP INDEX IF EXISTS docs_{ROW_COLUMN}")
+                self._sql(f"ALTER TABLE docs DROP COLUMN {emb_col(attribute)}")
+                self._sql(ROW_INDEX_SQL)
+                for v in versions:
+                    self._sql("UPDATE docs SET model_version = ? WHERE model_version = ?",
+                              [dropped_version(v or "", attribute), v])
+                self._write_meta(new, layout.metadata_types)
+                self._sql("COMMIT")
+            except BaseException:
+                self._sql("ROLLBACK")
+                raise
+            self.set_meta("cache_epoch", new_epoch())  # the arrays are numbered by attribute: rebuilt
+            self._layout = self._read_layout()
+            self._cache, self._ann, self._columns = None, None, None
+            self._bump_generation()
+        return {"store": self.url, "dropped": attribute, "documents": self.count(), "attributes": new.attributes,
+                "model_version": new.model_version}
 
     @_store_errors
     def delete(self, ids: Iterable[str]) -> int:
@@ -784,6 +926,7 @@ class DuckDBStore(Store):
         An image reference must be encoded first (``fgplugin.query.execute.resolve_reference``).
         """
         layout = self._need_layout()
+        layout.refuse_dropped(spec.attributes, self.url)
         spec.validate(layout.schema, layout.dims)
         if spec.image is not None:
             raise QueryError("this store searches by id or vectors; encode the image first (fgplugin.query.execute)")

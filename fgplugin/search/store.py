@@ -43,6 +43,13 @@ class IndexLayout:
     query_slack: bool = False
     codec: str = "float32"  # how the vectors are stored (fgplugin.codecs): float32 | float16 | int8 | binary
     scales: dict[str, float] = field(default_factory=dict)  # int8 and binary: the int8 scale per attribute
+    # OpenSearch: the (attribute, size) blocks of the concatenated field emb_all where they are not the layout's
+    # attributes (an index extended in place keeps emb_all as created; fgplugin.opensearch.mapping). Empty: all.
+    combined: tuple[tuple[str, int], ...] = ()
+    # Attributes removed by ``Store.drop_attribute``: queries naming them are refused (``refuse_dropped``), and
+    # ``dropped_from`` is the model version whose vectors the documents hold for the other attributes.
+    dropped: tuple[str, ...] = ()
+    dropped_from: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +126,60 @@ class IndexLayout:
     @property
     def total_dim(self) -> int:
         return sum(self.dims[a] for a in self.attributes)
+
+    def extension_meta(self) -> dict[str, Any]:
+        """What a store records about attributes added or dropped in place (read back by ``extension_from_meta``)."""
+        return {"combined": [[a, int(d)] for a, d in self.combined], "dropped": list(self.dropped),
+                "dropped_from": self.dropped_from}
+
+    def refuse_dropped(self, attributes: Iterable[str], where: str) -> None:
+        """QueryError naming an attribute of ``attributes`` that was dropped from the index."""
+        gone = [a for a in attributes if a in self.dropped]
+        if gone:
+            raise QueryError(f"attribute(s) {', '.join(map(repr, gone))} were dropped from {where} (`fgplugin store "
+                             f"drop-attribute`); it holds {', '.join(self.attributes)}. Index with a model that has "
+                             "them to add them back")
+
+    def extended_by(self, new: "IndexLayout", base_version: str, added: Iterable[str]) -> "IndexLayout":
+        """This layout grown to ``new`` (the attributes ``added`` appended in ``new``'s schema order, its model
+        version): refuses (StoreError) unless this index is ``base_version``'s with every other attribute of
+        ``new`` as it is here (same sizes, codec, slack)."""
+        added = list(added)
+        where = "the index"
+        if self.model_version != base_version:
+            raise StoreError(f"{where} holds model version {self.model_version[:12] or '?'}; the model extends "
+                             f"{base_version[:12]}: not an extension of the index's model")
+        rest = [a for a in new.attributes if a not in added]
+        if sorted(rest) != sorted(self.attributes) or any(a in self.attributes for a in added):
+            raise StoreError(f"{where} holds attributes {self.attributes}; the model adds {added} to {rest}: "
+                             "not an extension of the index's attributes")
+        for a in rest:
+            if self.schema[a].to_dict() != new.schema[a].to_dict() or int(self.dims[a]) != int(new.dims[a]):
+                raise StoreError(f"{where} holds attribute {a!r} with {self.dims[a]} numbers and values "
+                                 f"{list(self.schema[a].values)}; the model has it otherwise")
+        for why in (self.slack_mismatch(new), self.codec_mismatch(new)):
+            if why:
+                raise StoreError(f"{where} {why}")
+        combined = self.combined or tuple((a, int(self.dims[a])) for a in self.attributes)
+        scales = {**self.scales, **{a: new.scales[a] for a in added if a in new.scales}}
+        return IndexLayout(new.schema, {a: int(new.dims[a]) for a in new.attributes},
+                           {**self.metadata_types, **new.metadata_types}, new.model_version, self.query_slack,
+                           self.codec, scales, combined=combined)
+
+    def without(self, attribute: str) -> "IndexLayout":
+        """This layout with ``attribute`` dropped (its documents' versions become ``dropped_version``)."""
+        if attribute not in self.attributes:
+            known = ", ".join(self.attributes)
+            raise StoreError(f"no attribute {attribute!r} in the index (it holds {known})")
+        if len(self.attributes) == 1:
+            raise StoreError(f"{attribute!r} is the index's only attribute; delete the index instead")
+        schema = AttributeSchema(tuple(self.schema[a] for a in self.attributes if a != attribute),
+                                 name=self.schema.name, metadata=dict(self.schema.metadata))
+        combined = self.combined or tuple((a, int(self.dims[a])) for a in self.attributes)
+        return IndexLayout(schema, {a: d for a, d in self.dims.items() if a != attribute}, dict(self.metadata_types),
+                           dropped_version(self.model_version, attribute), self.query_slack, self.codec,
+                           {a: s for a, s in self.scales.items() if a != attribute}, combined=combined,
+                           dropped=(*self.dropped, attribute), dropped_from=self.dropped_from or self.model_version)
 
 
 @dataclass
@@ -207,6 +268,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete(self, ids: Iterable[str]) -> int:
         """Remove documents by id; returns how many existed."""
+
+    # -- attributes added or dropped in place (a model made by ``fgplugin train --extend``) --------------
+    @abc.abstractmethod
+    def add_attributes(self, layout: IndexLayout) -> list[str]:
+        """Grow the live index to ``layout`` (made by ``IndexLayout.extended_by`` from the store's own): the
+        attributes it lacks get their (empty) fields, and the layout's model version is recorded; nothing
+        else changes and queries keep answering. Idempotent (a resumed run calls it again): returns the
+        attributes added now."""
+
+    @abc.abstractmethod
+    def update_vectors(self, docs: list[Document]) -> UpsertResult:
+        """Write only ``docs``' vectors (the attributes each carries) and model version into the stored
+        documents of the same ids; every other field of them stays as it is. A document that is not stored
+        or a vector the index cannot take comes back as a Failure (never raised or dropped)."""
+
+    @abc.abstractmethod
+    def drop_attribute(self, attribute: str) -> dict[str, Any]:
+        """Remove ``attribute``'s vectors from the index and record it as dropped (``IndexLayout.without``):
+        queries naming it are refused, and every document's version becomes the derived one, so an index run
+        with the model that has it adds it back as an extension would. Returns what was done."""
 
     # -- reading -------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -338,6 +419,21 @@ def document_vectors(doc: Document, layout: IndexLayout) -> dict[str, np.ndarray
             raise ValueError(f"vector for attribute {a!r} has shape {v.shape}; the index expects {layout.dims[a]} numbers")
         out[a] = v
     return out
+
+
+def dropped_version(model_version: str, attribute: str) -> str:
+    """The model version of documents whose ``attribute`` was dropped: another version than the model's (so an
+    index run with the model adds the attribute back to them as an extension would), derived from both."""
+    return hashlib.sha256(f"{model_version}\0drop\0{attribute}".encode()).hexdigest()
+
+
+def extension_from_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``IndexLayout`` keyword arguments from a recorded ``IndexLayout.extension_meta()`` (none for an index
+    never extended or dropped in place)."""
+    meta = meta if isinstance(meta, Mapping) else {}
+    return {"combined": tuple((str(a), int(d)) for a, d in meta.get("combined") or ()),
+            "dropped": tuple(str(a) for a in meta.get("dropped") or ()),
+            "dropped_from": str(meta.get("dropped_from") or "")}
 
 
 def codec_from_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:

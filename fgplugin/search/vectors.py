@@ -90,8 +90,9 @@ class VectorArrays:
                                int(raw["reserved"]), int(raw["capacity"]), str(raw.get("codec", "float32")))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if state.epoch != epoch or state.attributes != list(attributes) or state.codec != codec or \
-                state.dims != [int(dims[a]) for a in attributes] or not 0 <= state.reserved <= state.capacity:
+        # by name: an attribute added in place has the next file number whatever its place in the layout
+        if state.epoch != epoch or sorted(state.attributes) != sorted(attributes) or state.codec != codec or \
+                state.dims != [int(dims[a]) for a in state.attributes] or not 0 <= state.reserved <= state.capacity:
             return None
         for name, width in state.files():
             f = directory / name
@@ -175,6 +176,44 @@ class VectorArrays:
             self.norms.flush()
         self.present.flush()
 
+    # -- an attribute added in place (fgplugin train --extend) ---------------------------------------------
+    def add_attributes(self, names: Sequence[str], dims: Sequence[int]) -> None:
+        """Files for new attributes (empty: every row missing them), numbered after the others; the per-row
+        files of every attribute (``present``, ``norms``) are copied one column wider. ``state.json`` is
+        gone meanwhile, so a crash leaves a cache the store rebuilds."""
+        self.flush()
+        old = self.state
+        new = CacheState(old.epoch, [*old.attributes, *names], [*old.dims, *map(int, dims)], old.reserved,
+                         old.capacity, old.codec)
+        (self.directory / STATE_FILE).unlink(missing_ok=True)
+        widths = dict(new.files())
+        for name, width in new.files():
+            f = self.directory / name
+            if name in ("present.u8", "norms.f32"):
+                dtype = np.uint8 if name == "present.u8" else np.float32
+                n_old, n_new = len(old.dims), len(new.dims)
+                tmp = f.with_name(name + ".tmp")
+                self._sized(tmp, new.capacity * widths[name], fresh=True)
+                wide = np.memmap(tmp, dtype, "r+", shape=(new.capacity, n_new))
+                wide[:, :n_old] = np.memmap(f, dtype, "r", shape=(old.capacity, n_old))
+                wide.flush()
+                del wide
+                os.replace(tmp, f)
+            elif not any(name == n for n, _ in old.files()):
+                self._sized(f, new.capacity * width, fresh=True)
+        _write_atomic(self.directory / STATE_FILE, new.to_json())
+        self.state = new
+        self._map()
+
+    def overwrite(self, rows: np.ndarray, attribute_index: int, codes: np.ndarray) -> None:
+        """Codes of an attribute added in place, into rows already written (inside ``rewriting``)."""
+        self.write(rows, attribute_index, codes, np.ones(len(rows), bool))
+
+    def rewriting(self) -> "_Rewriting":
+        """A context in which rows already written may change (``overwrite``): ``state.json`` names no epoch
+        until it ends, so a crash meanwhile makes the store rebuild the cache from DuckDB."""
+        return _Rewriting(self)
+
     # -- reading --------------------------------------------------------------------------------------
     def index_of(self, attribute: str) -> int:
         return self.state.attributes.index(attribute)
@@ -225,3 +264,18 @@ class VectorArrays:
         p = self.present[: self.state.reserved, self.index_of(attribute)] if rows is None else \
             self.present[rows, self.index_of(attribute)]
         return p == 0
+
+
+class _Rewriting:
+    def __init__(self, arrays: VectorArrays):
+        self.arrays = arrays
+
+    def __enter__(self) -> VectorArrays:
+        state = json.loads(self.arrays.state.to_json())
+        _write_atomic(self.arrays.directory / STATE_FILE, json.dumps({**state, "epoch": ""}))
+        return self.arrays
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:  # left invalid after a failure: rebuilt on next open
+            self.arrays.flush()
+            _write_atomic(self.arrays.directory / STATE_FILE, self.arrays.state.to_json())

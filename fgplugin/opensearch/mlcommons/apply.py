@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ...errors import StoreError
+from ...search.store import IndexLayout
 from ..mapping import versioned_index_name
 from ..store import OpenSearchStore
 from .bodies import connector_body, model_group_body, register_model_body
@@ -85,6 +86,17 @@ def _ensure_cluster_settings(store: OpenSearchStore, options: WiringOptions, app
     return Applied("cluster-settings", ", ".join(missing), "-", "updated")
 
 
+def refuse_grown_index(read: IndexLayout | None, layout: IndexLayout, alias: str) -> None:
+    """WiringError for an index that attributes were added to in place (``OpenSearchStore.add_attributes``): the
+    service's emb_all concatenates every attribute of the card, and this index's emb_all cannot grow."""
+    if read is not None and read.model_version == layout.model_version and read.combined:
+        raise WiringError(
+            f"the index behind {alias!r} had attributes added in place (`fgplugin index` with an extended model): its emb_all "
+            f"covers {', '.join(a for a, _ in read.combined)} only, while the ingest pipeline would write emb_all over "
+            f"{', '.join(layout.attributes)} (refused by the server per document); index it with `fgplugin index`, or "
+            "index the extended model into a new --index name and wire that one")
+
+
 def _ensure_index(store: OpenSearchStore, card: Mapping[str, Any], options: WiringOptions,
                   warnings: list[str]) -> str:
     """The index for this model version (mapping the fields the pipeline fills) and the stored script;
@@ -93,6 +105,7 @@ def _ensure_index(store: OpenSearchStore, card: Mapping[str, Any], options: Wiri
     store.ensure_index(layout)  # also stores the painless script
     index = versioned_index_name(store.alias, card["version"])
     read = store.layout
+    refuse_grown_index(read, layout, store.alias)
     if read is not None and read.model_version != layout.model_version:
         warnings.append(f"alias {store.alias!r} still reads model {read.model_version[:12]}; documents indexed through "
                         f"the pipeline go to {index!r} (fgplugin index ... then promote swaps the alias)")
