@@ -56,8 +56,11 @@ from .splits import Splits
 if TYPE_CHECKING:  # annotations only: loading an export never imports model or evaluation code
     from .evaluation import EvalReport
     from .models import AttributeModel
+    from .models.compact import CompactModel
 
 TRACE_BATCH = 2
+PROJECTION_METHOD = ("each attribute's vector minus its training mean, projected on its training vectors' top "
+                     "principal axes (fitted on the training split), re-normalised")
 VERIFY_ATOL = 1e-4
 
 
@@ -217,11 +220,14 @@ def export_model(
     *,
     eval_report: "EvalReport | None" = None,
     catalog: Catalog | str | Path | None = None,
+    compact: "CompactModel | None" = None,
 ) -> Path:
     """Write an export of the checkpoint in ``checkpoint_dir`` to ``out_dir``; returns ``out_dir``.
 
     ``eval_report`` (from :func:`fgplugin.evaluation.evaluate`) is recorded as the card's metrics;
-    ``catalog`` (the training catalog) gives the training data summary. An existing export at
+    ``catalog`` (the training catalog) gives the training data summary; ``compact`` (the checkpoint's
+    model with a fitted projection, ``fgplugin.training.compact.compact_model``) is exported instead of
+    the full-size model, and the card's ``compact`` entry says how it was fitted. An existing export at
     ``out_dir`` is replaced; any other non-empty folder there is refused.
     """
     # local: the model code is needed to write an export, never to load one (serving imports this
@@ -232,6 +238,8 @@ def export_model(
     out = Path(out_dir)
     _refuse_foreign_folder(out)
     model, state = load_checkpoint(checkpoint_dir, map_location="cpu")
+    if compact is not None:
+        model = compact
     model = model.eval().float()
     size = model.preprocess.image_size
     torch.manual_seed(0)
@@ -245,8 +253,12 @@ def export_model(
         card = _model_card(model, _encoder_entry(kind, export_failure, size), int(expected.shape[-1]),
                            Path(checkpoint_dir), _training_summary(catalog, state, model.schema), eval_report)
         extension = read_checkpoint_meta(checkpoint_dir).get("extension")
-        if extension:  # `fgplugin train --extend`: what it extends (card.extension_of) and its parts
+        # `fgplugin train --extend`: what it extends (card.extension_of) and its parts; not for a compact
+        # export, whose projection (fitted anew) changes the base attributes' vectors too
+        if extension and compact is None:
             card["extends"] = {**extension["extends"], "groups": extension["groups"]}
+        if compact is not None:  # what the stores' vectors are: a projection of the full-size model's
+            card["compact"] = {**compact.projection_info, "method": PROJECTION_METHOD}
         _write_card(tmp, card)
         _verify(tmp, model.schema, probe, expected, checkpoint_dir, card["variant"])
     return out

@@ -58,6 +58,9 @@ def load_extension_base(path: str | Path) -> tuple[AttributeModel, str | None]:
         return model, None
     enc = ExportedEncoder.load(p, device="cpu")
     card = enc.card
+    if card.get("compact"):
+        raise ModelCardError(f"{p}: a compact export (--dim {card['compact'].get('dim')}) cannot be extended; extend "
+                             "the full-size export or its checkpoint, then export the extension with --dim")
     try:
         config = ModelConfig.from_dict(card["config"])
     except (FgpluginError, TypeError, KeyError) as e:
