@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # long: one table, r
     p.add_argument("--triplets", type=int, default=2000)
     p.add_argument("--out", type=Path, default=None, help="write every figure as JSON here")
     a = p.parse_args(argv)
+    quality.console.width = max(quality.console.width, 200)  # one line per row in a log
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     sizes, codecs = a.sizes.split(","), a.codecs.split(",")
     cat = quality.prepare_data(a.data, a.work, n=a.n, size=0)[0]
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # long: one table, r
     quality.console.print(f"full = the model's own width ({max(rows[(sizes[0], codecs[0])][0]['dims'].values())} "
                           "values per attribute); N = fgplugin export --dim N (principal axes of the training part); "
                           f"binary: the best max(10 k, 200, 2 %) of the candidates by sign bits (k = {K}) rescored on "
-                          "int8, its triplet accuracy from its int8 scores; command: " + " ".join(sys.argv))
+                          "int8, its triplet accuracy from its int8 scores; command: " + escape(" ".join(sys.argv)))
     out = {f"{s}/{c}": rs for (s, c), rs in rows.items()}
     if a.out:
         a.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": out}, indent=2))

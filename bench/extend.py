@@ -8,6 +8,13 @@ for both, chance, and each training time; the base attributes' vectors of the ex
 bit-identical to the base's (``torch.equal``) on the test images.
 
     nice -n 19 .venv/bin/python bench/extend.py --n 1000 --held colour --steps 300 --extend-steps 100
+
+Real data (``--data clothing`` or ``fpi``): the full model is a finished bench/quality.py run in ``--work``
+(``--variant``, ``--seed``: its split, settings and training time); the base is trained with the same
+settings and split on every attribute but the held-back one(s), then extended:
+
+    .venv/bin/python bench/extend.py --data clothing --work /tmp/compact/work --seed 0 --held neckline \
+        --variant 'asen[lr=3e-4;cls_weight=1;classifier=linear;proxy_share=0.5]' --extend-steps 100
 """
 
 from __future__ import annotations
@@ -48,18 +55,71 @@ def _map(model, catalog, splits, held: list[str]) -> tuple[dict[str, float], dic
     return got, chance_map(ql, cl, attribute_names=held)["per_attribute"], cv
 
 
+def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train base, extend, compare, one table
+    """The held-back attribute(s) on a real set: base + extension against the quality.py run with every attribute."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import quality  # the sibling benchmark: its data, splits, settings and finished runs
+
+    cat = quality.prepare_data(a.data, a.work, n=a.n, size=0)[0]
+    splits_path = quality.seeded_splits(cat, a.work, a.data, a.seed, a.n)
+    splits = Splits.load(splits_path)
+    full_dir = quality.run_folder(a.work, a.data, a.variant, a.seed)
+    if not (full_dir / "bench_result.json").is_file():
+        raise SystemExit(f"{full_dir}: no finished quality.py run with every attribute; run bench/quality.py first")
+    settings = json.loads((full_dir / "bench_settings.json").read_text())
+    overrides = quality.parse_settings(";".join(f"{k}={v}" for k, v in settings["overrides"].items()))
+    full_s = json.loads((full_dir / "bench_result.json").read_text())["train_seconds"]
+    base_schema = sub_schema(cat.schema, [n for n in cat.schema.names if n not in held])
+    tag = f"{'+'.join(held)}-{a.extend_steps}"
+    base_dir = full_dir.with_name(full_dir.name + f"-without-{'+'.join(held)}")
+    t = time.perf_counter()
+    base_run = train(load_config(settings["variant"], overrides), load_catalog(cat.path, base_schema), splits_path,
+                     base_dir, device="cpu", resume=True)
+    base_s = time.perf_counter() - t
+    base, _ = load_checkpoint(base_run.checkpoint)
+    t = time.perf_counter()
+    ext_run = extend(base, None, cat.path, held, base_dir.with_name(base_dir.name + f"-ext{tag}"), splits=splits,
+                     device="cpu", resume=True, overrides={"steps": a.extend_steps,
+                                                           "eval_every": a.extend_steps})
+    ext_s = time.perf_counter() - t
+    extended, _ = load_checkpoint(ext_run.checkpoint)
+    full_model, _ = load_checkpoint(full_dir / "best")
+    ext_map, chance, _ = _map(extended, cat, splits, held)
+    full_map, _, _ = _map(full_model, cat, splits, held)
+    ids = list(splits.test_candidate)
+    vb, ve = encode_catalog(base, load_catalog(cat.path, base_schema), ids), encode_catalog(extended, cat, ids)
+    same = torch.equal(vb, ve[:, :vb.shape[1], :vb.shape[2]])
+    table = Table(title=f"{a.data}, seed {a.seed}: held-back {', '.join(held)} (base + extension of "
+                        f"{a.extend_steps} steps vs the model trained with every attribute)")
+    for col in ("attribute", "chance", "extend MAP", "full MAP", "extend - full"):
+        table.add_column(col, justify="right" if col != "attribute" else "left")
+    for n in held:
+        table.add_row(n, f"{100 * chance[n]:.1f}", f"{100 * ext_map[n]:.1f}", f"{100 * full_map[n]:.1f}",
+                      f"{100 * (ext_map[n] - full_map[n]):+.1f}")
+    console.print(table)
+    console.print(f"training time: full {full_s:.0f} s (bench/quality.py), base {base_s:.0f} s ({base_run.stopped}), "
+                  f"extension {ext_s:.0f} s ({ext_run.stopped}): full / extension = {full_s / max(ext_s, 1e-9):.1f}x; "
+                  f"base vectors of the extension bit-identical on {len(ids)} test images: {same}", highlight=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="synth", help="synth, or a real set with a finished quality.py run: clothing, fpi")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--held", default="colour", help="comma-separated attributes held back from the base")
-    p.add_argument("--variant", default="asen")
+    p.add_argument("--variant", default="asen", help="variant (real data: the quality.py variant spec of the full run)")
     p.add_argument("--steps", type=int, default=300, help="steps of the base and of the full model")
     p.add_argument("--extend-steps", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fgplugin-bench-extend")
     a = p.parse_args()
-    torch.set_num_threads(2)
     held = a.held.split(",")
+    if a.data != "synth":
+        a.n = a.n if a.data == "fpi" else None
+        return real_data(a, held)
+    torch.set_num_threads(2)
     data = a.work / f"synth-{a.n}"
     if not (data / "catalog.jsonl").is_file():
         generate(data, a.n, seed=a.seed, size=96, workers=2)
