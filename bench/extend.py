@@ -55,6 +55,23 @@ def _map(model, catalog, splits, held: list[str]) -> tuple[dict[str, float], dic
     return got, chance_map(ql, cl, attribute_names=held)["per_attribute"], cv
 
 
+def compare(title: str, held: list[str], extended, full_model, base, catalog, base_catalog, splits) -> tuple[int, bool]:
+    """Print the held-back attributes' MAP of the extension and the full model; returns (test images
+    compared, whether the extension's base vectors are bit-identical to the base's on them)."""
+    ext_map, chance, _ = _map(extended, catalog, splits, held)
+    full_map, _, _ = _map(full_model, catalog, splits, held)
+    ids = list(splits.test_candidate)
+    vb, ve = encode_catalog(base, base_catalog, ids), encode_catalog(extended, catalog, ids)
+    table = Table(title=title)
+    for col in ("attribute", "chance", "extend MAP", "full MAP", "extend - full"):
+        table.add_column(col, justify="right" if col != "attribute" else "left")
+    for n in held:
+        table.add_row(n, f"{100 * chance[n]:.1f}", f"{100 * ext_map[n]:.1f}", f"{100 * full_map[n]:.1f}",
+                      f"{100 * (ext_map[n] - full_map[n]):+.1f}")
+    console.print(table)
+    return len(ids), torch.equal(vb, ve[:, :vb.shape[1], :vb.shape[2]])
+
+
 def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train base, extend, compare, one table
     """The held-back attribute(s) on a real set: base + extension against the quality.py run with every attribute."""
     import json
@@ -86,22 +103,12 @@ def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train ba
     ext_s = time.perf_counter() - t
     extended, _ = load_checkpoint(ext_run.checkpoint)
     full_model, _ = load_checkpoint(full_dir / "best")
-    ext_map, chance, _ = _map(extended, cat, splits, held)
-    full_map, _, _ = _map(full_model, cat, splits, held)
-    ids = list(splits.test_candidate)
-    vb, ve = encode_catalog(base, load_catalog(cat.path, base_schema), ids), encode_catalog(extended, cat, ids)
-    same = torch.equal(vb, ve[:, :vb.shape[1], :vb.shape[2]])
-    table = Table(title=f"{a.data}, seed {a.seed}: held-back {', '.join(held)} (base + extension of "
-                        f"{a.extend_steps} steps vs the model trained with every attribute)")
-    for col in ("attribute", "chance", "extend MAP", "full MAP", "extend - full"):
-        table.add_column(col, justify="right" if col != "attribute" else "left")
-    for n in held:
-        table.add_row(n, f"{100 * chance[n]:.1f}", f"{100 * ext_map[n]:.1f}", f"{100 * full_map[n]:.1f}",
-                      f"{100 * (ext_map[n] - full_map[n]):+.1f}")
-    console.print(table)
+    n, same = compare(f"{a.data}, seed {a.seed}: held-back {', '.join(held)} (base + extension of {a.extend_steps} "
+                      "steps vs the model trained with every attribute)", held, extended, full_model, base, cat,
+                      load_catalog(cat.path, base_schema), splits)
     console.print(f"training time: full {full_s:.0f} s (bench/quality.py), base {base_s:.0f} s ({base_run.stopped}), "
                   f"extension {ext_s:.0f} s ({ext_run.stopped}): full / extension = {full_s / max(ext_s, 1e-9):.1f}x; "
-                  f"base vectors of the extension bit-identical on {len(ids)} test images: {same}", highlight=False)
+                  f"base vectors of the extension bit-identical on {n} test images: {same}", highlight=False)
 
 
 def main() -> None:
@@ -146,24 +153,13 @@ def main() -> None:
     full_s = time.perf_counter() - t
     full_model, _ = load_checkpoint(full_run.last)
 
-    ext_map, chance, _ = _map(extended, catalog, splits, held)
-    full_map, _, _ = _map(full_model, catalog, splits, held)
-    test = load_catalog(data / "catalog.jsonl", base_schema)
-    ids = list(splits.test_candidate)
-    vb, ve = encode_catalog(base, test, ids), encode_catalog(extended, test, ids)
-    same = torch.equal(vb, ve[:, :vb.shape[1], :vb.shape[2]])
-    table = Table(title=f"{a.variant}, synth n={a.n}, seed {a.seed}: held-back {', '.join(held)} "
-                        f"(base {a.steps} steps + extension {a.extend_steps} vs full {a.steps})")
-    for col in ("attribute", "chance", "extend MAP", "full MAP", "extend - full"):
-        table.add_column(col, justify="right" if col != "attribute" else "left")
-    for n in held:
-        table.add_row(n, f"{100 * chance[n]:.1f}", f"{100 * ext_map[n]:.1f}", f"{100 * full_map[n]:.1f}",
-                      f"{100 * (ext_map[n] - full_map[n]):+.1f}")
-    console.print(table)
+    n, same = compare(f"{a.variant}, synth n={a.n}, seed {a.seed}: held-back {', '.join(held)} (base {a.steps} steps + "
+                      f"extension {a.extend_steps} vs full {a.steps})", held, extended, full_model, base, catalog,
+                      load_catalog(data / "catalog.jsonl", base_schema), splits)
     # wall times of this call; a resumed (already finished) run reports the time it took to find that out
     console.print(f"training time: base {base_s:.0f} s ({base_run.stopped}), extension {ext_s:.0f} s "
                   f"({ext_run.stopped}), full {full_s:.0f} s ({full_run.stopped}); base vectors of the "
-                  f"extension bit-identical on {len(ids)} test images: {same}", highlight=False)
+                  f"extension bit-identical on {n} test images: {same}", highlight=False)
 
 
 if __name__ == "__main__":
