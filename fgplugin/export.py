@@ -237,9 +237,10 @@ def export_model(
 
     out = Path(out_dir)
     _refuse_foreign_folder(out)
-    model, state = load_checkpoint(checkpoint_dir, map_location="cpu")
-    if compact is not None:
-        model = compact
+    if compact is None:
+        model, state = load_checkpoint(checkpoint_dir, map_location="cpu")
+    else:  # the checkpoint's model with its projection, loaded by the caller (the training data come from ``catalog``)
+        model, state = compact, {}
     model = model.eval().float()
     size = model.preprocess.image_size
     torch.manual_seed(0)
