@@ -257,7 +257,8 @@ def export_model(
         # `fgplugin train --extend`: what it extends (card.extension_of) and its parts; not for a compact
         # export, whose projection (fitted anew) changes the base attributes' vectors too
         if extension and compact is None:
-            card["extends"] = {**extension["extends"], "groups": extension["groups"]}
+            card["extends"] = {**extension["extends"], "groups": extension["groups"],
+                               "own_stages": extension.get("own_stages")}
         if compact is not None:  # what the stores' vectors are: a projection of the full-size model's
             card["compact"] = {**compact.projection_info, "method": PROJECTION_METHOD}
         _write_card(tmp, card)

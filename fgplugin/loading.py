@@ -67,7 +67,7 @@ def load_extension_base(path: str | Path) -> tuple[AttributeModel, str | None]:
         raise ModelCardError(f"{p}: the card's config cannot be read ({e})") from None
     ext = card.get("extends")
     extension = None if ext is None else {"extends": {k: ext.get(k) for k in ("version", "attributes", "added")},
-                                          "groups": ext.get("groups")}
+                                          "groups": ext.get("groups"), "own_stages": ext.get("own_stages")}
     model = build_from_meta(dataclasses.replace(config, trunk_weights=None, local_trunk_weights=None), enc.schema,
                             extension, where=p)
     model.config = config

@@ -168,6 +168,69 @@ def test_every_extendable_variant_keeps_the_base_vectors_bit_identical(data, var
         assert torch.equal(model.embed_all(x)[:, vb.shape[1]:, :part.shape[2]], part)
 
 
+def test_the_new_part_trains_its_own_copy_of_the_last_trunk_stage(data, extended, tmp_path):
+    """train.extend_last_stage (default): the part reads the base's first trunk stage and trains a copy
+    of the last one its vectors read; the base's stays as it was; the checkpoint and the export rebuild
+    the same structure; with the option off, every stage is the base's."""
+    base = extended["base"]
+    model, _ = load_checkpoint(extended["result"].last)
+    assert model.own_stages == [0]  # this base froze no stage
+    root, part = model.root.global_branch.features.stages, model.parts[0].global_branch.features.stages
+    assert part[0] is root[0] and part[-1] is not root[-1]
+    copied = dict(part[-1].named_parameters())
+    moved = [n for n, p in root[-1].named_parameters() if not torch.equal(p, copied[n])]
+    assert moved, "the copy of the last stage did not learn"
+    for n, p in root[-1].state_dict().items():
+        assert torch.equal(p, base.global_branch.features.stages[-1].state_dict()[n]), n
+    assert read_card(extended["export"])["extends"]["own_stages"] == [0]
+    reloaded, _ = load_extension_base(extended["export"])
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(reloaded.embed_all(x), model.embed_all(x))
+    # a run made with shared stages refuses to be resumed with own ones, naming the setting
+    version = read_card(extended["base_export"])["version"]
+    shared = extend(base, version, data["partial"], ["colour"], tmp_path / "run",
+                    overrides={**MECHANICS, "steps": 1, "extend_last_stage": False}, device="cpu", validate=False)
+    m, _ = load_checkpoint(shared.last)
+    assert m.own_stages == [None]
+    assert m.parts[0].global_branch.features.stages[-1] is m.root.global_branch.features.stages[-1]
+    assert not any(n.startswith("parts.0.global_branch.features") for n, _ in m.named_parameters())
+    with pytest.raises(ModelCardError, match="extend_last_stage"):
+        extend(base, version, data["partial"], ["colour"], tmp_path / "run", overrides=MECHANICS, device="cpu",
+               validate=False, resume=True)
+    # stages kept as loaded (train.freeze_stages) stay shared: here every stage of the trunk
+    frozen = extend(base, version, data["partial"], ["colour"], tmp_path / "frozen",
+                    overrides={**MECHANICS, "steps": 1, "freeze_stages": 2}, device="cpu", validate=False)
+    assert load_checkpoint(frozen.last)[0].own_stages == [None]
+
+
+@pytest.mark.parametrize("variant", ["asen", "csn"])
+def test_the_own_stage_starts_from_the_base_or_from_the_trunk_weights(data, variant, tmp_path):
+    """train.extend_stage_start: "base" copies the base's fine-tuned last stage, "weights" the trunk's
+    own (its weights file), which still holds what the base's fine-tuning changed."""
+    from fgplugin.models.trunks import TinyResNet, build_trunk
+
+    torch.manual_seed(5)
+    path = tmp_path / "tiny.pth"
+    torch.save(TinyResNet().state_dict(), path)
+    base = build_model(load_config(variant, {**TINY, "trunk_weights": str(path)}), data["base_schema"])
+    last = (base.global_branch.features if variant == "asen" else base.features).stages
+    with torch.no_grad():  # as the base's training would: its last stage is no longer the file's
+        for p in last[-1].parameters():
+            p.add_(0.5)
+    loaded = build_trunk("resnet_tiny", str(path)).stages[len(last) - 1].state_dict()
+    full = sub_schema(data["full"], [*data["base_schema"].names, "colour"])
+    extends = {"version": None, "attributes": data["base_schema"].names, "added": ["colour"]}
+    for start, want in (("base", last[-1].state_dict()), ("weights", loaded)):
+        part = build_extension(base, full, extends, own_stages=0, stages_from=start).parts[0]
+        own = (part.global_branch.features if variant == "asen" else part.features).stages
+        assert own[0] is last[0] and own[-1] is not last[-1]
+        got = own[-1].state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items()), start
+    with pytest.raises(ConfigError, match="extend_stage_start must be base or weights"):
+        load_config(variant, {**TINY, "extend_stage_start": "imagenet"})
+
+
 def test_an_extension_resumes_and_refuses_another_one_in_its_folder(data, extended, tmp_path):
     base, version = extended["base"], read_card(extended["base_export"])["version"]
     one = extend(base, version, data["partial"], ["colour"], tmp_path / "run", overrides={**MECHANICS, "steps": 1},

@@ -62,7 +62,7 @@ def save_checkpoint(
             "state": state or {},
         }
         if isinstance(model, ExtendedModel):  # what it extends, and its parts' attributes to rebuild it
-            meta["extension"] = {"extends": dict(model.extends), "groups": model.groups}
+            meta["extension"] = {"extends": dict(model.extends), "groups": model.groups, "own_stages": model.own_stages}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n", encoding="utf-8")
         if optimizer is not None:
             torch.save({
@@ -171,7 +171,8 @@ def build_from_meta(config: ModelConfig, schema: AttributeSchema, extension: dic
     if extension is None:
         return build_model(config, schema)
     try:
-        return build_extended(config, schema, [list(g) for g in extension["groups"]], dict(extension["extends"]))
+        return build_extended(config, schema, [list(g) for g in extension["groups"]], dict(extension["extends"]),
+                              extension.get("own_stages"))
     except (KeyError, TypeError) as e:
         raise ModelCardError(f"{where}: malformed extension entry ({type(e).__name__}: {e})") from None
     except FgpluginError as e:

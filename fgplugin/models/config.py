@@ -46,6 +46,14 @@ class TrainConfig:
     # need no fine-tuning on a small catalog, and the stem's backward pass is the costliest (about 40 %
     # of an EfficientNet-Lite0 step at 96 px); 3 freezes the whole trunk (a linear probe)
     freeze_stages: int = 0
+    # `train --extend`: the new part trains its own copy of the last trunk stage on each of its paths
+    # (where freeze_stages leaves that stage trainable), so a new attribute unlike the base's (colour
+    # after shape attributes) is not limited to the features the base's training kept; false shares
+    # the base's stages (a smaller export and a faster extension)
+    extend_last_stage: bool = True
+    # where that copy starts: "base", the base's fine-tuned stage; "weights", the trunk's own weights
+    # (trunk_weights, as training from the start; random without), which still hold what the base tuned away
+    extend_stage_start: str = "base"
     margin: float = 0.2
     # sampled: the loss sees exactly the sampled triplets (the papers); batch_all: every valid triplet
     # among the batch's images, for every attribute (many more per trunk pass: learns much faster);
@@ -166,6 +174,8 @@ class ModelConfig:
             raise ConfigError(f"trunk_lr_scale must be in (0, 10], not {t.trunk_lr_scale}")
         if t.freeze_stages not in (0, 1, 2, 3):
             raise ConfigError(f"freeze_stages must be 0, 1, 2 or 3 (leading trunk stages kept as loaded), not {t.freeze_stages}")
+        if t.extend_stage_start not in ("base", "weights"):
+            raise ConfigError(f"extend_stage_start must be base or weights, not {t.extend_stage_start!r}")
         if not 0.0 < t.stage1_fraction <= 1.0:
             raise ConfigError(f"stage1_fraction must be in (0, 1], not {t.stage1_fraction}")
         if not 0.05 <= t.crop_scale <= 1.0:

@@ -6,9 +6,13 @@ same variant built for the new attributes only, whose attribute-independent modu
 the shared embedding layer) are the base's own objects (``Extendable.share_from``), so a part learns
 only what is specific to its attributes (ASEN / ASEN_v2: the attribute embedding rows, shared by both
 branches, plus classifier heads and proxies where the config has them; csn: the masks; ag_mlan: rows,
-masks, heads; mtc: the softmax heads). ``embed_all`` runs the trunk once, then the base's own code on
-it with the base's shapes (so the base attributes' vectors are bit-identical to the base model's: no
-matmul sees another shape), then each part's, concatenated after.
+masks, heads; mtc: the softmax heads). A part may also own a trainable copy of the last trunk stage
+on each of its paths (``Extendable.own_last_stages``, on by default: ``train.extend_last_stage``), so
+that a new attribute unlike the base's is not limited to what the base's training kept of the image.
+``embed_all`` runs the trunk once (up to each last stage, and the base's last stages), then the base's
+own code on it with the base's shapes (so the base attributes' vectors are bit-identical to the base
+model's: no matmul sees another shape), then each part's (its own last stages on the shared input of
+those stages), concatenated after.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ class Extendable(AttributeModel):
 
     def check_extendable(self) -> None:
         """Raise ExtensionError when this configuration leaves a new attribute nothing to learn."""
+
+    def own_last_stages(self, frozen: int, source: "Extendable") -> bool:
+        """After ``share_from``: replace the shared last trunk stage of each path this model reads
+        (unless it is among the first ``frozen`` stages, kept as loaded) with a trainable copy of the
+        same stage of ``source`` (a model of the same variant and trunks: the base, or one built from
+        the trunks' weights). Returns whether any was copied (False: no such stage to own)."""
+        return False
 
 
 # Variants without the contract, and why (the refusal names the cause).
@@ -98,16 +109,22 @@ class ExtendedModel(AttributeModel):
 
     ``extends``: what the last extension was made from, as the card records it: ``version`` (the base
     export's version, None when extended from a checkpoint), ``attributes`` (the base's, in order) and
-    ``added`` (the last part's attributes).
+    ``added`` (the last part's attributes). ``own_stages``: per part, None when it shares every trunk
+    stage, else ``frozen``: it owns copies of its last trunk stages not among the first ``frozen``
+    (a checkpoint records it to rebuild the same structure).
     """
 
-    def __init__(self, schema: AttributeSchema, root: Extendable, parts: list[Extendable], extends: dict[str, Any]):
+    def __init__(self, schema: AttributeSchema, root: Extendable, parts: list[Extendable], extends: dict[str, Any],
+                 own_stages: list[int | None]):
         names = [n for m in (root, *parts) for n in m.schema.names]
         if names != schema.names:
             raise ExtensionError(f"the extended model's parts hold {names}, its schema {schema.names}")
         super().__init__(root.config, schema)
         self.root = root
         self.parts = nn.ModuleList(parts)  # each already shares the root's modules (extend_model)
+        if len(own_stages) != len(parts):
+            raise ExtensionError(f"{len(parts)} extension parts but {len(own_stages)} own-stage flags")
+        self.own_stages = [None if o is None else int(o) for o in own_stages]
         self.extends = {"version": extends.get("version"), "attributes": list(extends["attributes"]),
                         "added": list(extends["added"])}
         self.dims = {n: d for m in (root, *parts) for n, d in m.dims.items()}
@@ -131,11 +148,11 @@ class ExtendedModel(AttributeModel):
 
     @config.setter
     def config(self, value) -> None:
-        # The trainer sets the run's config (e.g. more steps on resume); the parts' losses read it.
+        # The trainer sets the run's config (e.g. more steps on resume); the training part's losses read
+        # it. The base and the earlier parts keep theirs: the base may be the caller's own model object.
         self._config = value
-        for m in self.modules():
-            if isinstance(m, AttributeModel) and m is not self:
-                m.config = value
+        if "parts" in self._modules:
+            self.parts[-1].config = value
 
     def _offsets(self) -> list[tuple[AttributeModel, int]]:
         out, start = [], 0
@@ -188,13 +205,16 @@ class ExtendedModel(AttributeModel):
 
 
 def extend_model(base: AttributeModel, schema: AttributeSchema, added_part: AttributeModel,
-                 extends: dict[str, Any]) -> ExtendedModel:
+                 extends: dict[str, Any], *, own_stages: int | None,
+                 stages_from: AttributeModel | None = None) -> ExtendedModel:
     """``base`` (a plain extendable model or an extended one) with ``added_part`` (a fresh model of
-    the same variant and config for the attributes ``extends["added"]``) appended."""
+    the same variant and config for the attributes ``extends["added"]``) appended; ``own_stages``:
+    None, the part shares every trunk stage; n, it owns copies of its last trunk stages not among the
+    first n (those are kept as loaded: train.freeze_stages), copied from ``stages_from`` (default: the base)."""
     if isinstance(base, ExtendedModel):
-        root, parts = base.root, list(base.parts)
+        root, parts, owned = base.root, list(base.parts), list(base.own_stages)
     elif isinstance(base, Extendable):
-        root, parts = base, []
+        root, parts, owned = base, [], []
     else:
         why = NOT_EXTENDABLE.get(base.config.variant, "it does not implement the extension contract")
         raise ExtensionError(f"a {base.config.variant} model cannot be extended: {why}")
@@ -202,7 +222,9 @@ def extend_model(base: AttributeModel, schema: AttributeSchema, added_part: Attr
         raise ExtensionError(f"a {added_part.config.variant} model cannot be an extension part")
     added_part.check_extendable()
     added_part.share_from(root)  # only the new part: the earlier ones keep what they learned
-    return ExtendedModel(schema, root, [*parts, added_part], extends)
+    if own_stages is not None and not added_part.own_last_stages(own_stages, stages_from or root):
+        own_stages = None  # nothing to own: record it as shared, so a rebuild makes the same structure
+    return ExtendedModel(schema, root, [*parts, added_part], extends, [*owned, own_stages])
 
 
 __all__ = ["Extendable", "ExtendedModel", "ExtensionError", "NOT_EXTENDABLE", "extend_model", "extended_schema",

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +53,39 @@ class StagedFeatures(nn.Module):
         return list(enumerate(self.stages))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
+        return self.finish(self.shared_pass(x))
+
+    # An extension part shares the trunk pass up to the last stage and may own a trainable copy of
+    # that stage (``with_own_last``): a new attribute then gets features the base's training did not
+    # tune away (colour after a trunk fine-tuned on shape attributes). The same ops in the same order
+    # as ``forward``, so the base's vectors stay bit-identical.
+    def shared_pass(self, x: torch.Tensor) -> "LastStagePass":
+        """The stages before the last, then the last: what every part of an extended model reuses."""
+        for stage in self.stages[:-1]:
             x = stage(x)
-        return x
+        last = self.stages[-1]
+        return LastStagePass(x, last(x), last)
+
+    def finish(self, run: "LastStagePass") -> torch.Tensor:
+        """This module's output from ``run``: its output as computed, unless this module's last stage is
+        its own copy, which then runs on the input of the last stage."""
+        return run.output if run.last is self.stages[-1] else self.stages[-1](run.before)
+
+    def with_own_last(self, source: "StagedFeatures") -> "StagedFeatures":
+        """The same stages, the last one a trainable copy of ``source``'s last stage (the same trunk's:
+        this module itself, or one built from the trunk's weights)."""
+        twin = StagedFeatures.__new__(StagedFeatures)
+        nn.Module.__init__(twin)
+        twin.stages = nn.ModuleList([*self.stages[:-1], copy.deepcopy(source.stages[-1])])
+        twin.channels = list(self.channels)
+        return twin
+
+
+class LastStagePass(NamedTuple):
+    """A trunk pass split before its last stage: the input of the last stage, its output, and the stage."""
+    before: torch.Tensor
+    output: torch.Tensor
+    last: nn.Module
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -154,12 +185,12 @@ class ASEN(Extendable):
         return self.embed_from(self.trunk_map(images), images)
 
     # -- extension (fgplugin.models.extend) ---------------------------------------------------
-    def trunk_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self.global_branch.features(images)
+    def trunk_map(self, images: torch.Tensor) -> LastStagePass:
+        return self.global_branch.features.shared_pass(images)
 
-    def embed_from(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def embed_from(self, features: LastStagePass, images: torch.Tensor) -> torch.Tensor:
         idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
-        return self._vectors_from(features, images, idx)
+        return self._vectors_from(self.global_branch.features.finish(features), images, idx)
 
     def share_from(self, base: "ASEN") -> None:
         # The trunks are the base's; the attribute embedding (shared by both branches), each branch's
@@ -173,6 +204,19 @@ class ASEN(Extendable):
             self.local_branch.load_state_dict(base.local_branch.state_dict())
             self.local_branch.features = base.local_branch.features
             self.share.copy_(base.share)
+
+    def own_last_stages(self, frozen: int, source: "ASEN") -> bool:
+        owned = False
+        if len(self.global_branch.features.stages) > frozen:
+            self.global_branch.features = self.global_branch.features.with_own_last(source.global_branch.features)
+            owned = True
+        if self.heads is not None and not isinstance(self.cls_stage, nn.Identity) and frozen <= 2:
+            self.cls_stage = copy.deepcopy(source.cls_stage)  # the classification branch's stride-32 stage
+            owned = True
+        if self.local and len(self.local_branch.features.stages) > frozen:
+            self.local_branch.features = self.local_branch.features.with_own_last(source.local_branch.features)
+            owned = True
+        return owned
 
     def embed(self, images: torch.Tensor, attr_idx: torch.Tensor) -> torch.Tensor:
         return self._vectors(images, attr_idx.to(images.device).reshape(-1, 1))[:, 0]
@@ -273,21 +317,27 @@ class CSN(Extendable):
     def embed_all(self, images):
         return self.embed_from(self.trunk_map(images), images)
 
-    def trunk_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
+    def trunk_map(self, images: torch.Tensor) -> LastStagePass:
+        return self.features.shared_pass(images)
 
     def share_from(self, base: "CSN") -> None:
         # The trunk is the base's; the embedding layer (from the base's values), masks, proxies this part's.
         self.fc.load_state_dict(base.fc.state_dict())
         self.features = base.features
 
+    def own_last_stages(self, frozen: int, source) -> bool:
+        if len(self.features.stages) <= frozen:
+            return False
+        self.features = self.features.with_own_last(source.features)
+        return True
+
     def check_extendable(self) -> None:
         if self.config.csn_mask == "fixed":
             raise ExtensionError("a csn model with fixed masks (csn_mask = fixed) cannot be extended: a new "
                                  "attribute's fixed mask would have nothing to learn")
 
-    def embed_from(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        e = self.fc(_pool(features)).unsqueeze(1) * self._mask().unsqueeze(0)
+    def embed_from(self, features: LastStagePass, images: torch.Tensor) -> torch.Tensor:
+        e = self.fc(_pool(self.features.finish(features))).unsqueeze(1) * self._mask().unsqueeze(0)
         idx = torch.arange(self.num_attributes, device=images.device).expand(images.shape[0], -1)
         return self.with_posteriors(l2n(e), e, idx)
 
@@ -446,16 +496,22 @@ class MultiTaskClassifier(Extendable):
     def embed_all(self, images):
         return self.embed_from(self.trunk_map(images), images)
 
-    def trunk_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
+    def trunk_map(self, images: torch.Tensor) -> LastStagePass:
+        return self.features.shared_pass(images)
 
-    def embed_from(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def embed_from(self, features: LastStagePass, images: torch.Tensor) -> torch.Tensor:
         d = self.dim
         return torch.stack([pad_to(posterior_vector(lg, self.config.posterior), d)
-                            for lg in self.heads(_pool(features))], dim=1)
+                            for lg in self.heads(_pool(self.features.finish(features)))], dim=1)
 
     def share_from(self, base: "MultiTaskClassifier") -> None:
         self.features = base.features  # the heads are per attribute
+
+    def own_last_stages(self, frozen: int, source) -> bool:
+        if len(self.features.stages) <= frozen:
+            return False
+        self.features = self.features.with_own_last(source.features)
+        return True
 
     def training_losses(self, images, attr, labels, stage=1):
         loss = L.multitask_cross_entropy(self.logits(images), labels)

@@ -67,15 +67,21 @@ def _check_labels(catalog: Catalog, splits: Splits, added: list[str]) -> None:
                 f"in {catalog.path}; it needs two visible values, one of them on two or more items")
 
 
-def _check_same_extension(out: Path, extends: dict[str, Any]) -> None:
-    """A run resumed with --extend must extend the same base with the same attributes."""
+def _check_same_extension(out: Path, extends: dict[str, Any], own_stages: list[int | None]) -> None:
+    """A run resumed with --extend must extend the same base with the same attributes and structure."""
     last = out / LAST
     if not (last / "config.json").is_file():
         return
-    had = (read_checkpoint_meta(last).get("extension") or {}).get("extends")
+    meta = read_checkpoint_meta(last).get("extension") or {}
+    had = meta.get("extends")
     if had != extends:
         raise ModelCardError(f"{last}: the run {'extends ' + str(had) if had else 'is not an extension'}; "
                              f"this call extends {extends}; use a new --out folder")
+    had_own = meta.get("own_stages") or [None] * len(own_stages)
+    if had_own != own_stages:
+        raise ModelCardError(f"{last}: the run's new part owns trunk stages {had_own[-1]} (None: shares them), "
+                             f"this call's {own_stages[-1]} (train.extend_last_stage, train.freeze_stages); "
+                             "resume with the run's settings or use a new --out folder")
 
 
 def extend(
@@ -112,11 +118,13 @@ def extend(
     torch.manual_seed(config.train.seed)  # the new part's initialisation
     np.random.seed(config.train.seed % (2**32))
     model = build_extension(base, ext, {"version": base_version, "attributes": base.schema.names,
-                                        "added": list(attributes)})
+                                        "added": list(attributes)},
+                            own_stages=config.train.freeze_stages if config.train.extend_last_stage else None,
+                            stages_from=config.train.extend_stage_start)
     model.config = config
     out = Path(out_dir)
     if resume:
-        _check_same_extension(out, model.extends)
+        _check_same_extension(out, model.extends, model.own_stages)
     result = train(config, training_catalog(full, ext, list(attributes)), splits, out, budget_s=budget_s,
                    device=device, resume=resume, validate=validate, on_step=on_step, on_progress=on_progress,
                    start=model)
