@@ -72,6 +72,15 @@ def compare(title: str, held: list[str], extended, full_model, base, catalog, ba
     return len(ids), torch.equal(vb, ve[:, :vb.shape[1], :vb.shape[2]])
 
 
+def _stages(a: argparse.Namespace) -> str:
+    return "trunk stages shared" if a.share_stages else "own copy of the last trunk stages"
+
+
+def _set_tag(a: argparse.Namespace) -> str:
+    """Folder suffix for --extend-set overrides: another setting is another run, never a resume of this one."""
+    return "".join(f"-{k}={v}" for k, v in sorted(a.extend_set.items()))
+
+
 def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train base, extend, compare, one table
     """The held-back attribute(s) on a real set: base + extension against the quality.py run with every attribute."""
     import json
@@ -83,13 +92,13 @@ def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train ba
     splits_path = quality.seeded_splits(cat, a.work, a.data, a.seed, a.n)
     splits = Splits.load(splits_path)
     full_dir = quality.run_folder(a.work, a.data, a.variant, a.seed)
-    if not (full_dir / "bench_result.json").is_file():
-        raise SystemExit(f"{full_dir}: no finished quality.py run with every attribute; run bench/quality.py first")
+    # The settings are written when the quality.py run starts: the base can train beside it, in the same conditions.
+    if not (full_dir / "bench_settings.json").is_file():
+        raise SystemExit(f"{full_dir}: no bench/quality.py run with every attribute; start bench/quality.py first")
     settings = json.loads((full_dir / "bench_settings.json").read_text())
     overrides = quality.parse_settings(";".join(f"{k}={v}" for k, v in settings["overrides"].items()))
-    full_s = json.loads((full_dir / "bench_result.json").read_text())["train_seconds"]
     base_schema = sub_schema(cat.schema, [n for n in cat.schema.names if n not in held])
-    tag = f"{'+'.join(held)}-{a.extend_steps}"
+    tag = f"{'+'.join(held)}-{a.extend_steps}{'' if a.share_stages else '-own'}{_set_tag(a)}"
     base_dir = full_dir.with_name(full_dir.name + f"-without-{'+'.join(held)}")
     t = time.perf_counter()
     base_run = train(load_config(settings["variant"], overrides), load_catalog(cat.path, base_schema), splits_path,
@@ -98,13 +107,16 @@ def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train ba
     base, _ = load_checkpoint(base_run.checkpoint)
     t = time.perf_counter()
     ext_run = extend(base, None, cat.path, held, base_dir.with_name(base_dir.name + f"-ext{tag}"), splits=splits,
-                     device="cpu", resume=True, overrides={"steps": a.extend_steps,
-                                                           "eval_every": a.extend_steps})
+                     device="cpu", resume=True, overrides={"steps": a.extend_steps, "eval_every": a.extend_steps,
+                                                           "extend_last_stage": not a.share_stages, **a.extend_set})
     ext_s = time.perf_counter() - t
     extended, _ = load_checkpoint(ext_run.checkpoint)
+    if not (full_dir / "bench_result.json").is_file():
+        raise SystemExit(f"base and extension done; {full_dir} is not finished yet: re-run when bench/quality.py is")
+    full_s = json.loads((full_dir / "bench_result.json").read_text())["train_seconds"]
     full_model, _ = load_checkpoint(full_dir / "best")
     n, same = compare(f"{a.data}, seed {a.seed}: held-back {', '.join(held)} (base + extension of {a.extend_steps} "
-                      "steps vs the model trained with every attribute)", held, extended, full_model, base, cat,
+                      f"steps, {_stages(a)}, vs the model trained with every attribute)", held, extended, full_model, base, cat,
                       load_catalog(cat.path, base_schema), splits)
     console.print(f"training time: full {full_s:.0f} s (bench/quality.py), base {base_s:.0f} s ({base_run.stopped}), "
                   f"extension {ext_s:.0f} s ({ext_run.stopped}): full / extension = {full_s / max(ext_s, 1e-9):.1f}x; "
@@ -119,10 +131,17 @@ def main() -> None:
     p.add_argument("--variant", default="asen", help="variant (real data: the quality.py variant spec of the full run)")
     p.add_argument("--steps", type=int, default=300, help="steps of the base and of the full model")
     p.add_argument("--extend-steps", type=int, default=100)
+    p.add_argument("--share-stages", action="store_true",
+                   help="the new part shares every trunk stage with the base (train.extend_last_stage=false)")
+    p.add_argument("--extend-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the extension only, e.g. lr=1e-3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fgplugin-bench-extend")
     a = p.parse_args()
     held = a.held.split(",")
+    from fgplugin.models import parse_overrides
+
+    a.extend_set = parse_overrides(a.extend_set)
     if a.data != "synth":
         a.n = a.n if a.data == "fpi" else None
         return real_data(a, held)
@@ -144,8 +163,9 @@ def main() -> None:
     base_s = time.perf_counter() - t
     base, _ = load_checkpoint(base_run.last)
     t = time.perf_counter()
-    ext_run = extend(base, None, data / "catalog.jsonl", held, a.work / f"ext-{tag}", device="cpu", resume=True,
-                     overrides={"steps": a.extend_steps})
+    ext_run = extend(base, None, data / "catalog.jsonl", held,
+                     a.work / f"ext-{tag}{'' if a.share_stages else '-own'}{_set_tag(a)}", device="cpu", resume=True,
+                     overrides={"steps": a.extend_steps, "extend_last_stage": not a.share_stages, **a.extend_set})
     ext_s = time.perf_counter() - t
     extended, _ = load_checkpoint(ext_run.last)
     t = time.perf_counter()
@@ -154,7 +174,7 @@ def main() -> None:
     full_model, _ = load_checkpoint(full_run.last)
 
     n, same = compare(f"{a.variant}, synth n={a.n}, seed {a.seed}: held-back {', '.join(held)} (base {a.steps} steps + "
-                      f"extension {a.extend_steps} vs full {a.steps})", held, extended, full_model, base, catalog,
+                      f"extension {a.extend_steps}, {_stages(a)}, vs full {a.steps})", held, extended, full_model, base, catalog,
                       load_catalog(data / "catalog.jsonl", base_schema), splits)
     # wall times of this call; a resumed (already finished) run reports the time it took to find that out
     console.print(f"training time: base {base_s:.0f} s ({base_run.stopped}), extension {ext_s:.0f} s "
