@@ -14,7 +14,7 @@ Real data (``--data clothing`` or ``fpi``): the full model is a finished bench/q
 settings and split on every attribute but the held-back one(s), then extended:
 
     .venv/bin/python bench/extend.py --data clothing --work /tmp/compact/work --seed 0 --held neckline \
-        --variant 'asen[lr=3e-4;cls_weight=1;classifier=linear;proxy_share=0.5]' --extend-steps 100
+        --variant 'asen[lr=3e-4;cls_weight=1;classifier=linear;proxy_share=0.5]' --extend-steps 25
 """
 
 from __future__ import annotations
