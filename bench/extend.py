@@ -112,7 +112,8 @@ def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train ba
     ext_s = time.perf_counter() - t
     extended, _ = load_checkpoint(ext_run.checkpoint)
     if not (full_dir / "bench_result.json").is_file():
-        raise SystemExit(f"base and extension done; {full_dir} is not finished yet: re-run when bench/quality.py is")
+        raise SystemExit(f"base {base_s:.0f} s ({base_run.stopped}), extension {ext_s:.0f} s ({ext_run.stopped}); "
+                         f"{full_dir} is not finished yet: re-run when bench/quality.py is, for the comparison")
     full_s = json.loads((full_dir / "bench_result.json").read_text())["train_seconds"]
     full_model, _ = load_checkpoint(full_dir / "best")
     n, same = compare(f"{a.data}, seed {a.seed}: held-back {', '.join(held)} (base + extension of {a.extend_steps} "
