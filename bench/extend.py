@@ -76,9 +76,14 @@ def _stages(a: argparse.Namespace) -> str:
     return "trunk stages shared" if a.share_stages else "own copy of the last trunk stages"
 
 
-def _set_tag(a: argparse.Namespace) -> str:
-    """Folder suffix for --extend-set overrides: another setting is another run, never a resume of this one."""
-    return "".join(f"-{k}={v}" for k, v in sorted(a.extend_set.items()))
+def _extension_tag(a: argparse.Namespace) -> str:
+    """Folder suffix for the extension's own settings: another setting is another run, never a resume of this one."""
+    return ("" if a.share_stages else "-own") + "".join(f"-{k}={v}" for k, v in sorted(a.extend_set.items()))
+
+
+def _extension_overrides(a: argparse.Namespace) -> dict:
+    """The extension's settings beyond the base's (--extend-set last, so it may override the others)."""
+    return {"steps": a.extend_steps, "extend_last_stage": not a.share_stages, **a.extend_set}
 
 
 def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train base, extend, compare, one table
@@ -98,7 +103,7 @@ def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train ba
     settings = json.loads((full_dir / "bench_settings.json").read_text())
     overrides = quality.parse_settings(";".join(f"{k}={v}" for k, v in settings["overrides"].items()))
     base_schema = sub_schema(cat.schema, [n for n in cat.schema.names if n not in held])
-    tag = f"{'+'.join(held)}-{a.extend_steps}{'' if a.share_stages else '-own'}{_set_tag(a)}"
+    tag = f"{'+'.join(held)}-{a.extend_steps}{_extension_tag(a)}"
     base_dir = full_dir.with_name(full_dir.name + f"-without-{'+'.join(held)}")
     t = time.perf_counter()
     base_run = train(load_config(settings["variant"], overrides), load_catalog(cat.path, base_schema), splits_path,
@@ -107,8 +112,7 @@ def real_data(a: argparse.Namespace, held: list[str]) -> None:  # long: train ba
     base, _ = load_checkpoint(base_run.checkpoint)
     t = time.perf_counter()
     ext_run = extend(base, None, cat.path, held, base_dir.with_name(base_dir.name + f"-ext{tag}"), splits=splits,
-                     device="cpu", resume=True, overrides={"steps": a.extend_steps, "eval_every": a.extend_steps,
-                                                           "extend_last_stage": not a.share_stages, **a.extend_set})
+                     device="cpu", resume=True, overrides={"eval_every": a.extend_steps, **_extension_overrides(a)})
     ext_s = time.perf_counter() - t
     extended, _ = load_checkpoint(ext_run.checkpoint)
     if not (full_dir / "bench_result.json").is_file():
@@ -165,8 +169,8 @@ def main() -> None:
     base, _ = load_checkpoint(base_run.last)
     t = time.perf_counter()
     ext_run = extend(base, None, data / "catalog.jsonl", held,
-                     a.work / f"ext-{tag}{'' if a.share_stages else '-own'}{_set_tag(a)}", device="cpu", resume=True,
-                     overrides={"steps": a.extend_steps, "extend_last_stage": not a.share_stages, **a.extend_set})
+                     a.work / f"ext-{tag}{_extension_tag(a)}", device="cpu", resume=True,
+                     overrides=_extension_overrides(a))
     ext_s = time.perf_counter() - t
     extended, _ = load_checkpoint(ext_run.last)
     t = time.perf_counter()
